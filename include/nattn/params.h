@@ -1,0 +1,54 @@
+// The flat, framework-free description of one neighborhood-attention call: the whole interface
+// between the host side (bindings) and every kernel. Nothing torch-specific crosses it.
+//
+// Tensors are heads-last and always described as rank 3 (see kMaxRank): index order
+//   q, out, d_out, dq : [batch, x0, x1, x2, heads,    head_dim]
+//   k, dk             : [batch, x0, x1, x2, kv_heads, head_dim]
+//   v, dv             : [batch, x0, x1, x2, kv_heads, value_dim]
+//   lse, delta        : [batch, x0, x1, x2, heads]                 (fp32)
+//   add_k, d_add_k    : [batch, num_additional, kv_heads, head_dim]
+//   add_v, d_add_v    : [batch, num_additional, kv_heads, value_dim]
+// Strides are in elements and may be anything (heads-first views, slices); int64 throughout so
+// tensors over 2^31 elements index correctly.
+#pragma once
+
+#include <cstdint>
+
+#include "nattn/config.h"
+#include "nattn/window.h"
+
+namespace nattn {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// One tensor: base pointer plus element strides for the rank-3 index order above.
+template <int N>
+struct TensorRef {
+  void* data = nullptr;
+  int64_t stride[N] = {};
+};
+
+struct AttentionParams {
+  DType dtype = DType::kFloat32;
+  int32_t rank = 1;  // the user's rank (1..3); axes[0 .. kMaxRank - rank) are padding
+  int64_t batch = 1;
+  int64_t heads = 1;
+  int64_t kv_heads = 1;
+  int64_t head_dim = 1;
+  int64_t value_dim = 1;
+  AxisParams axes[kMaxRank];
+  int64_t num_additional = 0;  // additional (global) key/value tokens
+  double scale = 1.0;          // multiplies q.k before the softmax
+
+  TensorRef<6> q, k, v, out, d_out, dq, dk, dv;
+  TensorRef<5> lse, delta;
+  TensorRef<4> add_k, add_v, d_add_k, d_add_v;
+
+  void* stream = nullptr;  // cudaStream_t for CUDA kernels
+  int32_t num_threads = 0;  // CPU kernels: 0 = implementation default
+
+  int64_t tokens() const { return axes[0].length * axes[1].length * axes[2].length; }
+  int64_t heads_per_kv() const { return heads / kv_heads; }
+};
+
+}  // namespace nattn

@@ -1,0 +1,1 @@
+"""nattn (package under construction)."""
