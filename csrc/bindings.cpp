@@ -17,6 +17,9 @@
 #endif
 
 namespace py = pybind11;
+
+// csrc/bindings_tiles.cpp
+void register_tile_planner(py::module_& m);
 using nattn::AttentionParams;
 using nattn::AxisParams;
 
@@ -71,6 +74,7 @@ void set_tensor(AttentionParams& p, const std::string& name, uintptr_t ptr,
   if (name == "dv") return set_ref(p.dv, "dv", ptr, strides);
   if (name == "lse") return set_ref(p.lse, "lse", ptr, strides);
   if (name == "delta") return set_ref(p.delta, "delta", ptr, strides);
+  if (name == "d_lse") return set_ref(p.d_lse, "d_lse", ptr, strides);
   if (name == "add_k") return set_ref(p.add_k, "add_k", ptr, strides);
   if (name == "add_v") return set_ref(p.add_v, "add_v", ptr, strides);
   if (name == "d_add_k") return set_ref(p.d_add_k, "d_add_k", ptr, strides);
@@ -188,6 +192,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("params"));
   m.def("cpu_default_num_threads", &nattn::cpu::default_num_threads);
+  register_tile_planner(m);
 
 #ifdef NATTN_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -5,7 +5,7 @@
 //   q, out, d_out, dq : [batch, x0, x1, x2, heads,    head_dim]
 //   k, dk             : [batch, x0, x1, x2, kv_heads, head_dim]
 //   v, dv             : [batch, x0, x1, x2, kv_heads, value_dim]
-//   lse, delta        : [batch, x0, x1, x2, heads]                 (fp32)
+//   lse, d_lse, delta : [batch, x0, x1, x2, heads]                 (fp32)
 //   add_k, d_add_k    : [batch, num_additional, kv_heads, head_dim]
 //   add_v, d_add_v    : [batch, num_additional, kv_heads, value_dim]
 // Strides are in elements and may be anything (heads-first views, slices); int64 throughout so
@@ -42,6 +42,9 @@ struct AttentionParams {
 
   TensorRef<6> q, k, v, out, d_out, dq, dk, dv;
   TensorRef<5> lse, delta;
+  // Optional gradient of the lse output (null when lse is not differentiated): the backward's
+  // row term becomes delta = rowsum(d_out * out) - d_lse, since d lse_i / d s_ij = P_ij.
+  TensorRef<5> d_lse;
   TensorRef<4> add_k, add_v, d_add_k, d_add_v;
 
   void* stream = nullptr;  // cudaStream_t for CUDA kernels

@@ -1,0 +1,103 @@
+"""Calls into the native module nattn._C: tensors in, AttentionParams (include/nattn/params.h)
+filled with raw pointers and element strides, kernels launched. The only place that turns torch
+tensors into pointers."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+try:
+    from . import _C
+
+    IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # a source checkout without a build, or a broken install
+    _C = None
+    IMPORT_ERROR = f"the native module nattn._C could not be imported ({exc})"
+
+
+class Window(NamedTuple):
+    """Per-axis window parameters and the softmax scale of one call (already validated)."""
+
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+    scale: float
+
+
+def _dtype_tag(dtype: torch.dtype):
+    return {
+        torch.float16: _C.DType.float16,
+        torch.bfloat16: _C.DType.bfloat16,
+        torch.float32: _C.DType.float32,
+        torch.float64: _C.DType.float64,
+    }[dtype]
+
+
+def _token_strides(t: torch.Tensor, rank: int) -> list:
+    """[batch, x0, x1, x2, (heads, dim)...] element strides, padding axes given stride 0."""
+    s = list(t.stride())
+    return [s[0]] + [0] * (3 - rank) + s[1 : 1 + rank] + s[1 + rank :]
+
+
+def _params(q, k, v, ak, av, window: Window, num_threads: int = 0):
+    rank = q.dim() - 3
+    p = _C.AttentionParams()
+    p.dtype = _dtype_tag(q.dtype)
+    p.batch = q.shape[0]
+    p.heads = q.shape[-2]
+    p.kv_heads = k.shape[-2]
+    p.head_dim = q.shape[-1]
+    p.value_dim = v.shape[-1]
+    p.scale = window.scale
+    p.num_threads = num_threads
+    p.set_axes(
+        [
+            (q.shape[1 + a], window.kernel_size[a], window.stride[a], window.dilation[a],
+             window.is_causal[a])
+            for a in range(rank)
+        ]
+    )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
+    if ak is not None:
+        p.num_additional = ak.shape[1]
+        p.set_tensor("add_k", ak.data_ptr(), list(ak.stride()))
+        p.set_tensor("add_v", av.data_ptr(), list(av.stride()))
+    return p, rank
+
+
+def cpu_forward(q, k, v, ak, av, window: Window):
+    """Fused CPU forward: returns (out [B, *spatial, H, Dv] in q.dtype, lse [B, *spatial, H] fp32)."""
+    p, rank = _params(q, k, v, ak, av, window)
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
+    p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
+    _C.cpu_forward(p)
+    return out, lse
+
+
+def cpu_backward(grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+    """Fused CPU backward: returns (dq, dk, dv, d_additional_keys, d_additional_values); the last
+    two are None without additional tokens."""
+    p, rank = _params(q, k, v, ak, av, window)
+    for name, t in (("out", out), ("d_out", grad_out)):
+        p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
+    p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
+    if grad_lse is not None:
+        p.set_tensor("d_lse", grad_lse.data_ptr(), _token_strides(grad_lse, rank))
+    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
+    p.set_tensor("delta", delta.data_ptr(), _token_strides(delta, rank))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
+    dak = dav = None
+    if ak is not None:
+        dak, dav = torch.empty_like(ak), torch.empty_like(av)
+        p.set_tensor("d_add_k", dak.data_ptr(), list(dak.stride()))
+        p.set_tensor("d_add_v", dav.data_ptr(), list(dav.stride()))
+    _C.cpu_backward(p)
+    return dq, dk, dv, dak, dav

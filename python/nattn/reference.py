@@ -1,0 +1,271 @@
+"""Reference neighborhood attention: a readable pure-PyTorch oracle.
+
+Written from the operator's definition (docs/semantics.md; DESIGN.md section 2), independently
+of the kernels and of ``include/nattn/window.h``: it builds the dense boolean mask of which query
+attends to which key, then runs masked softmax attention. Its forward and backward are plain
+PyTorch autograd.
+
+Cost: O(N^2) memory and time for N tokens (the mask and the score matrix are materialized), so
+it is meant for tests and small problems. It runs on any device and in any floating dtype,
+float64 included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "in_window",
+    "unravel",
+    "neighborhood_mask",
+    "neighborhood_attention",
+    "neighborhood_attention_backward",
+]
+
+
+def in_window(
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    length: int,
+    kernel_size: int,
+    stride: int,
+    dilation: int,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Whether key ``key_index`` lies in the window of query ``query_index`` on one axis.
+
+    Elementwise over broadcast integer tensors, with no data-dependent control flow, so it also
+    serves as (part of) a FlexAttention ``mask_mod``.
+
+    One axis of ``length`` tokens, query index i:
+      1. dilation group g = i mod d and position j = i div d; the group has
+         ceil((length - g) / d) tokens, and attention never leaves the group;
+      2. the stride block of j starts at b = s * (j div s); its leader is the block's centre
+         ``b + s div 2`` (non-causal) or its last query ``b + s - 1`` (causal), capped at the
+         group's last position;
+      3. non-causal: the window is the K positions starting at
+         ``clamp(leader - K div 2, 0, group_len - K)``; causal: positions from
+         ``max(leader - K + 1, 0)`` up to j itself.
+
+    Returns:
+        bool tensor of the broadcast shape.
+    """
+    d = dilation
+    g = query_index % d
+    j = query_index // d
+    u = key_index // d
+    group_len = (length - g + d - 1) // d
+    block = (j // stride) * stride
+    offset = stride - 1 if is_causal else stride // 2
+    leader = torch.minimum(block + offset, group_len - 1)
+    if is_causal:
+        start = torch.clamp(leader - kernel_size + 1, min=0)
+        end = j + 1
+    else:
+        start = torch.maximum(
+            torch.minimum(leader - kernel_size // 2, group_len - kernel_size),
+            torch.zeros_like(leader),
+        )
+        end = start + kernel_size
+    return (key_index % d == g) & (u >= start) & (u < end)
+
+
+def unravel(flat_index: torch.Tensor, shape: Sequence[int]) -> list:
+    """Row-major coordinates of flat token indices in a layout of ``shape`` (one tensor per axis)."""
+    coords = []
+    rest = flat_index
+    for extent in reversed(shape):
+        coords.append(rest % extent)
+        rest = rest // extent
+    return coords[::-1]
+
+
+def neighborhood_mask(
+    spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    is_causal: Sequence[bool],
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Dense mask ``[N, N]`` (N = prod(spatial_shape), row-major tokens): True where query row
+    attends to key column. A query attends to a key iff the key is in its window on every axis.
+    """
+    n = math.prod(spatial_shape)
+    idx = torch.arange(n, device=device)
+    q_coords = unravel(idx, spatial_shape)
+    mask = torch.ones(n, n, dtype=torch.bool, device=device)
+    for axis, length in enumerate(spatial_shape):
+        mask &= in_window(
+            q_coords[axis][:, None],
+            q_coords[axis][None, :],
+            length,
+            kernel_size[axis],
+            stride[axis],
+            dilation[axis],
+            bool(is_causal[axis]),
+        )
+    return mask
+
+
+def _per_axis(value, rank: int, name: str) -> tuple:
+    if isinstance(value, (bool, int)):
+        return (value,) * rank
+    value = tuple(value)
+    if len(value) != rank:
+        raise ValueError(f"{name}={value!r} must have {rank} entries, one per spatial axis")
+    return value
+
+
+def neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size,
+    stride=1,
+    dilation=1,
+    is_causal=False,
+    scale: Optional[float] = None,
+    additional_keys: Optional[torch.Tensor] = None,
+    additional_values: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Neighborhood attention by dense masked softmax (the test oracle).
+
+    Args:
+        query: ``[B, *spatial, H, D]``.
+        key: ``[B, *spatial, H_kv, D]``, ``H % H_kv == 0`` (query head h reads kv head
+            ``h // (H // H_kv)``).
+        value: ``[B, *spatial, H_kv, D_v]``.
+        kernel_size, stride, dilation, is_causal: per spatial axis (tuple) or one value for all.
+        scale: multiplies ``q . k``; default ``D ** -0.5``.
+        additional_keys / additional_values: ``[B, M, H_kv, D]`` / ``[B, M, H_kv, D_v]`` tokens
+            every query attends to, in the same softmax.
+        return_lse: also return the natural-log log-sum-exp of the scaled scores.
+
+    Returns:
+        ``out`` ``[B, *spatial, H, D_v]`` in the input dtype, and with ``return_lse`` also
+        ``lse`` ``[B, *spatial, H]`` in float32.
+
+    Memory: O(B * H * N^2) for N tokens. This function does not validate its arguments beyond
+    what it needs; the public API (``nattn.neighborhood_attention``) does.
+    """
+    scores, v, mask, shape = _dense_scores(
+        query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values,
+    )
+    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    out = _heads_last(torch.matmul(probs, v), shape)
+    if not return_lse:
+        return out
+    return out, _heads_last(lse.to(torch.float32)[..., None], shape)[..., 0]
+
+
+def _heads_last(x: torch.Tensor, shape) -> torch.Tensor:
+    """[B, H, N, C] -> [B, *spatial, H, C]."""
+    return x.transpose(1, 2).reshape(shape[0], *shape[1:-1], x.shape[1], x.shape[-1])
+
+
+def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                  additional_keys, additional_values):
+    """Masked scaled scores [B, H, N, N(+M)] (-inf outside the neighborhood), the values
+    [B, H, N(+M), D_v] with kv heads repeated per query head, the mask, and query's shape
+    without its head dim."""
+    rank = query.dim() - 3
+    spatial = tuple(query.shape[1:-2])
+    batch, heads, head_dim = query.shape[0], query.shape[-2], query.shape[-1]
+    kv_heads, value_dim = key.shape[-2], value.shape[-1]
+    n = math.prod(spatial)
+    if scale is None:
+        scale = head_dim**-0.5
+    mask = neighborhood_mask(
+        spatial,
+        _per_axis(kernel_size, rank, "kernel_size"),
+        _per_axis(stride, rank, "stride"),
+        _per_axis(dilation, rank, "dilation"),
+        _per_axis(is_causal, rank, "is_causal"),
+        device=query.device,
+    )
+    group = heads // kv_heads
+    q = query.reshape(batch, n, heads, head_dim).transpose(1, 2)
+    k = key.reshape(batch, n, kv_heads, head_dim).transpose(1, 2)
+    v = value.reshape(batch, n, kv_heads, value_dim).transpose(1, 2)
+    if additional_keys is not None:
+        m = additional_keys.shape[1]
+        k = torch.cat([k, additional_keys.transpose(1, 2)], dim=2)
+        v = torch.cat([v, additional_values.transpose(1, 2)], dim=2)
+        mask = torch.cat([mask, torch.ones(n, m, dtype=torch.bool, device=mask.device)], dim=1)
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores, v, mask, tuple(query.shape[:-1])
+
+
+def neighborhood_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size,
+    stride=1,
+    dilation=1,
+    is_causal=False,
+    scale: Optional[float] = None,
+    additional_keys: Optional[torch.Tensor] = None,
+    additional_values: Optional[torch.Tensor] = None,
+):
+    """Gradients of ``neighborhood_attention`` written out densely (same O(N^2) memory).
+
+    With P = softmax(S), S = scale * Q K^T (masked), O = P V and lse = logsumexp(S):
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + d_lse), dQ = scale * dS K,
+    dK = scale * dS^T Q. Key/value gradients are summed over the query heads sharing a kv head.
+
+    Returns:
+        ``(dq, dk, dv, d_additional_keys, d_additional_values)`` shaped like the inputs (the last
+        two are None without additional tokens).
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    scores, v, _, shape = _dense_scores(
+        query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
+        additional_values,
+    )
+    batch, heads = query.shape[0], query.shape[-2]
+    kv_heads = key.shape[-2]
+    n = scores.shape[-2]
+    probs = torch.softmax(scores, dim=-1)
+    d_out = grad_out.reshape(batch, n, heads, -1).transpose(1, 2).to(probs.dtype)
+    out = torch.matmul(probs, v)
+    row = (d_out * out).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        row = row - grad_lse.reshape(batch, n, heads).transpose(1, 2)[..., None].to(row.dtype)
+    d_scores = probs * (torch.matmul(d_out, v.transpose(-1, -2)) - row)
+    q = query.reshape(batch, n, heads, -1).transpose(1, 2)
+    k = torch.cat(
+        [key.reshape(batch, n, kv_heads, -1).transpose(1, 2)]
+        + ([] if additional_keys is None else [additional_keys.transpose(1, 2)]),
+        dim=2,
+    ).repeat_interleave(heads // kv_heads, dim=1)
+    dq = torch.matmul(d_scores, k) * scale
+    dk_all = torch.matmul(d_scores.transpose(-1, -2), q) * scale
+    dv_all = torch.matmul(probs.transpose(-1, -2), d_out)
+
+    def per_kv_head(x):  # [B, H, T, C] -> [B, H_kv, T, C], summed over each kv head's group
+        return x.reshape(batch, kv_heads, heads // kv_heads, x.shape[2], x.shape[3]).sum(2)
+
+    dk_all, dv_all = per_kv_head(dk_all), per_kv_head(dv_all)
+    kv_shape = tuple(key.shape[:-2])
+    dq = _heads_last(dq, shape).to(query.dtype)
+    dk = _heads_last(dk_all[:, :, :n], kv_shape + (kv_heads,)).to(key.dtype)
+    dv = _heads_last(dv_all[:, :, :n], kv_shape + (kv_heads,)).to(value.dtype)
+    if additional_keys is None:
+        return dq, dk, dv, None, None
+    dak = dk_all[:, :, n:].transpose(1, 2).to(key.dtype)
+    dav = dv_all[:, :, n:].transpose(1, 2).to(value.dtype)
+    return dq, dk, dv, dak, dav
