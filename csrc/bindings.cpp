@@ -9,21 +9,22 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings_common.h"
 #include "cpu/cpu_kernels.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
-#ifdef NATTN_WITH_CUDA
-#include "cuda/cuda_api.h"
-#endif
 
 namespace py = pybind11;
 
 // csrc/bindings_tiles.cpp
 void register_tile_planner(py::module_& m);
+#ifdef NATTN_WITH_CUDA
+// csrc/bindings_cuda.cpp (compiled only with the CUDA part)
+void register_cuda(py::module_& m);
+#endif
+
 using nattn::AttentionParams;
 using nattn::AxisParams;
-
-namespace {
 
 AxisParams make_axis(int64_t length, int64_t kernel_size, int64_t stride, int64_t dilation,
                      bool is_causal) {
@@ -36,6 +37,8 @@ AxisParams make_axis(int64_t length, int64_t kernel_size, int64_t stride, int64_
   }
   return a;
 }
+
+namespace {
 
 // (first, count) of the key window and of the query (inverse) window of every index of an axis.
 std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> axis_windows(
@@ -96,6 +99,8 @@ void set_axes(AttentionParams& p, const std::vector<std::tuple<int64_t, int64_t,
   }
 }
 
+}  // namespace
+
 // Checks that hold for every kernel; the Python layer checks the same things with friendlier
 // messages, this is the last line before raw pointers are dereferenced.
 void check_common(const AttentionParams& p, bool backward) {
@@ -130,8 +135,6 @@ void check_common(const AttentionParams& p, bool backward) {
     }
   }
 }
-
-}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nattn native kernels (torch-free; see include/nattn/params.h)";
@@ -196,30 +199,7 @@ PYBIND11_MODULE(_C, m) {
 
 #ifdef NATTN_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("cuda_device_count", []() {
-    std::string error;
-    const int n = nattn::cuda::device_count(&error);
-    return std::make_tuple(n, error);
-  });
-  m.def(
-      "cuda_device_capability",
-      [](int device) {
-        std::string error;
-        const int cc = nattn::cuda::device_capability(device, &error);
-        return std::make_tuple(cc, error);
-      },
-      py::arg("device"));
-  m.def(
-      "cuda_axis_windows",
-      [](int64_t length, int64_t kernel_size, int64_t stride, int64_t dilation, bool is_causal) {
-        std::vector<int64_t> out;
-        const std::string err = nattn::cuda::axis_windows_on_device(
-            make_axis(length, kernel_size, stride, dilation, is_causal), &out);
-        if (!err.empty()) throw std::runtime_error("CUDA: " + err);
-        return out;
-      },
-      py::arg("length"), py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"),
-      py::arg("is_causal"));
+  register_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -17,6 +17,21 @@ except ImportError as exc:  # a source checkout without a build, or a broken ins
     IMPORT_ERROR = f"the native module nattn._C could not be imported ({exc})"
 
 
+# Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
+# fails to write shows up instead of passing with whatever the allocator left there.
+poison_outputs = False
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = like.new_empty(shape, dtype=dtype)
+    return t.fill_(float("nan")) if poison_outputs else t
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    e = torch.empty_like(t)
+    return e.fill_(float("nan")) if poison_outputs else e
+
+
 class Window(NamedTuple):
     """Per-axis window parameters and the softmax scale of one call (already validated)."""
 
@@ -72,8 +87,8 @@ def _params(q, k, v, ak, av, window: Window, num_threads: int = 0):
 def cpu_forward(q, k, v, ak, av, window: Window):
     """Fused CPU forward: returns (out [B, *spatial, H, Dv] in q.dtype, lse [B, *spatial, H] fp32)."""
     p, rank = _params(q, k, v, ak, av, window)
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    out = _empty(q.shape[:-1] + (v.shape[-1],), q)
+    lse = _empty(q.shape[:-1], q, dtype=torch.float32)
     p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
     _C.cpu_forward(p)
@@ -89,14 +104,14 @@ def cpu_backward(grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
     if grad_lse is not None:
         p.set_tensor("d_lse", grad_lse.data_ptr(), _token_strides(grad_lse, rank))
-    delta = torch.empty_like(lse, memory_format=torch.contiguous_format)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     p.set_tensor("delta", delta.data_ptr(), _token_strides(delta, rank))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
     dak = dav = None
     if ak is not None:
-        dak, dav = torch.empty_like(ak), torch.empty_like(av)
+        dak, dav = _empty_like(ak), _empty_like(av)
         p.set_tensor("d_add_k", dak.data_ptr(), list(dak.stride()))
         p.set_tensor("d_add_v", dav.data_ptr(), list(dav.stride()))
     _C.cpu_backward(p)
