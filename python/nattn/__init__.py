@@ -9,7 +9,24 @@ See ``nattn.neighborhood_attention`` for the arguments and docs/ for the semanti
 
 from . import backends, reference
 from .functional import na1d, na2d, na3d, neighborhood_attention
+from .modules import (
+    NeighborhoodAttention,
+    NeighborhoodAttention1D,
+    NeighborhoodAttention2D,
+    NeighborhoodAttention3D,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["neighborhood_attention", "na1d", "na2d", "na3d", "backends", "reference"]
+__all__ = [
+    "neighborhood_attention",
+    "na1d",
+    "na2d",
+    "na3d",
+    "NeighborhoodAttention",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+    "backends",
+    "reference",
+]
