@@ -1,0 +1,57 @@
+// The register-blocked inner kernels every CPU attention pass is built from. A pass works on a
+// tile of kRows rows (queries in the forward and dq passes, keys in the dk/dv pass) against a
+// chunk of at most kCols columns (keys, or queries), so that each packed key/query row is loaded
+// once per tile instead of once per row.
+//
+// The two product kernels keep a kRows x kCols block of accumulators in registers: 8 x 16 fp32
+// is 8 AVX-512 registers (16 AVX2 ones), enough independent FMA chains to hide the 4-cycle FMA
+// latency on two FMA ports. Every kernel here is compiled for x86-64-v4 (AVX-512), v3
+// (AVX2+FMA) and the baseline, chosen at load time (target_clones), because the module is
+// distributed and built without -march=native.
+#pragma once
+
+#include <cstdint>
+
+namespace nattn::cpu {
+
+constexpr int kRows = 8;
+constexpr int kCols = 16;
+
+// s[r * kCols + c] = sum_{i < depth} a[r * lda + i] * bt[i * ldb + c] for r < kRows, c < kCols.
+// bt is a transposed (column-major) panel: all kCols entries of one depth index are contiguous.
+void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,
+               float* s);
+void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int64_t depth,
+               double* s);
+
+// o[r * ldo + w] += sum_{c < n} p[r * kCols + c] * b[c * ldb + w] for r < kRows, w < width:
+// rows of b are contiguous (they may be rows of the caller's own tensor, read in place).
+void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
+                      float* o, int64_t ldo);
+void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
+                      double* o, int64_t ldo);
+
+// Exponentials below use, for fp32, a vectorizable polynomial (about 2 ulp; results below
+// exp(-87) flush to 0) and, for fp64, std::exp for full accuracy.
+
+// One online-softmax step on a block of raw scores s (from block_dot): entry (r, c) counts only
+// for clo[r] <= c < chi[r]. Per row: m[r] becomes max(m[r], scale * max valid score), s becomes
+// exp(scale * s - m[r]) (0 where masked), l[r] becomes l[r] * corr[r] + row sum, and corr[r] is
+// the factor exp(m_old - m_new) the caller applies to its output row (1 for a row with no valid
+// entry in this block).
+void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi, float scale, float* m,
+                          float* l, float* corr);
+void block_online_softmax(double* s, const int64_t* clo, const int64_t* chi, double scale,
+                          double* m, double* l, double* corr);
+
+// Backward from raw scores s and dp = dO.v: s becomes P = exp(scale * s - row_lse[r] -
+// col_lse[c]) (0 outside clo[r] <= c < chi[r]) and ds = P * (dp - row_delta[r] - col_delta[c]).
+// Rows are queries (row_*; col_* zero) in the dq pass, keys (col_*; row_* zero) in dk/dv.
+void block_backward_probs(float* s, const float* dp, const int64_t* clo, const int64_t* chi,
+                          float scale, const float* row_lse, const float* col_lse,
+                          const float* row_delta, const float* col_delta, float* ds);
+void block_backward_probs(double* s, const double* dp, const int64_t* clo, const int64_t* chi,
+                          double scale, const double* row_lse, const double* col_lse,
+                          const double* row_delta, const double* col_delta, double* ds);
+
+}  // namespace nattn::cpu

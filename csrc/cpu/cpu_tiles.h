@@ -1,0 +1,288 @@
+// How the CPU kernels walk a neighborhood-attention problem: tiles of kRows consecutive queries
+// (or keys) along the last spatial axis, key (or query) "lines" packed once per head, and the
+// forward tile that both the forward pass and the fp64 backward share.
+//
+// Tiles run along the last axis inside one dilation group (indices g, g + d, g + 2d, ...): their
+// windows on that axis overlap in all but a few keys, and on the other axes they are identical
+// (same x0, x1), so a tile's keys are, for every (y0, y1) of those shared windows, one contiguous
+// run of group positions on the last axis. That run is a "line" segment; lines are packed
+// transposed ([width][position]) so a chunk of kCols positions is a ready-made panel for
+// block_dot, with a per-row [lo, hi) mask for the keys outside that row's own window.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/block_kernels.h"
+#include "cpu/cpu_common.h"
+#include "nattn/params.h"
+#include "nattn/window.h"
+
+#ifdef NATTN_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace nattn::cpu {
+
+// Shape of the problem as the tiled kernels see it.
+struct Geometry {
+  int64_t len[3];      // axis lengths
+  int64_t dilation;    // dilation of the last axis = number of lines per (x0, x1)
+  int64_t group_max;   // longest dilation group of the last axis
+  int64_t ld;          // leading dimension of a packed line: room for a chunk read past its end
+  int64_t lines;       // len[0] * len[1] * dilation
+
+  explicit Geometry(const AttentionParams& p) {
+    for (int a = 0; a < 3; ++a) len[a] = p.axes[a].length;
+    dilation = p.axes[2].dilation;
+    group_max = group_length(len[2], dilation, 0);
+    ld = group_max + kCols;
+    lines = len[0] * len[1] * dilation;
+  }
+  int64_t line(int64_t x0, int64_t x1, int64_t group) const {
+    return (x0 * len[1] + x1) * dilation + group;
+  }
+  int64_t tokens() const { return len[0] * len[1] * len[2]; }
+};
+
+// kRows consecutive group positions [j0, j0 + count) of dilation group `group` on the last axis.
+struct AxisTile {
+  int64_t group;
+  int64_t j0;
+  int64_t count;
+  int64_t index(const Geometry& geo, int64_t r) const { return group + geo.dilation * (j0 + r); }
+};
+
+inline std::vector<AxisTile> last_axis_tiles(const Geometry& geo) {
+  std::vector<AxisTile> tiles;
+  for (int64_t g = 0; g < geo.dilation; ++g) {
+    const int64_t n = group_length(geo.len[2], geo.dilation, g);
+    for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+      tiles.push_back({g, j0, std::min<int64_t>(kRows, n - j0)});
+    }
+  }
+  return tiles;
+}
+
+// The window (or inverse window) of one last-axis index as group positions [lo, hi).
+inline void group_span(const IndexRange& range, int64_t group, int64_t dilation, int64_t* lo,
+                       int64_t* hi) {
+  *lo = (range.first - group) / dilation;
+  *hi = *lo + range.count;
+}
+
+// Runs f(i, thread) for i in [0, n) on nt threads. Items are independent and each writes its own
+// outputs, so the result does not depend on the schedule; dynamic scheduling evens out border
+// and causal tiles, which see fewer keys.
+template <typename F>
+void parallel_for(int nt, int64_t n, F&& f) {
+#ifdef NATTN_WITH_OPENMP
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) f(i, omp_get_thread_num());
+#else
+  (void)nt;
+  for (int64_t i = 0; i < n; ++i) f(i, 0);
+#endif
+}
+
+// Rows of heads [head0, head0 + n_heads) of a heads-last tensor as contiguous compute-type rows:
+// row of head head0 + i, token (x0, x1, x2) at base + i * sh + x0 * s[0] + x1 * s[1] + x2 * s[2].
+template <typename A>
+struct Rows {
+  const A* base;
+  int64_t sh;
+  int64_t s[3];
+  const A* line(int64_t i, int64_t x0, int64_t x1, int64_t group) const {
+    return base + i * sh + x0 * s[0] + x1 * s[1] + group * s[2];
+  }
+  Rows head(int64_t i) const { return Rows{base + i * sh, sh, {s[0], s[1], s[2]}}; }
+};
+
+// Rows of heads [head0, head0 + n_heads) of batch b: read in place when the tensor already holds
+// compute-type elements with a contiguous last dimension (the common fp32/fp64 case), else
+// converted into `storage`.
+template <typename T, typename A>
+Rows<A> make_rows(const T* data, const int64_t* stride, int64_t b, int64_t head0, int64_t n_heads,
+                  int64_t width, const Geometry& geo, int nt, std::vector<A>& storage) {
+  const T* first = data + b * stride[0] + head0 * stride[4];
+  if constexpr (std::is_same_v<T, A>) {
+    if (stride[5] == 1) return Rows<A>{first, stride[4], {stride[1], stride[2], stride[3]}};
+  }
+  const int64_t per_head = geo.tokens() * width;
+  storage.resize(static_cast<size_t>(n_heads * per_head));
+  A* dst = storage.data();
+  const int64_t n_x01 = geo.len[0] * geo.len[1];
+  parallel_for(nt, n_heads * n_x01, [&](int64_t item, int) {
+    const int64_t i = item / n_x01, x01 = item % n_x01;
+    const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
+    for (int64_t x2 = 0; x2 < geo.len[2]; ++x2) {
+      load_row(first + i * stride[4] + x0 * stride[1] + x1 * stride[2] + x2 * stride[3],
+               stride[5], width, dst + i * per_head + (x01 * geo.len[2] + x2) * width);
+    }
+  });
+  return Rows<A>{dst, per_head, {geo.len[1] * geo.len[2] * width, geo.len[2] * width, width}};
+}
+
+// Transposed lines of heads [head0, head0 + n_heads) of batch b: storage[i][line][w][t] = element
+// w of group position t, zero past the group's end (chunks read up to kCols - 1 positions beyond
+// it). Head i's lines start at the returned pointer + i * geo.lines * width * geo.ld.
+template <typename T, typename A>
+const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t head0,
+                    int64_t n_heads, int64_t width, const Geometry& geo, int nt,
+                    std::vector<A>& storage) {
+  const T* first = data + b * stride[0] + head0 * stride[4];
+  storage.assign(static_cast<size_t>(n_heads * geo.lines * width * geo.ld), A(0));
+  A* dst = storage.data();
+  parallel_for(nt, n_heads * geo.lines, [&](int64_t item, int) {
+    const int64_t i = item / geo.lines, l = item % geo.lines;
+    const int64_t g = l % geo.dilation, x01 = l / geo.dilation;
+    const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
+    const int64_t n = group_length(geo.len[2], geo.dilation, g);
+    A* line = dst + item * width * geo.ld;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* src = first + i * stride[4] + x0 * stride[1] + x1 * stride[2] +
+                     (g + geo.dilation * t) * stride[3];
+      for (int64_t w = 0; w < width; ++w) line[w * geo.ld + t] = to_compute<A>(src[w * stride[5]]);
+    }
+  });
+  return dst;
+}
+
+// Additional (global) tokens of (b, kv head) as a transposed panel [width][count + kCols], zero
+// padded so that chunks may read kCols - 1 entries past the end.
+template <typename T, typename A>
+void pack_additional_transposed(const T* data, const int64_t* stride, int64_t b, int64_t head,
+                                int64_t count, int64_t width, std::vector<A>& storage) {
+  const int64_t ld = count + kCols;
+  storage.assign(static_cast<size_t>(width * ld), A(0));
+  for (int64_t m = 0; m < count; ++m) {
+    const T* src = data + b * stride[0] + m * stride[1] + head * stride[2];
+    for (int64_t w = 0; w < width; ++w) storage[w * ld + m] = to_compute<A>(src[w * stride[3]]);
+  }
+}
+
+// Additional (global) tokens of (b, kv head) as contiguous rows [count][width].
+template <typename T, typename A>
+void pack_additional_rows(const T* data, const int64_t* stride, int64_t b, int64_t head,
+                          int64_t count, int64_t width, std::vector<A>& storage) {
+  storage.resize(static_cast<size_t>(count * width));
+  for (int64_t m = 0; m < count; ++m) {
+    load_row(data + b * stride[0] + m * stride[1] + head * stride[2], stride[3], width,
+             storage.data() + m * width);
+  }
+}
+
+// Loads the tile's rows of tensor (b, head) at (x0, x1) into dst[kRows][width]; rows past the
+// tile's count are zero.
+template <typename T, typename A>
+void load_tile(const T* data, const int64_t* stride, int64_t b, int64_t head, int64_t x0,
+               int64_t x1, const AxisTile& tile, const Geometry& geo, int64_t width, A* dst) {
+  const T* base = data + b * stride[0] + x0 * stride[1] + x1 * stride[2] + head * stride[4];
+  for (int64_t r = 0; r < kRows; ++r) {
+    if (r < tile.count) {
+      load_row(base + tile.index(geo, r) * stride[3], stride[5], width, dst + r * width);
+    } else {
+      std::fill(dst + r * width, dst + (r + 1) * width, A(0));
+    }
+  }
+}
+
+// Per-row [lo, hi) of a tile, clipped to the chunk [c0, c0 + n) and made chunk-local.
+inline void chunk_spans(const int64_t* lo, const int64_t* hi, int64_t c0, int64_t n,
+                        int64_t* clo, int64_t* chi) {
+  for (int r = 0; r < kRows; ++r) {
+    clo[r] = std::clamp<int64_t>(lo[r] - c0, 0, n);
+    chi[r] = std::clamp<int64_t>(hi[r] - c0, 0, n);
+  }
+}
+
+// Keys of one (b, kv head) as the forward tile reads them.
+template <typename A>
+struct ForwardKeys {
+  const A* k_lines;  // pack_lines of k, width head_dim
+  Rows<A> v;         // value rows (head index 0 is this kv head)
+  const A* add_kt;   // additional keys, transposed [head_dim][num_additional + kCols]
+  const A* add_v;    // additional values, rows [num_additional][value_dim]
+};
+
+template <typename A>
+struct ForwardScratch {
+  std::vector<A> q, o, s;
+  explicit ForwardScratch(const AttentionParams& p)
+      : q(kRows * p.head_dim), o(kRows * p.value_dim), s(kRows * kCols) {}
+};
+
+// One chunk of the online softmax: scores of the tile's queries against n keys (panel kt, rows
+// v), masked to each row's [clo, chi), folded into the running max m, sum l and output o.
+template <typename A>
+void softmax_chunk(const A* q, int64_t head_dim, const A* kt, int64_t ldk, const A* v,
+                   int64_t ldv, int64_t n, int64_t value_dim, const int64_t* clo,
+                   const int64_t* chi, A scale, A* m, A* l, A* o, A* s) {
+  block_dot(q, head_dim, kt, ldk, head_dim, s);
+  A corr[kRows];
+  block_online_softmax(s, clo, chi, scale, m, l, corr);
+  for (int r = 0; r < kRows; ++r) {
+    if (corr[r] == A(1)) continue;
+    for (int64_t w = 0; w < value_dim; ++w) o[r * value_dim + w] *= corr[r];
+  }
+  block_accumulate(s, n, v, ldv, value_dim, o, value_dim);
+}
+
+// Forward of one query tile at (x0, x1): scratch.q must hold the tile's queries; leaves the
+// normalized output in scratch.o and the natural-log LSE of the scaled scores in lse.
+template <typename A>
+void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile, int64_t x0,
+                  int64_t x1, const ForwardKeys<A>& keys, ForwardScratch<A>& scratch, A* lse) {
+  const int64_t D = p.head_dim, Dv = p.value_dim;
+  const A scale = static_cast<A>(p.scale);
+  const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
+  int64_t lo[kRows], hi[kRows], clo[kRows], chi[kRows];
+  int64_t u_lo = std::numeric_limits<int64_t>::max(), u_hi = 0;
+  A m[kRows], l[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    lo[r] = hi[r] = 0;
+    m[r] = -std::numeric_limits<A>::infinity();
+    l[r] = 0;
+    if (r >= tile.count) continue;
+    group_span(key_window(p.axes[2], tile.index(geo, r)), tile.group, geo.dilation, &lo[r], &hi[r]);
+    u_lo = std::min(u_lo, lo[r]);
+    u_hi = std::max(u_hi, hi[r]);
+  }
+  A* o = scratch.o.data();
+  std::fill(scratch.o.begin(), scratch.o.end(), A(0));
+  const int64_t v_step = geo.dilation * keys.v.s[2];
+  for (int64_t i0 = 0; i0 < w0.count; ++i0) {
+    const int64_t y0 = w0.first + i0 * w0.step;
+    for (int64_t i1 = 0; i1 < w1.count; ++i1) {
+      const int64_t y1 = w1.first + i1 * w1.step;
+      const A* kt = keys.k_lines + geo.line(y0, y1, tile.group) * D * geo.ld;
+      const A* v = keys.v.line(0, y0, y1, tile.group);
+      for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
+        const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
+        chunk_spans(lo, hi, c0, n, clo, chi);
+        softmax_chunk(scratch.q.data(), D, kt + c0, geo.ld, v + c0 * v_step, v_step, n, Dv, clo,
+                      chi, scale, m, l, o, scratch.s.data());
+      }
+    }
+  }
+  for (int64_t c0 = 0; c0 < p.num_additional; c0 += kCols) {
+    const int64_t n = std::min<int64_t>(kCols, p.num_additional - c0);
+    for (int r = 0; r < kRows; ++r) {
+      clo[r] = 0;
+      chi[r] = r < tile.count ? n : 0;
+    }
+    softmax_chunk(scratch.q.data(), D, keys.add_kt + c0, p.num_additional + kCols,
+                  keys.add_v + c0 * Dv, Dv, n, Dv, clo, chi, scale, m, l, o, scratch.s.data());
+  }
+  for (int r = 0; r < tile.count; ++r) {
+    const A inv = A(1) / l[r];
+    for (int64_t w = 0; w < Dv; ++w) o[r * Dv + w] *= inv;
+    lse[r] = m[r] + std::log(l[r]);
+  }
+}
+
+}  // namespace nattn::cpu

@@ -1,0 +1,78 @@
+// Fused CPU forward: out and lse of neighborhood attention, flash-attention style on tiles of
+// kRows queries (cpu_tiles.h), with the keys and values of one kv head packed once and shared by
+// all query heads of its group.
+#include <type_traits>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+#include "cpu/cpu_kernels.h"
+#include "cpu/cpu_tiles.h"
+
+namespace nattn::cpu {
+namespace {
+
+template <typename T>
+void forward_impl(const AttentionParams& p) {
+  using A = typename ComputeType<T>::type;
+  const int64_t D = p.head_dim, Dv = p.value_dim;
+  const int64_t hpk = p.heads_per_kv();
+  const int nt = resolve_num_threads(p);
+  const Geometry geo(p);
+  const std::vector<AxisTile> tiles = last_axis_tiles(geo);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const T* q = static_cast<const T*>(p.q.data);
+  T* out = static_cast<T*>(p.out.data);
+  float* lse = static_cast<float*>(p.lse.data);
+
+  std::vector<ForwardScratch<A>> scratch(static_cast<size_t>(nt), ForwardScratch<A>(p));
+  // Keys and values of all kv heads of a batch entry are packed in one parallel region and the
+  // tiles of all heads run in a second one: few regions, so few barriers, which matters when
+  // the cores are shared and a descheduled thread holds everyone at a barrier.
+  std::vector<A> k_store, v_store;
+  std::vector<std::vector<A>> add_kt(static_cast<size_t>(p.kv_heads)),
+      add_v(static_cast<size_t>(p.kv_heads));
+  const int64_t k_head = geo.lines * D * geo.ld;
+  const int64_t per_head = geo.len[0] * geo.len[1] * n_tiles;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const A* k_lines =
+        pack_lines(static_cast<const T*>(p.k.data), p.k.stride, b, 0, p.kv_heads, D, geo, nt,
+                   k_store);
+    const Rows<A> v_rows = make_rows(static_cast<const T*>(p.v.data), p.v.stride, b, 0,
+                                     p.kv_heads, Dv, geo, nt, v_store);
+    for (int64_t kvh = 0; kvh < p.kv_heads && p.num_additional > 0; ++kvh) {
+      pack_additional_transposed(static_cast<const T*>(p.add_k.data), p.add_k.stride, b, kvh,
+                                 p.num_additional, D, add_kt[kvh]);
+      pack_additional_rows(static_cast<const T*>(p.add_v.data), p.add_v.stride, b, kvh,
+                           p.num_additional, Dv, add_v[kvh]);
+    }
+    // Items: (query head, x0, x1, last-axis tile); consecutive items share most of their keys.
+    parallel_for(nt, p.heads * per_head, [&](int64_t item, int thread) {
+      const int64_t h = item / per_head, kvh = h / hpk;
+      const AxisTile& tile = tiles[item % n_tiles];
+      const int64_t x01 = (item % per_head) / n_tiles;
+      const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
+      const ForwardKeys<A> keys{k_lines + kvh * k_head, v_rows.head(kvh), add_kt[kvh].data(),
+                                add_v[kvh].data()};
+      ForwardScratch<A>& s = scratch[thread];
+      load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, D, s.q.data());
+      A tile_lse[kRows];
+      forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse);
+      for (int64_t r = 0; r < tile.count; ++r) {
+        const int64_t x[3] = {x0, x1, tile.index(geo, r)};
+        store_row(s.o.data() + r * Dv, Dv,
+                  out + token_offset(p.out.stride, b, x) + h * p.out.stride[4], p.out.stride[5]);
+        lse[token_offset(p.lse.stride, b, x) + h * p.lse.stride[4]] =
+            static_cast<float>(tile_lse[r]);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void forward(const AttentionParams& p) {
+  dispatch_dtype(p.dtype,
+                 [&](auto* tag) { forward_impl<std::remove_pointer_t<decltype(tag)>>(p); });
+}
+
+}  // namespace nattn::cpu
