@@ -16,8 +16,9 @@
 
 namespace py = pybind11;
 
-// csrc/bindings_tiles.cpp
+// csrc/bindings_tiles.cpp, csrc/bindings_sm90_host.cpp
 void register_tile_planner(py::module_& m);
+void register_sm90_host_tools(py::module_& m);
 #ifdef NATTN_WITH_CUDA
 // csrc/bindings_cuda.cpp (compiled only with the CUDA part)
 void register_cuda(py::module_& m);
@@ -196,6 +197,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("params"));
   m.def("cpu_default_num_threads", &nattn::cpu::default_num_threads);
   register_tile_planner(m);
+  register_sm90_host_tools(m);
 
 #ifdef NATTN_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -9,6 +9,7 @@
 
 #include "bindings_common.h"
 #include "cuda/cuda_api.h"
+#include "cuda/sm80/sm80_tiles.h"
 
 namespace py = pybind11;
 
@@ -37,4 +38,103 @@ void register_cuda(py::module_& m) {
       },
       py::arg("length"), py::arg("kernel_size"), py::arg("stride"), py::arg("dilation"),
       py::arg("is_causal"));
+
+  m.def(
+      "cuda_inverse_tile_range",
+      [](int64_t group_len, int64_t kernel_size, int64_t stride, bool is_causal,
+         int64_t kv_tile_size, int64_t q_tile_size, int64_t kv_tile) {
+        if (group_len < 1 || kv_tile_size < 1 || q_tile_size < 1 || kv_tile < 0 ||
+            kv_tile * kv_tile_size >= group_len) {
+          throw std::invalid_argument("cuda_inverse_tile_range: tile outside the group");
+        }
+        make_axis(group_len, kernel_size, stride, 1, is_causal);
+        const nattn::AxisTileRange r = nattn::cuda::sm80::axis_inverse_tile_range(
+            group_len, kernel_size, stride, is_causal, kv_tile_size, q_tile_size, kv_tile);
+        return std::make_tuple(r.kv_begin, r.kv_end, r.full_begin, r.full_end);
+      },
+      py::arg("group_len"), py::arg("kernel_size"), py::arg("stride"), py::arg("is_causal"),
+      py::arg("kv_tile_size"), py::arg("q_tile_size"), py::arg("kv_tile"),
+      "The dK/dV pass's walk along one axis (csrc/cuda/sm80/sm80_tiles.h): (begin, end, "
+      "full_begin, full_end) Q tiles for KV tile `kv_tile` of a group of group_len tokens.");
+  m.def(
+      "cuda_device_reasons",
+      [](int device) { return nattn::cuda::device_reasons(device); }, py::arg("device"),
+      "Why nattn's CUDA kernels cannot run on `device` at all (no driver/device, compute "
+      "capability < 8.0, no kernel image for its architecture); empty when they can.");
+  m.def(
+      "cuda_plan",
+      [](const nattn::AttentionParams& p, bool backward, py::object capability,
+         py::object max_smem) {
+        nattn::cuda::DeviceFacts device;
+        if (capability.is_none() || max_smem.is_none()) {
+          std::string error;
+          device = nattn::cuda::current_device(&error);
+          if (device.capability < 0) throw std::runtime_error("CUDA: " + error);
+        }
+        if (!capability.is_none()) device.capability = capability.cast<int>();
+        if (!max_smem.is_none()) device.max_smem_optin = max_smem.cast<int64_t>();
+        const nattn::cuda::Plan plan = nattn::cuda::plan(p, backward, device);
+        py::dict d;
+        d["path"] = plan.tensor_core ? "tensor_core" : "simt";
+        d["reasons"] = plan.tensor_core_reasons;
+        d["block_m"] = plan.block_m;
+        d["block_n"] = plan.block_n;
+        d["q_box"] = std::vector<int64_t>(plan.q_box, plan.q_box + nattn::kMaxRank);
+        d["kv_box"] = std::vector<int64_t>(plan.kv_box, plan.kv_box + nattn::kMaxRank);
+        d["q_tiles"] = plan.q_tiles;
+        d["kv_tiles"] = plan.kv_tiles;
+        d["shared_bytes"] = plan.shared_bytes;
+        return d;
+      },
+      py::arg("params"), py::arg("backward") = false, py::arg("capability") = py::none(),
+      py::arg("max_smem") = py::none(),
+      "Which CUDA kernels would serve a call: {'path': 'tensor_core' | 'simt', 'reasons': why "
+      "not tensor cores, 'block_m', 'block_n', 'q_box', 'kv_box' (rank-3 extents), 'q_tiles', "
+      "'kv_tiles', 'shared_bytes'}. Host-only when capability and max_smem are given.");
+  m.def(
+      "cuda_forward",
+      [](const nattn::AttentionParams& p) {
+        check_common(p, false);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = nattn::cuda::forward(p);
+        }
+        if (!err.empty()) throw std::runtime_error("nattn CUDA forward: " + err);
+      },
+      py::arg("params"),
+      "Forward on the current device and params' stream: writes out and lse (fp32).");
+  m.def(
+      "cuda_backward",
+      [](const nattn::AttentionParams& p, bool deterministic) {
+        check_common(p, true);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = nattn::cuda::backward(p, deterministic);
+        }
+        if (!err.empty()) throw std::runtime_error("nattn CUDA backward: " + err);
+      },
+      py::arg("params"), py::arg("deterministic") = true,
+      "Backward on the current device and params' stream: fills delta (fp32 workspace shaped "
+      "like lse), then writes dq, dk, dv (and d_add_k, d_add_v). Atomic-free: bit-identical "
+      "run to run.");
+  m.def(
+      "cuda_hopper_forward_reasons",
+      [](const nattn::AttentionParams& p) { return nattn::cuda::hopper_forward_reasons(p); },
+      py::arg("params"),
+      "Why the Hopper (sm_90a) forward cannot serve params on the current device; empty when "
+      "it can.");
+  m.def(
+      "cuda_hopper_forward",
+      [](const nattn::AttentionParams& p) {
+        check_common(p, false);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = nattn::cuda::hopper_forward(p);
+        }
+        if (!err.empty()) throw std::runtime_error("nattn Hopper forward: " + err);
+      },
+      py::arg("params"), "Hopper forward on the current device and params' stream.");
 }

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/block_kernels.h"
 #include "nattn/tile_plan.h"
 #include "nattn/window.h"
 
@@ -211,6 +212,11 @@ void register_tile_planner(py::module_& m) {
       "(q_tiles, visited, full, masked) tile pairs of multi-dimensional tiling in dilation-group "
       "space. axes: list of (length, kernel_size, stride, dilation, is_causal); q_tile, kv_tile: "
       "tile extents per axis (group positions).");
+  // The CPU kernels' tile (csrc/cpu/block_kernels.h): kRows consecutive queries of one dilation
+  // group on the last axis against key chunks of kCols. The speed-of-light model holds CPU runs
+  // to the tile bound at this shape.
+  m.attr("cpu_q_tile") = nattn::cpu::kRows;
+  m.attr("cpu_kv_tile") = nattn::cpu::kCols;
   m.def("flat_tile_counts", &flat_tile_counts, py::arg("axes"), py::arg("q_tile"),
         py::arg("kv_tile"),
         "(q_tiles, visited, full) of 1-D flattened tiling: tiles of consecutive row-major "

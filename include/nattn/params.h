@@ -50,8 +50,10 @@ struct AttentionParams {
   void* stream = nullptr;  // cudaStream_t for CUDA kernels
   int32_t num_threads = 0;  // CPU kernels: 0 = implementation default
 
-  int64_t tokens() const { return axes[0].length * axes[1].length * axes[2].length; }
-  int64_t heads_per_kv() const { return heads / kv_heads; }
+  NATTN_HOST_DEVICE int64_t tokens() const {
+    return axes[0].length * axes[1].length * axes[2].length;
+  }
+  NATTN_HOST_DEVICE int64_t heads_per_kv() const { return heads / kv_heads; }
 };
 
 }  // namespace nattn

@@ -4,6 +4,8 @@ tensors into pointers."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -84,26 +86,44 @@ def _params(q, k, v, ak, av, window: Window, num_threads: int = 0):
     return p, rank
 
 
-def cpu_forward(q, k, v, ak, av, window: Window):
-    """Fused CPU forward: returns (out [B, *spatial, H, Dv] in q.dtype, lse [B, *spatial, H] fp32)."""
+def _launch(kind: str, device: torch.device, p):
+    """Context for a kernel launch: the CUDA device and its current stream, or nothing on CPU."""
+    if kind in ("cuda", "hopper"):
+        p.set_stream(torch.cuda.current_stream(device).cuda_stream)
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def forward(kind: str, q, k, v, ak, av, window: Window):
+    """Fused forward on ``kind`` ("cpu", "cuda" or "hopper"): returns (out [B, *spatial, H, Dv]
+    in q.dtype, lse [B, *spatial, H] fp32). "hopper" runs the sm_90a kernels when they accept
+    the call's layout and the portable CUDA kernels otherwise."""
     p, rank = _params(q, k, v, ak, av, window)
     out = _empty(q.shape[:-1] + (v.shape[-1],), q)
     lse = _empty(q.shape[:-1], q, dtype=torch.float32)
     p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
-    _C.cpu_forward(p)
+    with _launch(kind, q.device, p):
+        if kind == "hopper" and not _C.cuda_hopper_forward_reasons(p):
+            _C.cuda_hopper_forward(p)
+        elif kind in ("cuda", "hopper"):
+            _C.cuda_forward(p)
+        else:
+            _C.cpu_forward(p)
     return out, lse
 
 
-def cpu_backward(grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
-    """Fused CPU backward: returns (dq, dk, dv, d_additional_keys, d_additional_values); the last
-    two are None without additional tokens."""
+def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+    """Fused backward on ``kind``: returns (dq, dk, dv, d_additional_keys,
+    d_additional_values); the last two are None without additional tokens. Both kinds are
+    atomic-free, so gradients are bit-identical from run to run."""
     p, rank = _params(q, k, v, ak, av, window)
     for name, t in (("out", out), ("d_out", grad_out)):
         p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
     if grad_lse is not None:
         p.set_tensor("d_lse", grad_lse.data_ptr(), _token_strides(grad_lse, rank))
+    # Workspace: rowsum(d_out * out) - d_lse per query row, filled by the kernel.
     delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     p.set_tensor("delta", delta.data_ptr(), _token_strides(delta, rank))
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
@@ -114,5 +134,16 @@ def cpu_backward(grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
         dak, dav = _empty_like(ak), _empty_like(av)
         p.set_tensor("d_add_k", dak.data_ptr(), list(dak.stride()))
         p.set_tensor("d_add_v", dav.data_ptr(), list(dav.stride()))
-    _C.cpu_backward(p)
+    with _launch(kind, q.device, p):
+        if kind in ("cuda", "hopper"):  # no Hopper backward yet: the portable kernels
+            _C.cuda_backward(p, True)
+        else:
+            _C.cpu_backward(p)
     return dq, dk, dv, dak, dav
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_device_reasons(index: int) -> tuple:
+    """Why the CUDA kernels cannot run on device ``index`` at all (cached: it cannot change
+    within a process); empty when they can."""
+    return tuple(_C.cuda_device_reasons(index))

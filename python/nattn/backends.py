@@ -8,6 +8,7 @@ reasons, and when nothing can run a problem the error lists every backend and wh
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -113,10 +114,74 @@ class CpuBackend(Backend):
         return reasons
 
     def forward(self, q, k, v, ak, av, window: Window):
-        return _native.cpu_forward(q, k, v, ak, av, window)
+        return _native.forward("cpu", q, k, v, ak, av, window)
 
     def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
-        return _native.cpu_backward(grad_out, grad_lse, q, k, v, ak, av, out, lse, window)
+        return _native.backward("cpu", grad_out, grad_lse, q, k, v, ak, av, out, lse, window)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    description = (
+        "CUDA kernels (csrc/cuda): SM80+ tensor cores (mma.sync) for fp16/bf16 at head dims "
+        "32-256, a SIMT path for everything else; deterministic backward (no atomics)"
+    )
+    kind = "cuda"
+
+    def not_supported_reasons(self, problem: Problem) -> List[str]:
+        if _native.IMPORT_ERROR is not None:
+            return [_native.IMPORT_ERROR]
+        if not getattr(_native._C, "with_cuda", False):
+            return ["nattn._C was built without the CUDA part (no nvcc at build time)"]
+        if problem.device.type != "cuda":
+            return [f"runs on CUDA tensors only, got device {problem.device}"]
+        if not torch.cuda.is_available():
+            return ["torch reports no usable CUDA device"]
+        index = problem.device.index
+        if index is None:
+            index = torch.cuda.current_device()
+        return list(_native.cuda_device_reasons(index))
+
+    def forward(self, q, k, v, ak, av, window: Window):
+        return _native.forward(self.kind, q, k, v, ak, av, window)
+
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+        return _native.backward(self.kind, grad_out, grad_lse, q, k, v, ak, av, out, lse, window)
+
+
+# Until tests/test_cuda.py has passed on an H100/H200 with the Hopper kernels, they are opt-in.
+HOPPER_OPT_IN = "NATTN_EXPERIMENTAL_HOPPER"
+
+
+class HopperBackend(CudaBackend):
+    name = "hopper"
+    description = (
+        "Hopper forward (csrc/cuda/sm90): warp-specialized wgmma + TMA on multi-dimensional "
+        "tiles, fp16/bf16, head dims 64/128; backward on the portable CUDA kernels. "
+        f"Not yet validated on a GPU: opt in with {HOPPER_OPT_IN}=1"
+    )
+    kind = "hopper"
+
+    def not_supported_reasons(self, problem: Problem) -> List[str]:
+        reasons = super().not_supported_reasons(problem)
+        if reasons:
+            return reasons
+        if os.environ.get(HOPPER_OPT_IN) != "1":
+            reasons.append(f"experimental until validated on a GPU: set {HOPPER_OPT_IN}=1")
+        if torch.cuda.get_device_capability(problem.device) != (9, 0):
+            reasons.append("needs compute capability 9.0 (H100/H200)")
+        if problem.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {problem.dtype} is not float16/bfloat16")
+        if problem.head_dim not in (64, 128) or problem.value_dim != problem.head_dim:
+            reasons.append(
+                f"head_dim={problem.head_dim}, value_dim={problem.value_dim}: kernels exist for "
+                "head_dim = value_dim in (64, 128)"
+            )
+        if problem.num_additional:
+            reasons.append("additional keys/values are not fused in the Hopper kernels yet")
+        # Layout rules (contiguous head dim, 16-byte aligned strides) are checked per call by
+        # the kernels' own planner; a call that breaks them runs on the portable kernels.
+        return reasons
 
 
 # Priority order: the first that can run a problem is what "auto" picks. The reference comes
@@ -129,6 +194,8 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+register(HopperBackend())
+register(CudaBackend())
 register(CpuBackend())
 register(ReferenceBackend())
 

@@ -1,0 +1,10 @@
+// Backward instantiations, f16: head dims 32, 64, 128 (sm80_config.h).
+#include "cuda/sm80/sm80_bwd_launch.cuh"
+
+namespace nattn::cuda::sm80 {
+
+template std::string backward<DType::kFloat16, 32>(const AttentionParams&);
+template std::string backward<DType::kFloat16, 64>(const AttentionParams&);
+template std::string backward<DType::kFloat16, 128>(const AttentionParams&);
+
+}  // namespace nattn::cuda::sm80

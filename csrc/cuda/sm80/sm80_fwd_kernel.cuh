@@ -1,0 +1,154 @@
+// SM80 tensor-core forward: one CTA per (Q tile, head, batch) work item, a box of kBlockM queries
+// against the KV tiles its window union covers (TileWalk), unmasked tiles first, then masked
+// tiles, then tiles of additional tokens. Per KV tile: S = Q K^T (mma.sync, ldmatrix), mask,
+// online softmax in fp32 registers, O += P V. K/V tiles are gathered with cp.async into two
+// shared buffers, so the next tile's copy overlaps this tile's math.
+#pragma once
+
+#include "cuda/sm80/sm80_kernel_common.cuh"
+
+namespace nattn::cuda::sm80 {
+
+// What a launch needs beyond AttentionParams: the tilings of queries and keys. Forward and dQ
+// tile queries with the register tile (kBlockM) and keys with the streamed tile (kBlockN); dK/dV
+// the other way round.
+struct Geometry {
+  BoxTiling q;
+  BoxTiling kv;
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    forward_kernel(const __grid_constant__ AttentionParams p,
+                   const __grid_constant__ Geometry g) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
+  using Rows = ThreadRows<Traits>;
+  constexpr int kSlots = Rows::kSlots;
+
+  extern __shared__ cute::uint128_t smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
+  Element* smem_kv = smem + Traits::kTileElemsM;  // [buffer][K, V] tiles of kTileElemsN
+  auto sK_at = [&](int buf) {
+    return make_tensor(make_smem_ptr(smem_kv + (2 * buf) * Traits::kTileElemsN),
+                       typename Traits::SmemLayoutN{});
+  };
+  auto sVt_at = [&](int buf) {
+    return make_tensor(make_smem_ptr(smem_kv + (2 * buf + 1) * Traits::kTileElemsN),
+                       typename Traits::SmemLayoutNt{});
+  };
+  auto sV_at = [&](int buf) {
+    return make_tensor(make_smem_ptr(smem_kv + (2 * buf + 1) * Traits::kTileElemsN),
+                       typename Traits::SmemLayoutN{});
+  };
+
+  const int tid = threadIdx.x;
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_slice(tid);
+  const Tensor s_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
+  const Tensor o_coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
+  const Rows rows(tid);
+  const float scale_log2 = static_cast<float>(p.scale * M_LOG2E);
+  const int64_t additional_tiles = (p.num_additional + kN - 1) / kN;
+  const int64_t q_tiles = g.q.count();
+  const int64_t work = q_tiles * p.heads * p.batch;
+
+  for (int64_t w = blockIdx.x; w < work; w += gridDim.x) {
+    const int64_t qt = w % q_tiles;
+    const int64_t h = (w / q_tiles) % p.heads;
+    const int64_t b = w / (q_tiles * p.heads);
+    const int64_t hk = h / (p.heads / p.kv_heads);
+    const BoxRows q_rows{p.axes, g.q.locate(p.axes, qt), g.q.box};
+    const TileWalk walk = forward_walk(p.axes, q_rows.origin, g.q.box, g.kv.box, additional_tiles);
+    const RowSpans<kSlots> spans = row_spans<false>(p.axes, q_rows, rows.row);
+
+    const Element* k_base = head_base<const Element>(p.k, b, hk);
+    const Element* v_base = head_base<const Element>(p.v, b, hk);
+    auto load_kv = [&](const WalkCursor& c, int buf) {
+      auto sK = sK_at(buf);
+      auto sV = sV_at(buf);
+      if (c.stage == Stage::kAdditional) {
+        const AdditionalRows add{c.n * kN, p.num_additional};
+        load_rows_async<Traits, kN>(sK, head_base<const Element>(p.add_k, b, hk),
+                                    &p.add_k.stride[1], add, tid);
+        load_rows_async<Traits, kN>(sV, head_base<const Element>(p.add_v, b, hk),
+                                    &p.add_v.stride[1], add, tid);
+      } else {
+        TileOrigin o = q_rows.origin;
+        for (int a = 0; a < kMaxRank; ++a) o.tile[a] = c.tile[a];
+        const BoxRows kv_rows{p.axes, o, g.kv.box};
+        load_rows_async<Traits, kN>(sK, k_base, &p.k.stride[1], kv_rows, tid);
+        load_rows_async<Traits, kN>(sV, v_base, &p.v.stride[1], kv_rows, tid);
+      }
+    };
+
+    __syncthreads();  // the previous work item is done with every shared buffer
+    load_rows_async<Traits, kM>(sQ, head_base<const Element>(p.q, b, h), &p.q.stride[1], q_rows,
+                                tid);
+    WalkCursor cur = WalkCursor::begin(walk);
+    if (!cur.done()) load_kv(cur, 0);
+    cute::cp_async_fence();
+
+    Tensor acc_o = partition_fragment_C(mma, Shape<Int<kM>, Int<kD>>{});
+    clear(acc_o);
+    OnlineSoftmax<kSlots> softmax;
+    int buf = 0;
+
+    // One KV tile: wait for its copy, start the next one, then S, mask, softmax, O += P V.
+    auto step = [&](const auto& mask) {
+      WalkCursor next = cur;
+      next.advance(walk);
+      cute::cp_async_wait<0>();
+      __syncthreads();
+      if (!next.done()) load_kv(next, buf ^ 1);
+      cute::cp_async_fence();
+
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
+      clear(acc_s);
+      gemm_rows_rows<Traits>(acc_s, sQ, sK_at(buf), tid);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+      mask.apply(acc_s, s_coords);
+      softmax.update(acc_s, acc_o);
+      gemm_regs_cols<Traits>(acc_o, scores_as_a<Traits>(acc_s), sVt_at(buf), tid);
+      cur = next;
+      buf ^= 1;
+    };
+
+    while (cur.stage == Stage::kFull) step(NoMask{});
+    while (cur.stage == Stage::kMasked) {
+      WindowMask<kSlots> mask{&spans, g.kv.box, {}};
+      for (int a = 0; a < kMaxRank; ++a) mask.col_origin[a] = cur.tile[a] << g.kv.box.log2[a];
+      step(mask);
+    }
+    while (cur.stage == Stage::kAdditional) {
+      step(CountMask{static_cast<int>(p.num_additional - cur.n * kN)});
+    }
+
+    // Epilogue: normalize, write the rows that exist, and their lse (one thread per quad).
+    float lse[kSlots];
+    softmax.finish(acc_o, lse);
+    Element* out_base = head_base<Element>(p.out, b, h);
+    float* lse_base = static_cast<float*>(p.lse.data) + b * p.lse.stride[0] + h * p.lse.stride[4];
+    CUTE_UNROLL
+    for (int slot = 0; slot < kSlots; ++slot) {
+      int64_t out_off, lse_off;
+      if (!q_rows.token(rows.row[slot], &p.out.stride[1], out_off)) continue;
+      q_rows.token(rows.row[slot], &p.lse.stride[1], lse_off);
+      const int m = slot / 2, half = slot % 2;
+      CUTE_UNROLL
+      for (int n = 0; n < size<2>(acc_o); ++n) {
+        CUTE_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          const int col = get<1>(o_coords(2 * half + c, m, n));
+          out_base[out_off + col * p.out.stride[5]] = Element(acc_o(2 * half + c, m, n));
+        }
+      }
+      if (tid % 4 == 0) lse_base[lse_off] = lse[slot];
+    }
+  }
+}
+
+}  // namespace nattn::cuda::sm80

@@ -1,0 +1,28 @@
+// Host entry points of the Hopper (sm_90a) kernels: plain C++ signatures, so the dispatcher and
+// the bindings include this without CUDA or CuTe headers. Compiled into the nattn_cuda_sm90
+// library only when CMake targets 90a (then NATTN_WITH_SM90 is defined for the module).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "nattn/params.h"
+
+namespace nattn::cuda::sm90 {
+
+// Why the Hopper forward cannot serve `p` (empty when it can): dtype, head dims, additional
+// tokens, layout rules of TMA, grid limits, and, when known, the device (capability: major * 10
+// + minor, -1 = unchecked; max_smem: opt-in shared memory per CTA in bytes, 0 = unchecked).
+// Host-only, no device access. Defined inline in sm90_plan.h (forward_reasons); repeated here
+// as the documented entry point.
+std::vector<std::string> forward_support(const AttentionParams& p, int capability,
+                                         int64_t max_smem);
+
+// Forward on the current device and p.stream: writes p.out ([B, *spatial, H, D], the head dim
+// contiguous) and p.lse (fp32). No workspace. Returns "" on success, else the reasons the path
+// declined the problem (joined with "; ") or the CUDA / driver error. Must only be called on a
+// compute capability 9.0 device.
+std::string forward(const AttentionParams& p);
+
+}  // namespace nattn::cuda::sm90

@@ -1,0 +1,139 @@
+// Hopper forward entry point (sm90_api.h): checks, tile choice, tensor maps, dispatch to the
+// (dtype, head dim) instantiations of sm90_fwd_{f16,bf16}_hdim{64,128}.cu.
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <cmath>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda/sm90/sm90_api.h"
+#include "cuda/sm90/sm90_fwd_launch.cuh"
+#include "cuda/sm90/sm90_plan.h"
+
+namespace nattn::cuda::sm90 {
+
+extern template std::string launch_forward<DType::kFloat16, 64>(const ForwardParams&, int64_t,
+                                                                 void*);
+extern template std::string launch_forward<DType::kFloat16, 128>(const ForwardParams&, int64_t,
+                                                                  void*);
+extern template std::string launch_forward<DType::kBFloat16, 64>(const ForwardParams&, int64_t,
+                                                                  void*);
+extern template std::string launch_forward<DType::kBFloat16, 128>(const ForwardParams&, int64_t,
+                                                                   void*);
+
+std::vector<std::string> forward_support(const AttentionParams& p, int capability,
+                                         int64_t max_smem) {
+  return forward_reasons(p, capability, max_smem);
+}
+
+std::string tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000* fn) {
+  static std::once_flag once;
+  static PFN_cuTensorMapEncodeTiled_v12000 encoder = nullptr;
+  static std::string error;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    // Version 12000: the ABI of cuTensorMapEncodeTiled since CUDA 12.0 (the PFN type above).
+    const cudaError_t status = cudaGetDriverEntryPointByVersion(
+        "cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found);
+    if (status != cudaSuccess) {
+      error = std::string("cudaGetDriverEntryPointByVersion: ") + cudaGetErrorString(status);
+      cudaGetLastError();
+    } else if (found != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      error = "the CUDA driver does not provide cuTensorMapEncodeTiled";
+    } else {
+      encoder = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+    }
+  });
+  *fn = encoder;
+  return error;
+}
+
+std::string encode_maps(const TmaPlan& plan, DType dtype, const void* data, CUtensorMap* maps) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  const std::string error = tensor_map_encoder(&encode);
+  if (!error.empty()) return error;
+  const CUtensorMapDataType type = dtype == DType::kFloat16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                            : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  for (int v = 0; v < kMaxVariants; ++v) {
+    const TmaView& view = plan.view[v];
+    cuuint64_t dim[5];
+    cuuint64_t stride[4];
+    cuuint32_t box[5];
+    const cuuint32_t element_stride[5] = {1, 1, 1, 1, 1};
+    for (int i = 0; i < 5; ++i) {
+      dim[i] = view.dim[i];
+      box[i] = view.box[i];
+    }
+    for (int i = 0; i < 4; ++i) stride[i] = view.stride_bytes[i];
+    // 128-byte swizzle: the layout wgmma reads (K-major SW128 atoms); 256-byte L2 promotion as
+    // tiles are whole 128-byte rows; out-of-bounds elements (rows past a group's end) read 0.
+    const CUresult r = encode(&maps[v], type, 5, const_cast<void*>(data), dim, stride, box,
+                              element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+      return "cuTensorMapEncodeTiled failed (CUresult " + std::to_string(static_cast<int>(r)) +
+             ")";
+    }
+  }
+  return {};
+}
+
+namespace {
+
+std::string join(const std::vector<std::string>& reasons) {
+  std::string out;
+  for (const std::string& r : reasons) out += (out.empty() ? "" : "; ") + r;
+  return out;
+}
+
+}  // namespace
+
+std::string forward(const AttentionParams& p) {
+  const std::vector<std::string> reasons = forward_reasons(p, -1, 0);
+  if (!reasons.empty()) return "Hopper forward declined: " + join(reasons);
+  if (p.tokens() == 0 || p.batch == 0 || p.heads == 0) return {};
+
+  const TileChoice tiles = choose_tiles(p.axes);
+  ForwardParams params = {};
+  const TmaPlan q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, tiles.q, "query");
+  const TmaPlan k = plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, tiles.kv, "key");
+  const TmaPlan v =
+      plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, tiles.kv, "value");
+  std::string error = encode_maps(q, p.dtype, p.q.data, params.q_map);
+  if (error.empty()) error = encode_maps(k, p.dtype, p.k.data, params.k_map);
+  if (error.empty()) error = encode_maps(v, p.dtype, p.v.data, params.v_map);
+  if (!error.empty()) return error;
+  if (k.coef.batch != v.coef.batch || k.coef.head != v.coef.head ||
+      k.coef.group[0] != v.coef.group[0] || k.coef.group[1] != v.coef.group[1] ||
+      k.coef.group[2] != v.coef.group[2]) {
+    // One offset coordinate addresses both K and V tiles (the producer computes it once).
+    return "Hopper forward declined: key and value need the same batch/head/token strides";
+  }
+  for (int a = 0; a < kMaxRank; ++a) params.axes[a] = p.axes[a];
+  params.q = make_tiling(p.axes, tiles.q);
+  params.kv_box = tiles.kv;
+  params.q_coef = q.coef;
+  params.kv_coef = k.coef;
+  params.heads = p.heads;
+  params.heads_per_kv = p.heads_per_kv();
+  params.out = p.out.data;
+  for (int i = 0; i < 6; ++i) params.out_stride[i] = p.out.stride[i];
+  params.lse = static_cast<float*>(p.lse.data);
+  for (int i = 0; i < 5; ++i) params.lse_stride[i] = p.lse.stride[i];
+  params.scale_log2 = static_cast<float>(p.scale * M_LOG2E);
+
+  const bool f16 = p.dtype == DType::kFloat16;
+  if (p.head_dim == 64) {
+    return f16 ? launch_forward<DType::kFloat16, 64>(params, p.batch, p.stream)
+               : launch_forward<DType::kBFloat16, 64>(params, p.batch, p.stream);
+  }
+  return f16 ? launch_forward<DType::kFloat16, 128>(params, p.batch, p.stream)
+             : launch_forward<DType::kBFloat16, 128>(params, p.batch, p.stream);
+}
+
+}  // namespace nattn::cuda::sm90

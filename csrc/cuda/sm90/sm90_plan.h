@@ -1,0 +1,449 @@
+// Host-side plan of the Hopper forward, plus the tile walk the kernel shares with it. Plain C++17
+// (no CUDA headers): the .cu files include it, and so can the Python bindings (for the CPU tests
+// in tests/test_sm90_host.py).
+//
+// 1. Tiles are boxes of tokens in dilation-group space (include/nattn/tile_plan.h): per axis a
+//    power-of-two extent of consecutive group positions of one dilation group; row r of a box is
+//    the token whose local coordinates are the bit fields of r, last axis fastest. That is the
+//    order in which a TMA box {chunk, e2, e1, e0, 1} lands in shared memory, so a TMA copy fills
+//    a tile in exactly the row order the kernel assumes.
+// 2. The KV tiles of a Q tile: tile_plan.h's axis_tile_range per axis; a KV tile is visited iff
+//    visited on every axis, full (no per-element mask) iff full on every axis. The walk lists
+//    the full tiles first, then the masked ones: an unmasked mainloop stage, then a masked one.
+// 3. TMA views: one 5-D tensor map per (tensor, ragged-group variant), see plan_tma_view.
+// 4. Why the Hopper path declines a problem: forward_reasons.
+#pragma once
+
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cuda/sm90/sm90_config.h"
+#include "nattn/config.h"
+#include "nattn/params.h"
+#include "nattn/tile_plan.h"
+#include "nattn/window.h"
+
+namespace nattn::cuda::sm90 {
+
+// ---------------------------------------------------------------------------------------------
+// Boxes and tilings (host + device).
+
+struct Box {
+  int log2[kMaxRank] = {0, 0, 0};
+
+  NATTN_HOST_DEVICE int64_t extent(int a) const { return int64_t{1} << log2[a]; }
+  NATTN_HOST_DEVICE int rows() const { return 1 << (log2[0] + log2[1] + log2[2]); }
+  // Local coordinate along axis a of box row r.
+  NATTN_HOST_DEVICE int local(int r, int a) const {
+    int shift = 0;
+    for (int b = a + 1; b < kMaxRank; ++b) shift += log2[b];
+    return (r >> shift) & ((1 << log2[a]) - 1);
+  }
+};
+
+// Where a tile lies: per axis its dilation group, the group's length and the tile's index in the
+// group (first group position tile * extent).
+struct TileOrigin {
+  int32_t group[kMaxRank];
+  int32_t group_len[kMaxRank];
+  int32_t tile[kMaxRank];
+};
+
+// The Q tiles of a problem: per axis tile_plan.h's axis_q_tiles (all dilation groups), linear
+// index last axis fastest.
+struct Tiling {
+  Box box;
+  int64_t tiles[kMaxRank] = {1, 1, 1};
+
+  NATTN_HOST_DEVICE int64_t count() const { return tiles[0] * tiles[1] * tiles[2]; }
+
+  NATTN_HOST_DEVICE TileOrigin locate(const AxisParams (&axes)[kMaxRank], int64_t t) const {
+    TileOrigin o;
+    for (int a = kMaxRank - 1; a >= 0; --a) {
+      const int64_t ta = t % tiles[a];
+      t /= tiles[a];
+      const GroupTile gt = axis_locate_q_tile(axes[a], box.extent(a), ta);
+      o.group[a] = static_cast<int32_t>(gt.group);
+      o.tile[a] = static_cast<int32_t>(gt.tile);
+      o.group_len[a] =
+          static_cast<int32_t>(group_length(axes[a].length, axes[a].dilation, gt.group));
+    }
+    return o;
+  }
+};
+
+NATTN_HOST_DEVICE Tiling make_tiling(const AxisParams (&axes)[kMaxRank], Box box) {
+  Tiling t;
+  t.box = box;
+  for (int a = 0; a < kMaxRank; ++a) t.tiles[a] = axis_q_tiles(axes[a], box.extent(a));
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The KV tiles of one Q tile (host + device). Producer and consumers run the same walk, so they
+// agree on the order of the tiles in the pipeline without passing anything but the stage index.
+
+struct KvWalk {
+  int32_t begin[kMaxRank];
+  int32_t end[kMaxRank];
+  int32_t full_begin[kMaxRank];
+  int32_t full_end[kMaxRank];
+
+  NATTN_HOST_DEVICE int32_t visited() const {
+    return (end[0] - begin[0]) * (end[1] - begin[1]) * (end[2] - begin[2]);
+  }
+  NATTN_HOST_DEVICE int32_t full() const {
+    return (full_end[0] - full_begin[0]) * (full_end[1] - full_begin[1]) *
+           (full_end[2] - full_begin[2]);
+  }
+  NATTN_HOST_DEVICE bool is_full(const int32_t (&t)[kMaxRank]) const {
+    bool f = true;
+    for (int a = 0; a < kMaxRank; ++a) f = f && t[a] >= full_begin[a] && t[a] < full_end[a];
+    return f;
+  }
+};
+
+NATTN_HOST_DEVICE KvWalk make_walk(const AxisParams (&axes)[kMaxRank], const TileOrigin& q,
+                                   Box q_box, Box kv_box) {
+  KvWalk w;
+  for (int a = 0; a < kMaxRank; ++a) {
+    const AxisTileRange r =
+        axis_tile_range(q.group_len[a], axes[a].kernel_size, axes[a].stride, axes[a].is_causal,
+                        q_box.extent(a), kv_box.extent(a), q.tile[a]);
+    w.begin[a] = static_cast<int32_t>(r.kv_begin);
+    w.end[a] = static_cast<int32_t>(r.kv_end);
+    w.full_begin[a] = static_cast<int32_t>(r.full_begin);
+    w.full_end[a] = static_cast<int32_t>(r.full_end);
+  }
+  return w;
+}
+
+// Position in a walk: full tiles (enumerating the full sub-box), then masked tiles (enumerating
+// the visited box, skipping full ones). `tile` holds the per-axis KV tile indices.
+struct KvCursor {
+  bool masked = false;
+  bool done = false;
+  int32_t n = -1;
+  int32_t tile[kMaxRank] = {0, 0, 0};
+
+  NATTN_HOST_DEVICE void advance(const KvWalk& w) {
+    if (!masked) {
+      if (n + 1 < w.full()) {
+        ++n;
+        int32_t m = n;
+        for (int a = kMaxRank - 1; a >= 0; --a) {
+          const int32_t e = w.full_end[a] - w.full_begin[a];
+          tile[a] = w.full_begin[a] + m % e;
+          m /= e;
+        }
+        return;
+      }
+      masked = true;
+      n = -1;
+    }
+    const int32_t visited = w.visited();
+    for (++n; n < visited; ++n) {
+      int32_t m = n;
+      for (int a = kMaxRank - 1; a >= 0; --a) {
+        const int32_t e = w.end[a] - w.begin[a];
+        tile[a] = w.begin[a] + m % e;
+        m /= e;
+      }
+      if (!w.is_full(tile)) return;
+    }
+    done = true;
+  }
+
+  NATTN_HOST_DEVICE static KvCursor begin(const KvWalk& w) {
+    KvCursor c;
+    c.advance(w);
+    return c;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tile-shape choice (host).
+
+struct TileChoice {
+  Box q;
+  Box kv;
+  TilePlanSummary summary;  // tile pairs of the whole problem (per batch and head)
+  double cost = 0.0;        // summary.full + kMaskedTileCost * summary.masked
+};
+
+// Every split of 2^log2_rows rows into per-axis powers of two, none past the axis's longest
+// group rounded up to a power of two (a longer extent only adds empty rows).
+inline std::vector<Box> candidate_boxes(const AxisParams (&axes)[kMaxRank], int log2_rows) {
+  int cap[kMaxRank];
+  for (int a = 0; a < kMaxRank; ++a) {
+    const int64_t g = group_length(axes[a].length, axes[a].dilation, 0);
+    int c = 0;
+    while ((int64_t{1} << c) < g) ++c;
+    cap[a] = c;
+  }
+  std::vector<Box> out;
+  for (int l0 = 0; l0 <= log2_rows; ++l0) {
+    for (int l1 = 0; l0 + l1 <= log2_rows; ++l1) {
+      const int l2 = log2_rows - l0 - l1;
+      if (l1 > cap[1] || l2 > cap[2]) continue;
+      // Axis 0 takes whatever the others cannot hold, even past its cap: the box must have
+      // exactly 2^log2_rows rows (two consumer warpgroups of 64), extra rows are simply empty.
+      if (l0 > cap[0] && (l1 < cap[1] || l2 < cap[2])) continue;
+      Box b;
+      b.log2[0] = l0;
+      b.log2[1] = l1;
+      b.log2[2] = l2;
+      out.push_back(b);
+    }
+  }
+  return out;
+}
+
+// The Q and KV boxes that minimize the work of the mainloop: the (Q tile, KV tile) pairs the
+// tile planner says must be visited (tile_plan.h: plan_summary, exact for the problem), a masked
+// pair weighted kMaskedTileCost. Every Q tile costs the same prologue and epilogue and every
+// pair the same MMA work (128 x 128 x head_dim twice), so pair count is the tile bound of
+// DESIGN.md section 5. Ties go to more full tiles, then to the first candidate (more rows along
+// the leading axes). For GNA problems whose stride blocks align with a Q box (e.g. stride 16 x 8
+// x 8, Q box 2 x 8 x 8 cannot align on axis 0 but 8 x 8 can on axes 1, 2), the aligned boxes
+// have fewer and fuller pairs, so the search finds them without a special case.
+inline TileChoice choose_tiles(const AxisParams (&axes)[kMaxRank]) {
+  TileChoice best;
+  bool have = false;
+  const std::vector<Box> qs = candidate_boxes(axes, kLog2QRows);
+  const std::vector<Box> kvs = candidate_boxes(axes, kLog2KvRows);
+  for (const Box& q : qs) {
+    for (const Box& kv : kvs) {
+      int64_t qt[kMaxRank], kt[kMaxRank];
+      for (int a = 0; a < kMaxRank; ++a) {
+        qt[a] = q.extent(a);
+        kt[a] = kv.extent(a);
+      }
+      const TilePlanSummary s = plan_summary(axes, qt, kt);
+      const double cost = static_cast<double>(s.full) +
+                          kMaskedTileCost * static_cast<double>(s.masked);
+      if (!have || cost < best.cost || (cost == best.cost && s.full > best.summary.full)) {
+        best.q = q;
+        best.kv = kv;
+        best.summary = s;
+        best.cost = cost;
+        have = true;
+      }
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TMA views (host).
+//
+// A tile is fetched from the user's [B, x0, x1, x2, H, D] tensor as it lies in memory, by one
+// 5-D tensor map (cuTensorMapEncodeTiled, tiled mode, 128-byte swizzle):
+//   dim 0  head-dim columns          size D,          stride 1 (must be contiguous), box 64
+//   dim 1  axis 2 group position     size L_g(2),     stride d2 * s2,                box e2
+//   dim 2  axis 1 group position     size L_g(1),     stride d1 * s1,                box e1
+//   dim 3  axis 0 group position     size L_g(0),     stride d0 * s0,                box e0
+//   dim 4  "offset"                  size max/G + 1,  stride G,                      box 1
+// A dilated axis of length L and dilation d is the view [d groups][L_g positions] with element
+// strides (s, d*s); the group index, the batch and the head are all box-1 coordinates, and a
+// box-1 coordinate only adds coordinate * stride to the address, so they fold into one dim whose
+// stride G is the gcd of their strides: coordinate (b*sB + h*sH + sum_a g_a*s_a) / G. Nine
+// logical dims (D, 3 x (position, group), B, H) thus fit TMA's limit of five.
+//
+// Ragged groups (d does not divide L: the first L mod d groups hold one token more): a tensor map
+// has one size per dim, and a position past a short group's end is a real address (index
+// g + d*t >= L, past the axis; past the allocation at the last batch), so the bound must be
+// exact. Each axis with L mod d != 0 therefore has two variants of the position dim, size
+// ceil(L/d) for the long groups and floor(L/d) for the short ones, and a tensor gets one map per
+// combination: variant index sum_a [g_a < L_a mod d_a] << a, at most 8. TMA's out-of-bounds zero
+// fill then covers every box row past its group's end (zero K rows are masked, zero V rows meet
+// P = 0, zero Q rows are never stored).
+constexpr int kMaxVariants = 1 << kMaxRank;
+
+struct TmaView {
+  uint64_t dim[5] = {0, 0, 0, 0, 0};     // elements, dim 0 innermost
+  uint64_t stride_bytes[4] = {0, 0, 0, 0};  // strides of dims 1..4 (dim 0 is contiguous)
+  uint32_t box[5] = {1, 1, 1, 1, 1};
+};
+
+// Offset-dim coefficients of one tensor: coordinate = b * batch + h * head + sum_a g_a * group[a].
+struct OffsetCoefficients {
+  int64_t batch = 0;
+  int64_t head = 0;
+  int64_t group[kMaxRank] = {0, 0, 0};
+};
+
+struct TmaPlan {
+  std::string error;  // empty when the views below are valid
+  TmaView view[kMaxVariants];
+  int variants = 1;   // maps that differ (2^(ragged axes)); the rest repeat view[0]
+  OffsetCoefficients coef;
+};
+
+namespace detail_plan {
+inline int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
+}  // namespace detail_plan
+
+// The views of one tensor t ([B, x0, x1, x2, heads, D], 2-byte elements) tiled by `box`.
+inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, int64_t heads,
+                             int64_t head_dim, const TensorRef<6>& t, Box box,
+                             const char* name) {
+  constexpr int64_t kElem = 2;
+  constexpr int64_t kAlign = 16 / kElem;  // TMA strides are multiples of 16 bytes
+  constexpr uint64_t kMaxStrideBytes = uint64_t{1} << 40;
+  constexpr int64_t kMaxCoordinate = (int64_t{1} << 31) - 1;  // TMA coordinates are int32
+  TmaPlan plan;
+  auto fail = [&](const std::string& why) {
+    plan.error = std::string(name) + ": " + why;
+    return plan;
+  };
+  if (t.stride[5] != 1) return fail("the head dim must be contiguous (stride 1) for TMA");
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
+    return fail("the data pointer must be 16-byte aligned for TMA");
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (t.stride[i] < 0) return fail("negative strides are not supported by TMA");
+  }
+  // The offset dim: batch, head and the dilation groups of dilated axes (box-1 coordinates).
+  int64_t g = 0;
+  int64_t max_offset = 0;
+  auto fold = [&](int64_t extent, int64_t stride) {
+    if (extent <= 1) return;
+    g = detail_plan::gcd64(g, stride);
+    max_offset += (extent - 1) * stride;
+  };
+  fold(batch, t.stride[0]);
+  fold(heads, t.stride[4]);
+  for (int a = 0; a < kMaxRank; ++a) fold(axes[a].dilation, t.stride[1 + a]);
+  if (g == 0) g = kAlign;  // nothing folded: every coordinate is 0, any valid stride will do
+  if (g % kAlign != 0) {
+    return fail("batch, head and dilated-axis strides must be multiples of 16 bytes for TMA");
+  }
+  if (max_offset / g > kMaxCoordinate) {
+    return fail("batch x heads x dilation groups exceed the int32 range of TMA coordinates");
+  }
+  plan.coef.batch = batch > 1 ? t.stride[0] / g : 0;
+  plan.coef.head = heads > 1 ? t.stride[4] / g : 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    plan.coef.group[a] = axes[a].dilation > 1 ? t.stride[1 + a] / g : 0;
+  }
+
+  int ragged = 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (axes[a].length % axes[a].dilation != 0) ragged |= 1 << a;
+  }
+  plan.variants = 1;
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (ragged & (1 << a)) plan.variants *= 2;
+  }
+  for (int v = 0; v < kMaxVariants; ++v) {
+    TmaView& view = plan.view[v];
+    view.dim[0] = static_cast<uint64_t>(head_dim);
+    view.box[0] = kHeadDimChunk;
+    for (int a = 0; a < kMaxRank; ++a) {
+      const int d = 3 - a;  // axis 2 is dim 1 (fastest box rows), axis 0 is dim 3
+      const AxisParams& ax = axes[a];
+      const bool long_groups = (ragged & (1 << a)) && (v & (1 << a));
+      const int64_t positions = ax.length / ax.dilation + (long_groups ? 1 : 0);
+      const int64_t stride = ax.dilation * t.stride[1 + a];
+      if (positions > 1 && (stride % kAlign != 0 ||
+                            static_cast<uint64_t>(stride * kElem) >= kMaxStrideBytes)) {
+        return fail("the token stride of axis " + std::to_string(a) +
+                    " (times its dilation) must be a multiple of 16 bytes below 2^40 for TMA");
+      }
+      view.dim[d] = static_cast<uint64_t>(positions);
+      view.stride_bytes[d - 1] =
+          static_cast<uint64_t>(positions > 1 ? stride * kElem : 16);  // unused when size 1
+      view.box[d] = static_cast<uint32_t>(box.extent(a));
+    }
+    view.dim[4] = static_cast<uint64_t>(max_offset / g + 1);
+    if (static_cast<uint64_t>(g * kElem) >= kMaxStrideBytes) {
+      return fail("the batch/head stride must be below 2^40 bytes for TMA");
+    }
+    view.stride_bytes[3] = static_cast<uint64_t>(g * kElem);
+    view.box[4] = 1;
+  }
+  return plan;
+}
+
+// Variant index of a tile in dilation groups `group` (see above): bit a set for a long group of a
+// ragged axis.
+NATTN_HOST_DEVICE int tma_variant(const AxisParams (&axes)[kMaxRank],
+                                  const int32_t (&group)[kMaxRank]) {
+  int v = 0;
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (group[a] < axes[a].length % axes[a].dilation) v |= 1 << a;
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reasons (host). Empty when the Hopper forward can serve `p` on a device of compute capability
+// `capability` (major * 10 + minor; -1 = unknown, not checked) allowing `max_smem` bytes of
+// shared memory per CTA (0 = unknown, not checked). Tensor checks need the real pointers.
+
+inline std::vector<std::string> forward_reasons(const AttentionParams& p, int capability,
+                                                int64_t max_smem) {
+  std::vector<std::string> r;
+  if (capability >= 0 && capability != 90) {
+    r.push_back("compute capability " + std::to_string(capability / 10) + "." +
+                std::to_string(capability % 10) +
+                ": the Hopper kernels are built for sm_90a (compute capability 9.0) only");
+  }
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    r.push_back("the Hopper kernels take float16 and bfloat16 only");
+  }
+  if (p.value_dim != p.head_dim) {
+    r.push_back("value_dim " + std::to_string(p.value_dim) + " != head_dim " +
+                std::to_string(p.head_dim) + ": the Hopper kernels need them equal");
+  }
+  if (!head_dim_supported(p.head_dim)) {
+    r.push_back("head_dim " + std::to_string(p.head_dim) +
+                ": Hopper kernels exist for head_dim 64 and 128");
+  }
+  if (p.num_additional > 0) {
+    r.push_back("additional keys/values are not implemented on the Hopper path (SM80 path)");
+  }
+  if (p.kv_heads < 1 || p.heads % p.kv_heads != 0) {
+    r.push_back("heads must be a multiple of kv_heads");
+  }
+  if (max_smem > 0 && head_dim_supported(p.head_dim) && smem_bytes(p.head_dim) > max_smem) {
+    r.push_back("needs " + std::to_string(smem_bytes(p.head_dim)) +
+                " bytes of shared memory per CTA, the device allows " + std::to_string(max_smem));
+  }
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (p.axes[a].length >= (int64_t{1} << 31)) {
+      r.push_back("an axis of 2^31 or more tokens: tile coordinates are 32-bit");
+    }
+  }
+  if (p.batch > 65535) r.push_back("batch > 65535 (grid dimension y)");
+  if (!r.empty()) return r;
+  const TileChoice tiles = choose_tiles(p.axes);
+  if (tiles.summary.q_tiles * p.heads > 0x7fffffff) {
+    r.push_back("Q tiles x heads >= 2^31 (grid dimension x)");
+  }
+  if (p.q.data != nullptr) {
+    const TmaPlan q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, tiles.q, "query");
+    const TmaPlan k =
+        plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, tiles.kv, "key");
+    const TmaPlan v =
+        plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, tiles.kv, "value");
+    for (const TmaPlan* t : {&q, &k, &v}) {
+      if (!t->error.empty()) r.push_back(t->error);
+    }
+    if (p.out.stride[5] != 1 || reinterpret_cast<uintptr_t>(p.out.data) % 4 != 0) {
+      r.push_back("output: the head dim must be contiguous and 4-byte aligned (paired stores)");
+    }
+    for (int i = 0; i < 5; ++i) {
+      if (p.out.stride[i] % 2 != 0) {
+        r.push_back("output: strides must be even (paired 4-byte stores)");
+        break;
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace nattn::cuda::sm90

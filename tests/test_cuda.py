@@ -1,0 +1,370 @@
+"""The CUDA backend (csrc/cuda): SM80 tensor-core kernels and the SIMT fallback.
+
+Two kinds of tests:
+- dispatch and tile planning (host code of the CUDA build, no device needed): which kernels a
+  call goes to and why, and the backward's inverse tile ranges against brute force. They need a
+  nattn._C built with the CUDA part and are skipped otherwise.
+- GPU tests (marked ``gpu``, skipped without a device): forward, lse and every gradient against
+  nattn.reference in float32 with the error-ratio rule of DESIGN.md section 5 on a seeded sweep of
+  over 100 configurations across ranks, windows, GQA, additional tokens and dtypes; inputs carved
+  out of NaN-filled storage (an out-of-bounds read shows as NaN); outputs poisoned before every
+  call; a bit-identical backward over 20 runs; the device build of window.h against the host.
+"""
+
+import random
+from dataclasses import dataclass
+from typing import Tuple
+
+import pytest
+import torch
+
+import nattn
+from nattn import _native
+
+_C = _native._C
+with_cuda_build = pytest.mark.skipif(
+    _C is None or not getattr(_C, "with_cuda", False), reason="nattn._C built without CUDA"
+)
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or _C is None or not getattr(_C, "with_cuda", False),
+    reason="needs a CUDA device and a CUDA build of nattn._C",
+)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(_native, "poison_outputs", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch (host only)
+
+A100 = dict(capability=80, max_smem=163 * 1024)
+RTX3090 = dict(capability=86, max_smem=99 * 1024)
+
+
+def _plan(shape=(16, 16), heads=2, kv_heads=2, dim=64, dim_v=None, dtype=torch.float16,
+          kernel_size=None, backward=False, device=A100, additional=0, view=None):
+    """cuda_plan for a problem whose tensors live on the CPU (only pointers and strides are
+    read). `view` turns the contiguous query into another layout."""
+    dim_v = dim if dim_v is None else dim_v
+    rank = len(shape)
+    q = torch.randn(1, *shape, heads, dim, dtype=dtype)
+    if view is not None:
+        q = view(q)
+    k = torch.randn(1, *shape, kv_heads, dim, dtype=dtype)
+    v = torch.randn(1, *shape, kv_heads, dim_v, dtype=dtype)
+    ak = av = None
+    if additional:
+        ak = torch.randn(1, additional, kv_heads, dim, dtype=dtype)
+        av = torch.randn(1, additional, kv_heads, dim_v, dtype=dtype)
+    ks = kernel_size or tuple(min(7, n) for n in shape)
+    window = _native.Window(ks, (1,) * rank, (1,) * rank, (False,) * rank, dim ** -0.5)
+    p, _ = _native._params(q, k, v, ak, av, window)
+    if backward:
+        p.set_tensor("d_out", q.data_ptr(), _native._token_strides(q, rank))
+    return _C.cuda_plan(p, backward, **device)
+
+
+@with_cuda_build
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_tensor_core_table(dtype, dim):
+    fwd = _plan(dim=dim, dtype=dtype)
+    assert fwd["path"] == "tensor_core" and fwd["reasons"] == []
+    bwd = _plan(dim=dim, dtype=dtype, backward=True)
+    if dim == 256:
+        assert bwd["path"] == "simt"
+        assert any("head_dim 256" in r for r in bwd["reasons"])
+    else:
+        assert bwd["path"] == "tensor_core"
+
+
+@with_cuda_build
+def test_fallback_reasons():
+    def reasons(**kw):
+        plan = _plan(**kw)
+        assert plan["path"] == "simt"
+        return " | ".join(plan["reasons"])
+
+    assert "dtype float32" in reasons(dtype=torch.float32)
+    assert "dtype float64" in reasons(dtype=torch.float64)
+    assert "value_dim 32 != head_dim 64" in reasons(dim_v=32)
+    assert "head_dim 48" in reasons(dim=48)
+    assert "compute capability 7.5" in reasons(device=dict(capability=75, max_smem=64 * 1024))
+    # head_dim 256 needs 96 KiB; a device allowing 64 KiB cannot take it.
+    assert "shared memory" in reasons(dim=256, device=dict(capability=80, max_smem=64 * 1024))
+    # A heads-first tensor seen through a transpose of the last two dims: last dim not contiguous.
+    last_dim_strided = lambda q: q.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
+    assert "last dim has stride" in reasons(view=last_dim_strided)
+    # Rows 2 elements (4 bytes) apart: not 16-byte aligned.
+    misaligned = lambda q: torch.cat([q, q[..., :2]], -1)[..., :64]  # noqa: E731
+    assert "16 bytes" in reasons(view=misaligned)
+    # The same slicing with 8 extra elements keeps rows 16-byte aligned: tensor cores.
+    padded = lambda q: torch.cat([q, q[..., :8]], -1)[..., :64]  # noqa: E731
+    assert _plan(view=padded)["path"] == "tensor_core"
+
+
+@with_cuda_build
+def test_head_dim_256_fits_sm86():
+    assert _plan(dim=256, device=RTX3090)["path"] == "tensor_core"
+    assert _plan(dim=128, backward=True, device=RTX3090)["path"] == "tensor_core"
+
+
+@with_cuda_build
+@pytest.mark.parametrize(
+    "shape,kernel_size",
+    [((56, 56), (7, 7)), ((4096,), (129,)), ((8, 30, 40), (3, 9, 9)), ((3, 5), (3, 5)),
+     ((1000,), (1000,)), ((2, 2, 2), (1, 1, 1))],
+)
+def test_box_tiles(shape, kernel_size):
+    for backward in (False, True):
+        plan = _plan(shape=shape, kernel_size=kernel_size, backward=backward)
+        q_box, kv_box = plan["q_box"], plan["kv_box"]
+        prod = lambda xs: xs[0] * xs[1] * xs[2]  # noqa: E731
+        assert prod(q_box) == plan["block_m"] and prod(kv_box) == plan["block_n"]
+        assert all(x & (x - 1) == 0 for x in q_box + kv_box)  # powers of two
+        assert plan["q_tiles"] >= 1 and plan["kv_tiles"] >= 1
+    # The issue's example: 8 x 8 query tiles for a 7 x 7 window on a 56 x 56 layout.
+    if shape == (56, 56):
+        assert _plan(shape=shape, kernel_size=kernel_size)["q_box"] == [1, 8, 8]
+
+
+def _axis_sets(length, kernel_size, stride, dilation, is_causal):
+    """Brute force from the host window math: key set of each query."""
+    rows = _C.axis_windows(length, kernel_size, stride, dilation, is_causal)
+    return [set(range(f, f + dilation * c, dilation)) for f, c, _, _ in rows]
+
+
+@with_cuda_build
+def test_inverse_tile_ranges_against_brute_force():
+    """sm80_tiles.h: axis_inverse_tile_range (the dK/dV pass's walk) in one group (d = 1):
+    every Q tile holding a query that attends a key of the KV tile is visited, and the full
+    tiles are exactly complete Q tiles whose every query attends every valid key."""
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(400):
+        length = rng.randint(1, 40)
+        k = rng.randint(1, length)
+        s = rng.randint(1, k)
+        causal = rng.random() < 0.4
+        tq, tk = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4, 8])
+        keys_of = _axis_sets(length, k, s, 1, causal)
+        for kv_tile in range((length + tk - 1) // tk):
+            keys = set(range(kv_tile * tk, min(length, kv_tile * tk + tk)))
+            begin, end, full_begin, full_end = _C.cuda_inverse_tile_range(
+                length, k, s, causal, tk, tq, kv_tile)
+            for qt in range((length + tq - 1) // tq):
+                queries = range(qt * tq, min(length, qt * tq + tq))
+                touches = any(keys_of[i] & keys for i in queries)
+                if touches:
+                    assert begin <= qt < end, (length, k, s, causal, tq, tk, kv_tile, qt)
+                complete = qt * tq + tq <= length
+                all_pairs = complete and all(keys <= keys_of[i] for i in queries)
+                assert (full_begin <= qt < full_end) == all_pairs, (
+                    length, k, s, causal, tq, tk, kv_tile, qt)
+            checked += 1
+    assert checked > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: correctness sweeps
+
+@dataclass
+class Case:
+    batch: int
+    shape: Tuple[int, ...]
+    heads: int
+    kv_heads: int
+    dim: int
+    dim_v: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+    additional: int
+    dtype: torch.dtype
+    pad: int  # extra NaN elements per row of the storage the inputs are carved from
+
+
+def _axis(rng, length):
+    d = rng.randint(1, max(1, length // 3)) if rng.random() < 0.3 else 1
+    k = rng.randint(1, length // d)
+    s = rng.randint(1, k) if rng.random() < 0.4 else 1
+    return k, s, d
+
+
+def random_case(rng: random.Random) -> Case:
+    rank = rng.choice([1, 2, 2, 3])
+    max_len = {1: 300, 2: 24, 3: 9}[rank]
+    shape = tuple(rng.randint(1, max_len) for _ in range(rank))
+    axes = [_axis(rng, n) for n in shape]
+    kv_heads = rng.choice([1, 2])
+    dtype = rng.choice([torch.float16, torch.bfloat16, torch.float16, torch.bfloat16,
+                        torch.float32])
+    dim = rng.choice([32, 64, 64, 128]) if rng.random() < 0.85 else rng.choice([16, 40, 256])
+    dim_v = dim if rng.random() < 0.85 else rng.choice([16, 32])
+    return Case(
+        batch=rng.choice([1, 2]),
+        shape=shape,
+        heads=kv_heads * rng.choice([1, 2]),
+        kv_heads=kv_heads,
+        dim=dim,
+        dim_v=dim_v,
+        kernel_size=tuple(a[0] for a in axes),
+        stride=tuple(a[1] for a in axes),
+        dilation=tuple(a[2] for a in axes),
+        is_causal=tuple(rng.random() < 0.3 for _ in range(rank)),
+        additional=rng.choice([0, 0, 0, 1, 5, 70]),
+        dtype=dtype,
+        pad=rng.choice([0, 8, 3]),
+    )
+
+
+EDGE_CASES = [
+    # 56 x 56 NAT stage (8 x 8 tiles, full and masked stages)
+    Case(1, (56, 56), 2, 2, 32, 32, (7, 7), (1, 1), (1, 1), (False, False), 0, torch.float16, 0),
+    # DiNAT dilation 8 on 56 x 56
+    Case(1, (56, 56), 2, 2, 32, 32, (7, 7), (1, 1), (8, 8), (False, False), 0, torch.bfloat16, 8),
+    # blocked, strided, causal 3-D
+    Case(1, (6, 16, 16), 2, 1, 64, 64, (3, 8, 8), (1, 8, 4), (1, 1, 1), (True, False, False), 0,
+         torch.float16, 0),
+    # 1-D sliding-window causal with GQA and additional tokens
+    Case(2, (777,), 4, 1, 128, 128, (129,), (1,), (1,), (True,), 3, torch.bfloat16, 8),
+    # self-attention (K = L) and head_dim 256 (forward tensor cores, backward fallback)
+    Case(1, (200,), 2, 2, 256, 256, (200,), (1,), (1,), (False,), 0, torch.float16, 0),
+    # value_dim != head_dim (fallback) and 1-token axes
+    Case(1, (1, 9), 2, 2, 64, 32, (1, 5), (1, 2), (1, 1), (False, True), 2, torch.float16, 0),
+    # float64 on the fallback
+    Case(1, (10, 11), 2, 2, 16, 8, (3, 4), (1, 2), (2, 1), (False, False), 1, torch.float64, 0),
+]
+
+
+def carve(shape, dtype, pad, gen):
+    """A tensor of `shape` with fresh random values, viewed out of NaN-filled storage that is
+    `pad` elements wider in the last dim, so that any read past a row shows up as NaN."""
+    storage = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype, device="cuda")
+    view = storage[..., : shape[-1]]
+    view.copy_(torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(dtype))
+    return view
+
+
+def make_inputs(c: Case, gen):
+    q = carve((c.batch, *c.shape, c.heads, c.dim), c.dtype, c.pad, gen)
+    k = carve((c.batch, *c.shape, c.kv_heads, c.dim), c.dtype, c.pad, gen)
+    v = carve((c.batch, *c.shape, c.kv_heads, c.dim_v), c.dtype, c.pad, gen)
+    ak = av = None
+    if c.additional:
+        ak = carve((c.batch, c.additional, c.kv_heads, c.dim), c.dtype, c.pad, gen)
+        av = carve((c.batch, c.additional, c.kv_heads, c.dim_v), c.dtype, c.pad, gen)
+    return [q, k, v, ak, av]
+
+
+def run(fn, c: Case, inputs, grads):
+    """Forward + lse + gradients of (out . g_out + lse . g_lse) with respect to every input."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    q, k, v, ak, av = leaves
+    out, lse = fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
+                  is_causal=c.is_causal, additional_keys=ak, additional_values=av,
+                  return_lse=True)
+    g_out, g_lse = grads
+    loss = (out * g_out).sum() + (lse * g_lse).sum()
+    params = [t for t in leaves if t is not None]
+    return [out, lse] + list(torch.autograd.grad(loss, params))
+
+
+def cuda_fn(*args, **kwargs):
+    return nattn.neighborhood_attention(*args, backend="cuda", **kwargs)
+
+
+NAMES = ["out", "lse", "dq", "dk", "dv", "d_add_k", "d_add_v"]
+FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def check_case(c: Case, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    low = make_inputs(c, gen)
+    shape = (c.batch, *c.shape, c.heads)
+    g_out = torch.randn(*shape, c.dim_v, generator=gen, device="cuda").to(c.dtype)
+    g_lse = torch.randn(*shape, generator=gen, device="cuda") * 0.5
+    exact_dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+    exact_in = [None if t is None else t.to(exact_dtype) for t in low]
+    exact = run(nattn.reference.neighborhood_attention, c, exact_in,
+                (g_out.to(exact_dtype), g_lse))
+    torch_low = run(nattn.reference.neighborhood_attention, c, low, (g_out, g_lse))
+    kernel = run(cuda_fn, c, low, (g_out, g_lse))
+    for n, (e, t, k) in enumerate(zip(exact, torch_low, kernel)):
+        name = NAMES[n]
+        assert not torch.isnan(k).any(), (name, c)
+        assert k.shape == e.shape and k.dtype == t.dtype, (name, c)
+        ratio = 2.0 if n < 2 else 3.0
+        k_err = (k.to(exact_dtype) - e).abs().max().item()
+        t_err = (t.to(exact_dtype) - e).abs().max().item()
+        scale = max(1.0, e.abs().max().item())
+        assert k_err <= ratio * t_err + FLOOR[c.dtype] * scale, (name, k_err, t_err, c)
+
+
+def _sweep():
+    rng = random.Random(20260507)
+    return EDGE_CASES + [random_case(rng) for _ in range(110)]
+
+
+@gpu
+def test_cuda_sweep_against_reference():
+    cases = _sweep()
+    assert len(cases) >= 100
+    for i, c in enumerate(cases):
+        check_case(c, seed=i)
+
+
+@gpu
+def test_tensor_core_path_is_taken():
+    """The sweep is only meaningful if the fast path actually runs: check the plan on this
+    device for the edge cases meant for tensor cores."""
+    for c in EDGE_CASES[:4]:
+        q = torch.empty(c.batch, *c.shape, c.heads, c.dim, dtype=c.dtype, device="cuda")
+        k = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim, dtype=c.dtype, device="cuda")
+        v = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim_v, dtype=c.dtype, device="cuda")
+        window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.1)
+        p, _ = _native._params(q, k, v, None, None, window)
+        assert _C.cuda_plan(p, False)["path"] == "tensor_core", c
+
+
+@gpu
+def test_backward_bit_identical_over_20_runs():
+    c = Case(2, (20, 20), 4, 2, 64, 64, (7, 5), (1, 2), (2, 1), (False, True), 3,
+             torch.float16, 0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = make_inputs(c, gen)
+    shape = (c.batch, *c.shape, c.heads)
+    grads = (torch.randn(*shape, c.dim_v, generator=gen, device="cuda").half(),
+             torch.randn(*shape, generator=gen, device="cuda"))
+    first = run(cuda_fn, c, inputs, grads)
+    for _ in range(20):
+        again = run(cuda_fn, c, inputs, grads)
+        for name, a, b in zip(NAMES, first, again):
+            assert torch.equal(a, b), name
+
+
+@gpu
+def test_many_batch_heads():
+    """batch x heads x tiles beyond a 65535 grid dimension: the grid is 1-D and CTAs loop."""
+    c = Case(4096, (16,), 24, 24, 32, 32, (5,), (1,), (1,), (False,), 0, torch.float16, 0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v, _, _ = make_inputs(c, gen)
+    out = cuda_fn(q, k, v, c.kernel_size)
+    want = nattn.reference.neighborhood_attention(q.float(), k.float(), v.float(), c.kernel_size)
+    assert (out.float() - want).abs().max().item() < 1e-2
+
+
+@gpu
+def test_device_window_math_matches_host():
+    rng = random.Random(11)
+    for _ in range(300):
+        length = rng.randint(1, 80)
+        d = rng.randint(1, max(1, length // 2)) if rng.random() < 0.4 else 1
+        k = rng.randint(1, length // d)
+        s = rng.randint(1, k)
+        causal = rng.random() < 0.4
+        host = [x for row in _C.axis_windows(length, k, s, d, causal) for x in row]
+        assert _C.cuda_axis_windows(length, k, s, d, causal) == host
