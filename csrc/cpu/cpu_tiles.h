@@ -19,12 +19,10 @@
 
 #include "cpu/block_kernels.h"
 #include "cpu/cpu_common.h"
+#include "cpu/threads.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
 
-#ifdef NATTN_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace nattn::cpu {
 
@@ -73,20 +71,6 @@ inline void group_span(const IndexRange& range, int64_t group, int64_t dilation,
                        int64_t* hi) {
   *lo = (range.first - group) / dilation;
   *hi = *lo + range.count;
-}
-
-// Runs f(i, thread) for i in [0, n) on nt threads. Items are independent and each writes its own
-// outputs, so the result does not depend on the schedule; dynamic scheduling evens out border
-// and causal tiles, which see fewer keys.
-template <typename F>
-void parallel_for(int nt, int64_t n, F&& f) {
-#ifdef NATTN_WITH_OPENMP
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) f(i, omp_get_thread_num());
-#else
-  (void)nt;
-  for (int64_t i = 0; i < n; ++i) f(i, 0);
-#endif
 }
 
 // Rows of heads [head0, head0 + n_heads) of a heads-last tensor as contiguous compute-type rows:

@@ -59,7 +59,7 @@ def _token_strides(t: torch.Tensor, rank: int) -> list:
     return [s[0]] + [0] * (3 - rank) + s[1 : 1 + rank] + s[1 + rank :]
 
 
-def _params(q, k, v, ak, av, window: Window, num_threads: int = 0):
+def _params(q, k, v, ak, av, window: Window):
     rank = q.dim() - 3
     p = _C.AttentionParams()
     p.dtype = _dtype_tag(q.dtype)
@@ -69,7 +69,8 @@ def _params(q, k, v, ak, av, window: Window, num_threads: int = 0):
     p.head_dim = q.shape[-1]
     p.value_dim = v.shape[-1]
     p.scale = window.scale
-    p.num_threads = num_threads
+    # CPU kernels use as many threads as torch's intra-op pool (torch.set_num_threads).
+    p.num_threads = torch.get_num_threads()
     p.set_axes(
         [
             (q.shape[1 + a], window.kernel_size[a], window.stride[a], window.dilation[a],
