@@ -1,0 +1,371 @@
+"""``python -m nattn bench``: named problems (nattn.problems), every nattn backend side by side
+with PyTorch SDPA (dense boolean mask) and FlexAttention (same mask as a block mask), judged
+against the speed-of-light bounds of nattn.perf."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, replace
+from typing import Dict, List, Optional
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import perf, problems
+from . import common
+from .output import console
+
+ALTERNATIVES = ("reference", "sdpa", "flex")
+REGRESSION_THRESHOLD = 1.10  # --compare flags rows more than 10% slower than the baseline
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark named problems against SDPA and FlexAttention",
+                       description="Run named problems with every nattn backend, PyTorch SDPA "
+                                   "with the dense mask and FlexAttention with the same mask; "
+                                   "report rates, fractions of the speed-of-light bound and "
+                                   "speedups. On CPU, model problems are scaled down (printed).")
+    p.add_argument("--suite", choices=sorted(problems.SUITES), default="all")
+    p.add_argument("--problems", nargs="+", default=None, metavar="NAME",
+                   help="run these problems instead of a suite")
+    p.add_argument("--scale", type=float, default=None,
+                   help="layout scale factor for every problem (default: 1 on GPU; on CPU a "
+                        "per-problem factor that keeps each run to seconds)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default=None,
+                   help="default: the problem's dtype on GPU, float32 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 CPU, 10 GPU")
+    p.add_argument("--repeats", type=int, default=None, help="default 7 CPU, 50 GPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--skip", nargs="+", choices=ALTERNATIVES, default=[],
+                   help="leave out these implementations")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--markdown", default=None, help="write a markdown summary table here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNG plots here (adds a window-size sweep for 2-D and 3-D)")
+    p.add_argument("--compare", default=None, metavar="BASELINE_JSON",
+                   help="flag rows more than 10%% slower than this earlier --json output "
+                        "(exit status 1 when any)")
+    p.add_argument("--device-ceilings", action="store_true",
+                   help="measure the matmul rate and bandwidth ceilings thoroughly (20 runs "
+                        "instead of 5) and print them")
+    p.add_argument("--list", action="store_true", help="list the named problems and exit")
+    p.set_defaults(run=run)
+
+
+def _list(device) -> int:
+    table = Table(title="named problems", show_header=True)
+    for col in ("name", "layout / window", "source", "CPU scale"):
+        table.add_column(col)
+    for suite in ("models", "cpu"):
+        for p in problems.suite(suite):
+            table.add_row(p.name, p.describe(), p.source, f"{problems.default_cpu_scale(p):g}")
+    console().print(table)
+    return 0
+
+
+def _selected(args) -> List[problems.NamedProblem]:
+    if args.problems:
+        try:
+            return [problems.get(n) for n in args.problems]
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    return problems.suite(args.suite)
+
+
+def _bounds(problem, ceilings: perf.Ceilings, backward: bool, device_type: str) -> Dict:
+    """Forward (and backward) bounds, the tile bound at the tile shape of nattn's kernels on
+    this device type (``perf.kernel_tile_shape``)."""
+    tiles = perf.kernel_tile_shape(problem, device_type)
+    fwd = perf.speed_of_light(problem, ceilings, q_tile=tiles.q_tile, kv_tile=tiles.kv_tile)
+    out = {"fwd": fwd.to_dict(), "bound_fwd_s": fwd.tightest_bound, "tightest_fwd": fwd.tightest}
+    if backward:
+        bwd = perf.speed_of_light(problem, ceilings, backward=True,
+                                  q_tile=fwd.tiles["multi-dim"]["q_tile"],
+                                  kv_tile=fwd.tiles["multi-dim"]["kv_tile"])
+        out["bwd"] = bwd.to_dict()
+        out["bound_fwd_bwd_s"] = fwd.tightest_bound + bwd.tightest_bound
+    return out
+
+
+def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dict) -> None:
+    """Add rate, fraction of bound and nattn speedup (this row's time / nattn auto's time)."""
+    auto = next((r for r in rows if r["impl"] == f"nattn:{auto_name}"), None)
+    for r in rows:
+        r["auto"] = r["impl"] == f"nattn:{auto_name}"
+        for key in ("fwd", "fwd_bwd"):
+            t = r.get(f"{key}_s")
+            if t is None:
+                continue
+            r[f"{key}_flops"] = flops[key]
+            r[f"{key}_rate"] = flops[key] / t
+            bound = bounds.get(f"bound_{key}_s")
+            if bound:
+                r[f"{key}_frac_bound"] = bound / t
+            if auto and auto.get(f"{key}_s"):
+                r[f"{key}_nattn_speedup"] = t / auto[f"{key}_s"]
+
+
+class _Ceilings:
+    """Device ceilings per dtype, measured again before every problem (quick: under a second on
+    CPU) keeping the best values: a ceiling is the best the device was seen to do, and load from
+    neighbours on a shared machine only ever lowers a measurement."""
+
+    def __init__(self, device, thorough: bool):
+        self.device, self.thorough = device, thorough
+        self.best: Dict[str, perf.Ceilings] = {}
+        self.runs: Dict[str, int] = {}
+
+    def update(self, dtype) -> str:
+        key = str(dtype).replace("torch.", "")
+        m = perf.measure_ceilings(self.device, dtype, quick=not self.thorough)
+        self.runs[key] = self.runs.get(key, 0) + 1
+        old = self.best.get(key, m)
+        self.best[key] = replace(m, matmul_flops=max(old.matmul_flops, m.matmul_flops),
+                                 bandwidth=max(old.bandwidth, m.bandwidth),
+                                 source=f"measured, best of {self.runs[key]} measurements")
+        return key
+
+
+def _run_problem(problem, label: str, factor: float, args, device, ceilings: _Ceilings,
+                 warmup: int, repeats: int, progress, task) -> Dict:
+    """Time every implementation of one problem; the bound columns are filled in at the end of
+    the run (``_finish``), with the best ceilings seen."""
+    dtype = common.resolve_dtype(args.dtype, device, problem.dtype)
+    problem = replace(problem, dtype=dtype)
+    progress.update(task, description=f"{label}: ceilings")
+    key = ceilings.update(dtype)
+    flops = {"fwd": perf.needed_flops(problem)}
+    if args.backward:
+        flops["fwd_bwd"] = flops["fwd"] + perf.needed_flops(problem, backward=True)
+    inputs = common.make_inputs(problem, device, dtype)
+    auto = common.auto_backend(problem, device, dtype)
+    names = [n for n in _backend_names() if not (n == "reference" and "reference" in args.skip)]
+    impls = common.nattn_impls(problem, inputs, device, dtype, names)
+    progress.update(task, description=f"{label}: baselines")
+    if "sdpa" not in args.skip:
+        impls.append(common.sdpa_impl(problem, inputs, device, dtype))
+    if "flex" not in args.skip:
+        progress.update(task, description=f"{label}: flex (compiling)")
+        impls.append(common.flex_impl(problem, inputs, device, dtype))
+    rows = []
+    for impl in impls:
+        progress.update(task, description=f"{label}: {impl.name}")
+        rows.append(common.measure(impl, device, warmup, repeats, args.backward))
+    progress.advance(task)
+    if not progress.console.is_terminal:
+        # no live bar in logs and pipes: one line per finished problem instead
+        done = progress.tasks[0].completed
+        progress.console.print(f"[{int(done)}/{int(progress.tasks[0].total)}] {label} done")
+    return {"name": problem.name, "scale": factor, "problem": common.dataclass_problem_dict(problem),
+            "dtype": key, "auto_backend": auto, "flops": flops, "rows": rows,
+            "_problem": problem}
+
+
+def _finish(res: Dict, ceilings: Dict[str, perf.Ceilings], backward: bool,
+            device_type: str) -> None:
+    """Bounds with the run's final ceilings, then rates, fractions of bound and speedups."""
+    problem = res.pop("_problem")
+    res["bounds"] = _bounds(problem, ceilings[res["dtype"]], backward, device_type)
+    _derive(res["rows"], res["auto_backend"], res["flops"], res["bounds"])
+
+
+def _backend_names() -> List[str]:
+    from nattn import backends
+
+    return backends.names()
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.1%}" if x >= 0.001 else f"{x:.2g}"
+
+
+def _speedup(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _table(results: List[Dict], device, backward: bool, title: str) -> Table:
+    div, unit = common.flops_rate_unit(device)
+    table = Table(title=title, show_header=True, show_lines=False)
+    cols = ["problem", "impl", "fwd", unit, "of bound", "nattn speedup"]
+    if backward:
+        cols += ["fwd+bwd", f"{unit} ", "of bound ", "nattn speedup "]
+    cols += ["setup", "note"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("problem", "impl", "note") else "right",
+                         overflow="fold")
+    for res in results:
+        first = True
+        for r in res["rows"]:
+            label = f"{res['name']} (x{res['scale']:g})" if first else ""
+            first = False
+            name = r["impl"] + (" (auto)" if r.get("auto") else "")
+            cells = [label, name]
+            for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
+                t = r.get(f"{key}_s")
+                if t is None:
+                    cells += ["-", "-", "-", "-"]
+                    continue
+                cells += [common.fmt_time(t), f"{r[f'{key}_rate'] / div:.3g}",
+                          _pct(r.get(f"{key}_frac_bound")),
+                          _speedup(r.get(f"{key}_nattn_speedup"))]
+            note = r.get("reason") or r.get("fwd_bwd_reason") or "; ".join(r.get("notes", []))
+            if r["status"] == "skipped":
+                note = f"skipped: {note}"
+            elif r["status"] == "error":
+                note = f"error: {note}"
+            cells += [common.fmt_time(r.get("setup_s")), note]
+            table.add_row(*cells)
+        table.add_section()
+    return table
+
+
+def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
+    div, unit = common.flops_rate_unit(device)
+    lines = [f"# nattn bench: {meta['device']}", "",
+             f"date {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
+             f"threads {meta['threads']}, medians of {meta['repeats']} after {meta['warmup']} "
+             f"warm-up, load average {meta['load_average'][0]} before / "
+             f"{meta['load_average'][1]} after. Ceilings: " + ", ".join(
+                 f"{k}: {v['matmul_flops'] / 1e9:.1f} GFLOP/s matmul, "
+                 f"{v['bandwidth'] / 1e9:.1f} GB/s copy" for k, v in meta["ceilings"].items()),
+             "", "Speedup = that row's time / nattn (auto)'s time. Bound = tightest of the FLOP, "
+             "tile (multi-dim) and memory bounds (docs/performance.md).", ""]
+    head = ["problem", "scale", "layout", "impl", "fwd", unit, "of bound", "nattn speedup"]
+    if backward:
+        head += ["fwd+bwd", unit, "of bound", "nattn speedup"]
+    head.append("note")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for res in results:
+        for r in res["rows"]:
+            cells = [res["name"], f"{res['scale']:g}", res["problem"]["describe"],
+                     r["impl"] + (" (auto)" if r.get("auto") else "")]
+            for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
+                t = r.get(f"{key}_s")
+                cells += ["-"] * 4 if t is None else [
+                    common.fmt_time(t), f"{r[f'{key}_rate'] / div:.3g}",
+                    _pct(r.get(f"{key}_frac_bound")), _speedup(r.get(f"{key}_nattn_speedup"))]
+            note = r.get("reason") or r.get("fwd_bwd_reason") or ""
+            cells.append(note.replace("|", "/"))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(results: List[Dict], baseline_path: str) -> List[Dict]:
+    """Rows of (problem, impl, pass) whose median time grew by more than 10% over the baseline
+    JSON (same problem name and shape); each with old/new seconds and the ratio."""
+    with open(baseline_path) as f:
+        base = json.load(f)
+    old = {}
+    for res in base.get("problems", []):
+        for r in res["rows"]:
+            old[(res["name"], res["problem"]["describe"], r["impl"])] = r
+    out = []
+    for res in results:
+        for r in res["rows"]:
+            b = old.get((res["name"], res["problem"]["describe"], r["impl"]))
+            if b is None:
+                continue
+            for key in ("fwd", "fwd_bwd"):
+                new_t, old_t = r.get(f"{key}_s"), b.get(f"{key}_s")
+                if new_t is None or old_t is None:
+                    continue
+                ratio = new_t / old_t
+                out.append({"problem": res["name"], "impl": r["impl"], "pass": key,
+                            "old_s": old_t, "new_s": new_t, "ratio": ratio,
+                            "regression": ratio > REGRESSION_THRESHOLD})
+    return out
+
+
+def run(args) -> int:
+    threads = common.set_threads(args.threads)
+    device = common.best_device()
+    if args.list:
+        return _list(device)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    repeats = args.repeats if args.repeats is not None else (50 if cuda else 7)
+    selected = _selected(args)
+    if args.scale is not None and not args.scale > 0:
+        raise SystemExit(f"error: --scale {args.scale} must be > 0")
+    out = console()
+    jobs = []
+    for p in selected:
+        factor = args.scale if args.scale is not None else \
+            (1.0 if cuda else problems.default_cpu_scale(p))
+        jobs.append((problems.scale(p, factor), factor))
+    sweep_jobs = []
+    if args.plots:
+        for rank in (2, 3):
+            sweep_jobs += [(p, 1.0) for p in problems.window_sweep(rank, device.type)]
+    out.print(f"[bold]nattn bench[/] on {common.device_name(device)}, torch {torch.__version__}, "
+              f"{len(jobs)} problems{f' + {len(sweep_jobs)} sweep points' if sweep_jobs else ''}"
+              f", medians of {repeats} after {warmup} warm-up")
+    for p, factor in jobs:
+        if factor != 1:
+            out.print(f"  {p.name}: scale {factor:g} -> {p.describe()}")
+    ceilings = _Ceilings(device, args.device_ceilings)
+    load_before = os.getloadavg()
+    results, sweep = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=out, transient=True) as progress:
+        task = progress.add_task("starting", total=len(jobs) + len(sweep_jobs))
+        for p, factor in jobs:
+            results.append(_run_problem(p, p.name, factor, args, device, ceilings, warmup,
+                                        repeats, progress, task))
+        for p, factor in sweep_jobs:
+            sweep.append(_run_problem(p, p.name, factor, args, device, ceilings, warmup,
+                                      repeats, progress, task))
+    for res in results + sweep:
+        _finish(res, ceilings.best, args.backward, device.type)
+    for key, c in ceilings.best.items():
+        out.print(f"ceilings ({c.source}, {key}): matmul "
+                  f"{c.matmul_flops / 1e9:.1f} GFLOP/s, copy bandwidth {c.bandwidth / 1e9:.1f} GB/s")
+    out.print(_table(results, device, args.backward, "named problems"))
+    if sweep:
+        out.print(_table(sweep, device, args.backward, "window sweep"))
+    meta = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "commit": common.git_commit(), "device": common.device_name(device),
+        "device_type": device.type, "torch": torch.__version__, "python":
+        platform.python_version(), "threads": threads, "warmup": warmup, "repeats": repeats,
+        "backward": args.backward,
+        # 1-minute load average before and after: other processes on the machine skew timings
+        "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "ceilings": {k: asdict(v) for k, v in ceilings.best.items()},
+    }
+    doc = {"meta": meta, "problems": results, "sweep": sweep}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        out.print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(_markdown(results + sweep, device, args.backward, meta))
+        out.print(f"wrote {args.markdown}")
+    if args.plots:
+        from . import plots
+
+        for path in plots.write_all(doc, args.plots):
+            out.print(f"wrote {path}")
+    status = 0
+    if args.compare:
+        rows = compare(results, args.compare)
+        table = Table(title=f"compared with {args.compare}", show_header=True)
+        for c in ("problem", "impl", "pass", "baseline", "now", "ratio", ""):
+            table.add_column(c)
+        for r in rows:
+            table.add_row(r["problem"], r["impl"], r["pass"], common.fmt_time(r["old_s"]),
+                          common.fmt_time(r["new_s"]), f"{r['ratio']:.2f}",
+                          "[red]REGRESSION[/]" if r["regression"] else "")
+        out.print(table)
+        regressions = [r for r in rows if r["regression"]]
+        out.print(f"{len(regressions)} regression(s) (> {REGRESSION_THRESHOLD - 1:.0%} slower) "
+                  f"of {len(rows)} compared timings")
+        status = 1 if regressions else 0
+    return status

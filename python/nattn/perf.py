@@ -1,0 +1,462 @@
+"""Speed-of-light model of neighborhood attention: FLOPs, bytes and tile counts of a problem, and
+the time bounds they give on a device with a known matmul rate and memory bandwidth.
+
+Conventions (DESIGN.md section 5):
+
+* Needed FLOPs, forward: ``2 * B * H * W * (D + D_v)``, where ``W`` is the number of attended
+  (query, key) pairs: ``sum over queries of |window|`` plus ``N * M`` for M additional tokens.
+  The ``QK^T`` half costs ``2 W D`` and the ``PV`` half ``2 W D_v``; with ``D == D_v`` this is
+  the usual ``4 * B * H * W * D``.
+* Needed FLOPs, backward: the five matmuls of a fused backward (recompute ``S = QK^T``,
+  ``dP = dO V^T``, ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``):
+  ``2 * B * H * W * (3 D + 2 D_v)``, i.e. 2.5x the forward when ``D == D_v`` (the
+  FlashAttention-2 convention). Softmax/exp work is not counted.
+* Dense FLOPs: the same with every query attending to all N (+ M) keys. ``density = W / (N (N + M))``.
+* Compulsory bytes: forward reads q, k, v (and the additional k, v) once and writes out and lse
+  (fp32) once; backward reads q, k, v, out, d_out, lse and writes dq, dk, dv (plus the
+  additional tokens' gradients). Intermediates (the backward's ``delta = rowsum(dO * O)``) are
+  not counted.
+* Bounds, in seconds, given a matmul rate R (FLOP/s) and a bandwidth BW (byte/s):
+  FLOP bound = dense time x density = needed FLOPs / R; tile bound = visited tile pairs x FLOPs
+  of one tile pair / R (a tiled kernel computes whole tiles), capped by the dense time
+  (dense FLOPs / R: no implementation has to do more than dense work); memory bound =
+  bytes / BW. A run is judged against the tightest (largest) of them.
+
+Tile counts come from the tile planner (``include/nattn/tile_plan.h`` through ``nattn._C``):
+multi-dimensional tiling works in dilation-group space with box-shaped tiles; 1-D flattened
+tiling cuts the row-major token sequence into runs of consecutive tokens, the way a generic
+block-sparse kernel (FlexAttention's block mask) sees a multi-dimensional layout. Window sizes
+come from ``_C.axis_windows`` (window.h); nothing here restates the window formula.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._native import IMPORT_ERROR, _C
+
+__all__ = [
+    "Ceilings",
+    "TileCounts",
+    "SpeedOfLight",
+    "window_pairs",
+    "needed_flops",
+    "dense_flops",
+    "density",
+    "compulsory_bytes",
+    "multi_dim_tiles",
+    "flat_tiles",
+    "tile_pair_flops",
+    "candidate_tile_shapes",
+    "recommend_tile_shape",
+    "kernel_tile_shape",
+    "stride_note",
+    "measure_ceilings",
+    "speed_of_light",
+]
+
+# Tile sizes (tokens) of the kernels the model describes: 128 x 128 is the Q x KV tile of the
+# Hopper FMHA mainloops for head_dim 64..128 (one 128-row warpgroup pair per Q tile, 128 keys per
+# pipeline stage), and the flattened comparison uses the same token counts so that the two
+# tilings compute equally large tiles.
+DEFAULT_Q_TILE_TOKENS = 128
+DEFAULT_KV_TILE_TOKENS = 128
+
+
+def _axes(problem) -> List[Tuple[int, int, int, int, bool]]:
+    return [
+        (int(problem.spatial_shape[a]), int(problem.kernel_size[a]), int(problem.stride[a]),
+         int(problem.dilation[a]), bool(problem.is_causal[a]))
+        for a in range(len(problem.spatial_shape))
+    ]
+
+
+def _require_native() -> None:
+    if _C is None:
+        raise RuntimeError(f"nattn.perf needs the native module: {IMPORT_ERROR}")
+
+
+def _tokens(problem) -> int:
+    return math.prod(problem.spatial_shape)
+
+
+def window_pairs(problem) -> int:
+    """Attended (query, key) pairs of one head: ``sum over queries of |window|`` plus ``N * M``.
+
+    The neighborhood is the product of per-axis windows, so the sum over all queries of the
+    product of per-axis window sizes is the product over axes of per-axis sums; the per-axis
+    sizes come from ``_C.axis_windows`` (window.h).
+    """
+    _require_native()
+    total = 1
+    for axis in _axes(problem):
+        total *= sum(w[1] for w in _C.axis_windows(*axis))
+    return total + _tokens(problem) * int(getattr(problem, "num_additional", 0))
+
+
+def _flop_factor(problem, backward: bool) -> int:
+    d, dv = problem.head_dim, problem.value_dim
+    return 2 * (3 * d + 2 * dv) if backward else 2 * (d + dv)
+
+
+def needed_flops(problem, backward: bool = False) -> int:
+    """FLOPs actually needed (module docstring): forward ``2 B H W (D + D_v)``, backward
+    ``2 B H W (3 D + 2 D_v)``."""
+    return problem.batch * problem.heads * window_pairs(problem) * _flop_factor(problem, backward)
+
+
+def dense_flops(problem, backward: bool = False) -> int:
+    """FLOPs of the same attention without a mask (every query sees all N + M keys)."""
+    n = _tokens(problem)
+    keys = n + int(getattr(problem, "num_additional", 0))
+    return problem.batch * problem.heads * n * keys * _flop_factor(problem, backward)
+
+
+def density(problem) -> float:
+    """Fraction of the dense score matrix that is attended: ``W / (N (N + M))``."""
+    n = _tokens(problem)
+    return window_pairs(problem) / (n * (n + int(getattr(problem, "num_additional", 0))))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def compulsory_bytes(problem, backward: bool = False) -> int:
+    """Bytes a kernel must move at least once (module docstring); lse is fp32."""
+    e = _element_size(problem.dtype)
+    b, n, m = problem.batch, _tokens(problem), int(getattr(problem, "num_additional", 0))
+    h, hkv, d, dv = problem.heads, problem.kv_heads, problem.head_dim, problem.value_dim
+    q = b * n * h * d * e
+    kv = b * (n + m) * hkv * (d + dv) * e
+    out = b * n * h * dv * e
+    lse = b * n * h * 4
+    if not backward:
+        return q + kv + out + lse
+    # reads q, k, v, out, d_out, lse; writes dq, dk, dv
+    return 2 * q + 2 * kv + 2 * out + lse
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Tile pairs of one head of one batch element at a tile shape (tokens per tile axis)."""
+
+    tiling: str  # "multi-dim" or "1-D flat"
+    q_tile: Tuple[int, ...]
+    kv_tile: Tuple[int, ...]
+    q_tiles: int
+    visited: int
+    full: int
+
+    @property
+    def masked(self) -> int:
+        return self.visited - self.full
+
+    @property
+    def masked_fraction(self) -> float:
+        return self.masked / self.visited if self.visited else 0.0
+
+    @property
+    def q_tokens(self) -> int:
+        return math.prod(self.q_tile)
+
+    @property
+    def kv_tokens(self) -> int:
+        return math.prod(self.kv_tile)
+
+
+def _additional_tiles(problem, q_tiles: int, kv_tokens: int) -> Tuple[int, int]:
+    """(visited, full) pairs that the additional tokens add: every Q tile visits all of their
+    KV tiles; only a last, cut tile needs a mask."""
+    m = int(getattr(problem, "num_additional", 0))
+    if m == 0:
+        return 0, 0
+    return q_tiles * math.ceil(m / kv_tokens), q_tiles * (m // kv_tokens)
+
+
+def multi_dim_tiles(problem, q_tile: Sequence[int], kv_tile: Sequence[int]) -> TileCounts:
+    """Tile counts of multi-dimensional tiling (box tiles in dilation-group space), from
+    ``_C.tile_plan_summary``. ``q_tile``/``kv_tile``: extents per spatial axis."""
+    _require_native()
+    q_tiles, visited, full, _ = _C.tile_plan_summary(_axes(problem), list(q_tile), list(kv_tile))
+    extra_visited, extra_full = _additional_tiles(problem, q_tiles, math.prod(kv_tile))
+    return TileCounts("multi-dim", tuple(q_tile), tuple(kv_tile), q_tiles,
+                      visited + extra_visited, full + extra_full)
+
+
+def flat_tiles(problem, q_tokens: int, kv_tokens: int) -> TileCounts:
+    """Tile counts of 1-D flattened tiling (runs of consecutive row-major tokens), from
+    ``_C.flat_tile_counts``."""
+    _require_native()
+    q_tiles, visited, full = _C.flat_tile_counts(_axes(problem), int(q_tokens), int(kv_tokens))
+    extra_visited, extra_full = _additional_tiles(problem, q_tiles, kv_tokens)
+    return TileCounts("1-D flat", (int(q_tokens),), (int(kv_tokens),), q_tiles,
+                      visited + extra_visited, full + extra_full)
+
+
+def tile_pair_flops(problem, q_tokens: int, kv_tokens: int, backward: bool = False) -> int:
+    """FLOPs one (Q tile, KV tile) pair costs a tiled kernel, for one head of one batch element."""
+    return q_tokens * kv_tokens * _flop_factor(problem, backward)
+
+
+def _tile_bound_flops(problem, counts: TileCounts, backward: bool) -> int:
+    return (problem.batch * problem.heads * counts.visited
+            * tile_pair_flops(problem, counts.q_tokens, counts.kv_tokens, backward))
+
+
+def _pow2_factorizations(total: int, rank: int) -> List[Tuple[int, ...]]:
+    exp = int(math.log2(total))
+    if 2**exp != total:
+        raise ValueError(f"tile size {total} must be a power of two")
+    shapes = []
+    for parts in itertools.product(range(exp + 1), repeat=rank):
+        if sum(parts) == exp:
+            shapes.append(tuple(2**p for p in parts))
+    return shapes
+
+
+def candidate_tile_shapes(rank: int, q_tokens: int = DEFAULT_Q_TILE_TOKENS,
+                          kv_tokens: int = DEFAULT_KV_TILE_TOKENS):
+    """Every (q_tile, kv_tile) pair of power-of-two per-axis extents whose products are
+    ``q_tokens`` and ``kv_tokens`` (36 x 36 shapes for rank 3 at 128 x 128)."""
+    return list(itertools.product(_pow2_factorizations(q_tokens, rank),
+                                  _pow2_factorizations(kv_tokens, rank)))
+
+
+def recommend_tile_shape(problem, q_tokens: int = DEFAULT_Q_TILE_TOKENS,
+                         kv_tokens: int = DEFAULT_KV_TILE_TOKENS) -> TileCounts:
+    """The multi-dim tile shape (among ``candidate_tile_shapes``) with the fewest visited tile
+    pairs (the lowest tile bound), ties broken by fewer masked pairs."""
+    best = None
+    for q_tile, kv_tile in candidate_tile_shapes(len(problem.spatial_shape), q_tokens, kv_tokens):
+        counts = multi_dim_tiles(problem, q_tile, kv_tile)
+        key = (counts.visited, counts.masked)
+        if best is None or key < best[0]:
+            best = (key, counts)
+    return best[1]
+
+
+def kernel_tile_shape(problem, device_type: str) -> TileCounts:
+    """Multi-dim tile counts at the tile shape of nattn's kernels on a device type: on CPU the
+    CPU kernels' tile (``_C.cpu_q_tile`` queries x ``_C.cpu_kv_tile`` keys along the last axis,
+    from csrc/cpu/block_kernels.h; an approximation, as those kernels start their key chunks at
+    each window's first key rather than at multiples of the chunk), elsewhere
+    ``recommend_tile_shape`` (128 x 128 tokens)."""
+    if device_type == "cpu":
+        _require_native()
+        lead = (1,) * (len(problem.spatial_shape) - 1)
+        return multi_dim_tiles(problem, lead + (_C.cpu_q_tile,), lead + (_C.cpu_kv_tile,))
+    return recommend_tile_shape(problem)
+
+
+def stride_note(problem, counts: TileCounts) -> str:
+    """Whether the problem is perfectly block-sparse at this multi-dim tile shape (GNA,
+    arXiv 2504.16922: every visited tile pair is full, so no tile needs a mask), and if not,
+    which stride would bring it closest while keeping the window: per axis, the stride among the
+    multiples of the Q tile extent (at most kernel_size) with the largest full fraction. Full and
+    visited counts are products over axes, so the axes are chosen independently."""
+    if counts.tiling != "multi-dim":
+        raise ValueError("stride_note needs multi-dimensional tile counts")
+    if counts.masked == 0:
+        return "perfectly block-sparse: every visited tile pair is full (no masking)"
+    strides = []
+    for a, (length, k, s, d, causal) in enumerate(_axes(problem)):
+        tq, tk = counts.q_tile[a], counts.kv_tile[a]
+
+        def full_fraction(stride):
+            _, visited, full = _C.tile_axis_counts(length, k, stride, d, causal, tq, tk)
+            return full / visited
+
+        best = max([s] + list(range(tq, k + 1, tq)),
+                   key=lambda c: (full_fraction(c), -abs(c - s)))
+        strides.append(best)
+    base = f"{counts.masked_fraction:.0%} of visited tile pairs need a mask"
+    trial = multi_dim_tiles(_replace(problem, stride=tuple(strides)), counts.q_tile, counts.kv_tile)
+    if tuple(strides) == tuple(problem.stride) or trial.masked_fraction >= counts.masked_fraction:
+        return base + "; no stride <= kernel_size that is a multiple of the Q tile reduces that"
+    return (f"{base}; stride {tuple(strides)} (a multiple of the Q tile {counts.q_tile} per axis) "
+            f"would leave {trial.masked_fraction:.0%} masked")
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """A minimal problem-like record for trial strides (perf functions read attributes only)."""
+
+    batch: int
+    spatial_shape: Tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+    num_additional: int
+    dtype: torch.dtype
+
+
+def _replace(problem, **changes) -> _Axes:
+    fields = {f: getattr(problem, f) for f in _Axes.__dataclass_fields__}
+    fields["num_additional"] = int(getattr(problem, "num_additional", 0))
+    fields.update(changes)
+    return _Axes(**fields)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Device ceilings: dense matmul rate (FLOP/s) in the problem's dtype and copy bandwidth
+    (byte/s, read + write), with where they came from."""
+
+    matmul_flops: float
+    bandwidth: float
+    source: str
+    device: str = ""
+    dtype: str = ""
+
+
+def _best_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls: a ceiling is what the device can do, and on a shared
+    machine the slower runs measure the neighbours, not the device."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_ceilings(device, dtype: torch.dtype = torch.float32, quick: bool = True) -> Ceilings:
+    """Measure the dense matmul rate (``torch.matmul`` of square matrices in ``dtype``) and the
+    copy bandwidth (``Tensor.copy_`` of a large buffer, counting read + write) on ``device``.
+
+    Sizes: CUDA 8192^2 matmuls (1.1 TFLOP each) and 1 GiB copies; CPU 1024^2 (2.1 GFLOP) and
+    64 MiB copies (past the last-level cache of a server socket's share). The rate is that of
+    the fastest of 5 runs (``quick``) or 20.
+    """
+    device = torch.device(device)
+    repeats = 5 if quick else 20
+    if device.type == "cuda":
+        n, copy_bytes = 8192, 1 << 30
+    else:
+        n, copy_bytes = 1024, 64 << 20
+        if dtype in (torch.float16, torch.bfloat16):
+            n = 512  # CPU half-precision matmuls are slow; keep the measurement short
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    mm = _best_seconds(lambda: torch.matmul(a, b, out=out), device, 2, repeats)
+    src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    cp = _best_seconds(lambda: dst.copy_(src), device, 2, repeats)
+    return Ceilings(2 * n**3 / mm, 2 * copy_bytes / cp, "measured", str(device),
+                    str(dtype).replace("torch.", ""))
+
+
+@dataclass
+class SpeedOfLight:
+    """The speed-of-light report of one problem (seconds unless named otherwise)."""
+
+    backward: bool
+    needed_flops: int
+    dense_flops: int
+    density: float
+    bytes: int
+    ceilings: Optional[Dict]
+    flop_bound: Optional[float]
+    dense_bound: Optional[float]
+    memory_bound: Optional[float]
+    tiles: Dict[str, Dict] = field(default_factory=dict)  # "multi-dim" / "1-D flat" -> details
+    tightest: Optional[str] = None
+    tightest_bound: Optional[float] = None
+    note: str = ""
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def speed_of_light(problem, ceilings: Optional[Ceilings] = None, backward: bool = False,
+                   q_tile: Optional[Sequence[int]] = None,
+                   kv_tile: Optional[Sequence[int]] = None) -> SpeedOfLight:
+    """All bounds of ``problem`` (see the module docstring).
+
+    Args:
+        problem: anything with the fields of ``nattn.backends.Problem`` (``device`` and
+            ``requires_grad`` are not read).
+        ceilings: device ceilings; without them only FLOPs, bytes and tile counts are filled.
+        backward: model the backward pass instead of the forward.
+        q_tile, kv_tile: multi-dim tile extents per axis; default ``recommend_tile_shape``.
+            The 1-D flattened tiling uses the same token counts per tile.
+    """
+    if (q_tile is None) != (kv_tile is None):
+        raise ValueError("give both q_tile and kv_tile, or neither")
+    if q_tile is None:
+        multi = recommend_tile_shape(problem)
+    else:
+        if len(q_tile) != len(problem.spatial_shape) or len(kv_tile) != len(q_tile):
+            raise ValueError(
+                f"q_tile={tuple(q_tile)!r} and kv_tile={tuple(kv_tile)!r} need one extent per "
+                f"spatial axis ({len(problem.spatial_shape)})")
+        multi = multi_dim_tiles(problem, q_tile, kv_tile)
+    flat = flat_tiles(problem, multi.q_tokens, multi.kv_tokens)
+    report = SpeedOfLight(
+        backward=backward,
+        needed_flops=needed_flops(problem, backward),
+        dense_flops=dense_flops(problem, backward),
+        density=density(problem),
+        bytes=compulsory_bytes(problem, backward),
+        ceilings=None if ceilings is None else asdict(ceilings),
+        flop_bound=None,
+        dense_bound=None,
+        memory_bound=None,
+        note=stride_note(problem, multi),
+    )
+    for counts in (multi, flat):
+        tile_flops = _tile_bound_flops(problem, counts, backward)
+        report.tiles[counts.tiling] = {
+            "q_tile": list(counts.q_tile),
+            "kv_tile": list(counts.kv_tile),
+            "q_tiles": counts.q_tiles,
+            "visited": counts.visited,
+            "full": counts.full,
+            "masked": counts.masked,
+            "masked_fraction": counts.masked_fraction,
+            "tile_flops": tile_flops,
+            "efficiency": report.needed_flops / tile_flops,  # needed / computed
+            "bound": None if ceilings is None else tile_flops / ceilings.matmul_flops,
+        }
+    if ceilings is not None:
+        report.flop_bound = report.needed_flops / ceilings.matmul_flops
+        report.dense_bound = report.dense_flops / ceilings.matmul_flops
+        report.memory_bound = report.bytes / ceilings.bandwidth
+        # The multi-dim tile bound is what nattn's kernels are held to (the flat one is what a
+        # generic block-sparse kernel would be held to). It is capped by the dense bound: where
+        # padded tiles cost more than the dense product (tiny or nearly dense problems), any
+        # implementation can compute densely instead.
+        candidates = {
+            "flop": report.flop_bound,
+            "tile": min(report.tiles["multi-dim"]["bound"], report.dense_bound),
+            "memory": report.memory_bound,
+        }
+        report.tightest = max(candidates, key=candidates.get)
+        report.tightest_bound = candidates[report.tightest]
+    return report
