@@ -194,8 +194,8 @@ Plan plan(const AttentionParams& p, bool backward, const DeviceFacts& device) {
   }
   const sm80::BoxPair boxes =
       sm80::choose_boxes(p.axes, sm80::log2_int(block_m), sm80::log2_int(block_n));
-  const sm80::BoxTiling q = sm80::make_tiling(p.axes, boxes.q);
-  const sm80::BoxTiling kv = sm80::make_tiling(p.axes, boxes.kv);
+  const BoxTiling q = make_tiling(p.axes, boxes.q);
+  const BoxTiling kv = make_tiling(p.axes, boxes.kv);
   out.block_m = block_m;
   out.block_n = block_n;
   for (int a = 0; a < kMaxRank; ++a) {

@@ -10,11 +10,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 
+#include "cuda/common/launch.h"
 #include "cuda/common/simt_api.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
@@ -90,19 +90,17 @@ __device__ __forceinline__ A dot(const A* s, const T* g, int64_t g_step, int64_t
   return warp_sum(acc);
 }
 
-// Calls fn(key coordinates) for every key in the window of query x (window.h: key_window).
+// Calls fn(coordinates) for every point of the product w0 x w1 x w2 of per-axis index ranges
+// (last axis fastest).
 template <class Fn>
-__device__ __forceinline__ void for_each_key(const AttentionParams& p, const int64_t (&x)[3],
-                                             Fn&& fn) {
-  const IndexRange w0 = key_window(p.axes[0], x[0]);
-  const IndexRange w1 = key_window(p.axes[1], x[1]);
-  const IndexRange w2 = key_window(p.axes[2], x[2]);
+__device__ __forceinline__ void for_each_point(const IndexRange& w0, const IndexRange& w1,
+                                               const IndexRange& w2, Fn&& fn) {
   for (int64_t i0 = 0; i0 < w0.count; ++i0) {
     for (int64_t i1 = 0; i1 < w1.count; ++i1) {
       for (int64_t i2 = 0; i2 < w2.count; ++i2) {
-        const int64_t k[3] = {w0.first + i0 * w0.step, w1.first + i1 * w1.step,
+        const int64_t x[3] = {w0.first + i0 * w0.step, w1.first + i1 * w1.step,
                               w2.first + i2 * w2.step};
-        fn(k);
+        fn(x);
       }
     }
   }
@@ -112,17 +110,29 @@ __device__ __forceinline__ void for_each_key(const AttentionParams& p, const int
 template <class Fn>
 __device__ __forceinline__ void for_each_query(const AttentionParams& p, const int64_t (&x)[3],
                                                Fn&& fn) {
-  const IndexRange w0 = query_window(p.axes[0], x[0]);
-  const IndexRange w1 = query_window(p.axes[1], x[1]);
-  const IndexRange w2 = query_window(p.axes[2], x[2]);
-  for (int64_t i0 = 0; i0 < w0.count; ++i0) {
-    for (int64_t i1 = 0; i1 < w1.count; ++i1) {
-      for (int64_t i2 = 0; i2 < w2.count; ++i2) {
-        const int64_t q[3] = {w0.first + i0 * w0.step, w1.first + i1 * w1.step,
-                              w2.first + i2 * w2.step};
-        fn(q);
-      }
-    }
+  for_each_point(query_window(p.axes[0], x[0]), query_window(p.axes[1], x[1]),
+                 query_window(p.axes[2], x[2]), fn);
+}
+
+// Calls visit(k_row, k_step, v_row, v_step) for every key/value row that query x of batch b
+// attends with kv head hk: the keys of its window (window.h: key_window), then the additional
+// tokens. A row's elements are row[d * step].
+template <class T, class Visit>
+__device__ __forceinline__ void for_each_key_value(const AttentionParams& p, int64_t b,
+                                                   const int64_t (&x)[3], int64_t hk,
+                                                   Visit&& visit) {
+  const T* k = static_cast<const T*>(p.k.data);
+  const T* v = static_cast<const T*>(p.v.data);
+  for_each_point(key_window(p.axes[0], x[0]), key_window(p.axes[1], x[1]),
+                 key_window(p.axes[2], x[2]), [&](const int64_t(&kx)[3]) {
+                   visit(k + token_offset(p.k, b, kx, hk), p.k.stride[5],
+                         v + token_offset(p.v, b, kx, hk), p.v.stride[5]);
+                 });
+  for (int64_t m = 0; m < p.num_additional; ++m) {
+    visit(static_cast<const T*>(p.add_k.data) + additional_offset(p.add_k, b, m, hk),
+          p.add_k.stride[3],
+          static_cast<const T*>(p.add_v.data) + additional_offset(p.add_v, b, m, hk),
+          p.add_v.stride[3]);
   }
 }
 
@@ -138,8 +148,6 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
   const int64_t rows = tokens * p.heads * p.batch;
   const A scale = static_cast<A>(p.scale);
   const T* q = static_cast<const T*>(p.q.data);
-  const T* k = static_cast<const T*>(p.k.data);
-  const T* v = static_cast<const T*>(p.v.data);
   for (int64_t row = blockIdx.x * int64_t{kWarpsPerBlock} + warp; row < rows;
        row += int64_t{gridDim.x} * kWarpsPerBlock) {
     const int64_t t = row % tokens, h = (row / tokens) % p.heads, b = row / (tokens * p.heads);
@@ -162,16 +170,7 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
         so[d] = so[d] * correction + prob * to_acc(vrow[d * v_step]);
       }
     };
-    for_each_key(p, x, [&](const int64_t(&kx)[3]) {
-      visit(k + token_offset(p.k, b, kx, hk), p.k.stride[5], v + token_offset(p.v, b, kx, hk),
-            p.v.stride[5]);
-    });
-    for (int64_t m = 0; m < p.num_additional; ++m) {
-      visit(static_cast<const T*>(p.add_k.data) + additional_offset(p.add_k, b, m, hk),
-            p.add_k.stride[3],
-            static_cast<const T*>(p.add_v.data) + additional_offset(p.add_v, b, m, hk),
-            p.add_v.stride[3]);
-    }
+    for_each_key_value<T>(p, b, x, hk, visit);
     T* orow = static_cast<T*>(p.out.data) + token_offset(p.out, b, x, h);
     for (int64_t d = lane; d < Dv; d += 32) {
       orow[d * p.out.stride[5]] = from_acc<T, A>(so[d] / row_sum);
@@ -224,8 +223,6 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
   A* sdo = sdq + D;
   const int64_t rows = tokens * p.heads * p.batch;
   const A scale = static_cast<A>(p.scale);
-  const T* k = static_cast<const T*>(p.k.data);
-  const T* v = static_cast<const T*>(p.v.data);
   for (int64_t row = blockIdx.x * int64_t{kWarpsPerBlock} + warp; row < rows;
        row += int64_t{gridDim.x} * kWarpsPerBlock) {
     const int64_t t = row % tokens, h = (row / tokens) % p.heads, b = row / (tokens * p.heads);
@@ -247,16 +244,7 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
       const A ds = prob * (dot(sdo, vrow, v_step, Dv, lane) - delta);
       for (int64_t d = lane; d < D; d += 32) sdq[d] += ds * to_acc(krow[d * k_step]);
     };
-    for_each_key(p, x, [&](const int64_t(&kx)[3]) {
-      visit(k + token_offset(p.k, b, kx, hk), p.k.stride[5], v + token_offset(p.v, b, kx, hk),
-            p.v.stride[5]);
-    });
-    for (int64_t m = 0; m < p.num_additional; ++m) {
-      visit(static_cast<const T*>(p.add_k.data) + additional_offset(p.add_k, b, m, hk),
-            p.add_k.stride[3],
-            static_cast<const T*>(p.add_v.data) + additional_offset(p.add_v, b, m, hk),
-            p.add_v.stride[3]);
-    }
+    for_each_key_value<T>(p, b, x, hk, visit);
     T* dqrow = static_cast<T*>(p.dq.data) + token_offset(p.dq, b, x, h);
     for (int64_t d = lane; d < D; d += 32) dqrow[d * p.dq.stride[5]] = from_acc<T, A>(sdq[d] * scale);
     __syncwarp();
@@ -354,22 +342,12 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
   }
 }
 
+// Launches `kernel` with a warp per row, `rows` rows.
 template <class Kernel>
 std::string launch(Kernel kernel, int64_t rows, int64_t smem_bytes, void* stream,
                    const AttentionParams& p) {
-  if (rows <= 0) return {};
-  cudaError_t status = cudaSuccess;
-  if (smem_bytes > 48 * 1024) {
-    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem_bytes));
-    if (status != cudaSuccess) return cudaGetErrorString(status);
-  }
-  const int64_t blocks = std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock,
-                                           0x7fffffff);
-  kernel<<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, static_cast<size_t>(smem_bytes),
-           static_cast<cudaStream_t>(stream)>>>(p);
-  status = cudaGetLastError();
-  return status == cudaSuccess ? std::string() : std::string(cudaGetErrorString(status));
+  return launch_grid_stride(kernel, (rows + kWarpsPerBlock - 1) / kWarpsPerBlock,
+                            32 * kWarpsPerBlock, smem_bytes, stream, p);
 }
 
 template <class T>

@@ -29,15 +29,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
   Tensor sdO = make_tensor(make_smem_ptr(smem + Traits::kTileElemsM), typename Traits::SmemLayoutM{});
-  Element* smem_kv = smem + 2 * Traits::kTileElemsM;
-  auto tile_at = [&](int i) {
-    return make_tensor(make_smem_ptr(smem_kv + i * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutN{});
-  };
-  auto tile_t_at = [&](int i) {
-    return make_tensor(make_smem_ptr(smem_kv + i * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutNt{});
-  };
+  const StreamedTiles<Traits> streamed{smem + 2 * Traits::kTileElemsM};  // [buffer][K, V]
 
   const int tid = threadIdx.x;
   typename Traits::TiledMma mma;
@@ -61,37 +53,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     // Row terms: lse in log2 units and delta; rows that do not exist are never stored.
     float lse_log2[kSlots], delta[kSlots];
-    const float* lse_base =
-        static_cast<const float*>(p.lse.data) + b * p.lse.stride[0] + h * p.lse.stride[4];
-    const float* delta_base =
-        static_cast<const float*>(p.delta.data) + b * p.delta.stride[0] + h * p.delta.stride[4];
     CUTE_UNROLL
     for (int s = 0; s < kSlots; ++s) {
-      int64_t off;
-      const bool ok = q_rows.token(rows.row[s], &p.lse.stride[1], off);
-      lse_log2[s] = ok ? lse_base[off] * static_cast<float>(M_LOG2E) : 0.f;
-      q_rows.token(rows.row[s], &p.delta.stride[1], off);
-      delta[s] = ok ? delta_base[off] : 0.f;
+      load_row_terms(p, b, h, q_rows, rows.row[s], 0.f, lse_log2[s], delta[s]);
     }
 
     const Element* k_base = head_base<const Element>(p.k, b, hk);
     const Element* v_base = head_base<const Element>(p.v, b, hk);
     auto load_kv = [&](const WalkCursor& c, int buf) {
-      auto sK = tile_at(2 * buf);
-      auto sV = tile_at(2 * buf + 1);
-      if (c.stage == Stage::kAdditional) {
-        const AdditionalRows add{c.n * kN, p.num_additional};
-        load_rows_async<Traits, kN>(sK, head_base<const Element>(p.add_k, b, hk),
-                                    &p.add_k.stride[1], add, tid);
-        load_rows_async<Traits, kN>(sV, head_base<const Element>(p.add_v, b, hk),
-                                    &p.add_v.stride[1], add, tid);
-      } else {
-        TileOrigin o = q_rows.origin;
-        for (int a = 0; a < kMaxRank; ++a) o.tile[a] = c.tile[a];
-        const BoxRows kv_rows{p.axes, o, g.kv.box};
-        load_rows_async<Traits, kN>(sK, k_base, &p.k.stride[1], kv_rows, tid);
-        load_rows_async<Traits, kN>(sV, v_base, &p.v.stride[1], kv_rows, tid);
-      }
+      load_kv_tiles<Traits>(streamed.rows(2 * buf), streamed.rows(2 * buf + 1), c, p, b, hk,
+                            k_base, v_base, q_rows.origin, g.kv.box, tid);
     };
 
     __syncthreads();
@@ -117,10 +88,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_s);
-      gemm_rows_rows<Traits>(acc_s, sQ, tile_at(2 * buf), tid);
+      gemm_rows_rows<Traits>(acc_s, sQ, streamed.rows(2 * buf), tid);
       Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_dp);
-      gemm_rows_rows<Traits>(acc_dp, sdO, tile_at(2 * buf + 1), tid);
+      gemm_rows_rows<Traits>(acc_dp, sdO, streamed.rows(2 * buf + 1), tid);
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
@@ -136,20 +107,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
           }
         }
       }
-      gemm_regs_cols<Traits>(acc_dq, scores_as_a<Traits>(acc_s), tile_t_at(2 * buf), tid);
+      gemm_regs_cols<Traits>(acc_dq, scores_as_a<Traits>(acc_s), streamed.cols(2 * buf), tid);
       cur = next;
       buf ^= 1;
     };
 
-    while (cur.stage == Stage::kFull) step(NoMask{});
-    while (cur.stage == Stage::kMasked) {
-      WindowMask<kSlots> mask{&spans, g.kv.box, {}};
-      for (int a = 0; a < kMaxRank; ++a) mask.col_origin[a] = cur.tile[a] << g.kv.box.log2[a];
-      step(mask);
-    }
-    while (cur.stage == Stage::kAdditional) {
-      step(CountMask{static_cast<int>(p.num_additional - cur.n * kN)});
-    }
+    run_forward_walk<kN>(cur, spans, p, g, step);
 
     Element* dq_base = head_base<Element>(p.dq, b, h);
     const float scale = static_cast<float>(p.scale);
@@ -157,15 +120,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int slot = 0; slot < kSlots; ++slot) {
       int64_t off;
       if (!q_rows.token(rows.row[slot], &p.dq.stride[1], off)) continue;
-      const int m = slot / 2, half = slot % 2;
-      CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_dq); ++n) {
-        CUTE_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const int col = get<1>(o_coords(2 * half + c, m, n));
-          dq_base[off + col * p.dq.stride[5]] = Element(acc_dq(2 * half + c, m, n) * scale);
-        }
-      }
+      store_row(dq_base + off, p.dq.stride[5], acc_dq, o_coords, slot, scale);
     }
   }
 }
@@ -186,16 +141,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
   Tensor sV = make_tensor(make_smem_ptr(smem + Traits::kTileElemsM), typename Traits::SmemLayoutM{});
-  Element* smem_q = smem + 2 * Traits::kTileElemsM;
-  float* smem_rowterms = reinterpret_cast<float*>(smem_q + 4 * Traits::kTileElemsN);
-  auto tile_at = [&](int i) {
-    return make_tensor(make_smem_ptr(smem_q + i * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutN{});
-  };
-  auto tile_t_at = [&](int i) {
-    return make_tensor(make_smem_ptr(smem_q + i * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutNt{});
-  };
+  const StreamedTiles<Traits> streamed{smem + 2 * Traits::kTileElemsM};  // [buffer][Q, dO]
+  float* smem_rowterms = reinterpret_cast<float*>(streamed.base + 4 * Traits::kTileElemsN);
 
   const int tid = threadIdx.x;
   typename Traits::TiledMma mma;
@@ -256,8 +203,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     auto load_q = [&](const Cursor& c, int buf) {
       const int64_t h = hk * heads_per_kv + c.head;
       const BoxRows q_rows{p.axes, q_origin(c), g.q.box};
-      auto sQ = tile_at(2 * buf);
-      auto sdO = tile_at(2 * buf + 1);
+      auto sQ = streamed.rows(2 * buf);
+      auto sdO = streamed.rows(2 * buf + 1);
       load_rows_async<Traits, kN>(sQ, head_base<const Element>(p.q, b, h), &p.q.stride[1], q_rows,
                                   tid);
       load_rows_async<Traits, kN>(sdO, head_base<const Element>(p.d_out, b, h),
@@ -265,15 +212,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       // Columns that are not tokens get lse = +inf (P = 0) and delta = 0.
       float* terms = smem_rowterms + buf * 2 * kN;
       for (int r = tid; r < kN; r += Traits::kThreads) {
-        int64_t off;
-        const bool ok = q_rows.token(r, &p.lse.stride[1], off);
-        const float* lse = static_cast<const float*>(p.lse.data) + b * p.lse.stride[0] +
-                           h * p.lse.stride[4];
-        terms[r] = ok ? lse[off] * static_cast<float>(M_LOG2E) : INFINITY;
-        q_rows.token(r, &p.delta.stride[1], off);
-        const float* delta = static_cast<const float*>(p.delta.data) + b * p.delta.stride[0] +
-                             h * p.delta.stride[4];
-        terms[kN + r] = ok ? delta[off] : 0.f;
+        load_row_terms(p, b, h, q_rows, r, INFINITY, terms[r], terms[kN + r]);
       }
     };
 
@@ -310,10 +249,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const float* delta = lse_log2 + kN;
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_s);
-      gemm_rows_rows<Traits>(acc_s, sK, tile_at(2 * buf), tid);
+      gemm_rows_rows<Traits>(acc_s, sK, streamed.rows(2 * buf), tid);
       Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_dp);
-      gemm_rows_rows<Traits>(acc_dp, sV, tile_at(2 * buf + 1), tid);
+      gemm_rows_rows<Traits>(acc_dp, sV, streamed.rows(2 * buf + 1), tid);
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
@@ -323,8 +262,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
         acc_s(i) = exp2f(acc_s(i) - lse_log2[col]);            // P^T
         acc_dp(i) = acc_s(i) * (acc_dp(i) - delta[col]);       // dS^T
       }
-      gemm_regs_cols<Traits>(acc_dv, scores_as_a<Traits>(acc_s), tile_t_at(2 * buf + 1), tid);
-      gemm_regs_cols<Traits>(acc_dk, scores_as_a<Traits>(acc_dp), tile_t_at(2 * buf), tid);
+      gemm_regs_cols<Traits>(acc_dv, scores_as_a<Traits>(acc_s), streamed.cols(2 * buf + 1), tid);
+      gemm_regs_cols<Traits>(acc_dk, scores_as_a<Traits>(acc_dp), streamed.cols(2 * buf), tid);
       cur = next;
       buf ^= 1;
     };
@@ -372,16 +311,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
         dv_step = p.dv.stride[5];
       }
       if (!ok) continue;
-      const int m = slot / 2, half = slot % 2;
-      CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_dk); ++n) {
-        CUTE_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const int col = get<1>(o_coords(2 * half + c, m, n));
-          dk_base[dk_off + col * dk_step] = Element(acc_dk(2 * half + c, m, n) * scale);
-          dv_base[dv_off + col * dv_step] = Element(acc_dv(2 * half + c, m, n));
-        }
-      }
+      store_row(dk_base + dk_off, dk_step, acc_dk, o_coords, slot, scale);
+      store_row(dv_base + dv_off, dv_step, acc_dv, o_coords, slot, 1.f);
     }
   }
 }

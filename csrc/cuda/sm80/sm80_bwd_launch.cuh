@@ -16,12 +16,13 @@ std::string backward(const AttentionParams& p) {
   const Tilings t = make_tilings(p, kBackwardBlock, kBackwardBlock);
   const Geometry g{t.q, t.kv};
   const int64_t smem = backward_smem_bytes(kHeadDim);
-  std::string err = launch(dq_kernel<Traits>, g.q.count() * p.heads * p.batch, Traits::kThreads,
-                           smem, p.stream, p, g);
+  std::string err = launch_grid_stride(dq_kernel<Traits>, g.q.count() * p.heads * p.batch,
+                                       Traits::kThreads, smem, p.stream, p, g);
   if (!err.empty()) return err;
   const int64_t add_tiles = (p.num_additional + kBackwardBlock - 1) / kBackwardBlock;
-  return launch(dkdv_kernel<Traits>, (g.kv.count() + add_tiles) * p.kv_heads * p.batch,
-                Traits::kThreads, smem, p.stream, p, g);
+  return launch_grid_stride(dkdv_kernel<Traits>,
+                            (g.kv.count() + add_tiles) * p.kv_heads * p.batch, Traits::kThreads,
+                            smem, p.stream, p, g);
 }
 
 }  // namespace nattn::cuda::sm80

@@ -17,6 +17,27 @@ struct Geometry {
   BoxTiling kv;
 };
 
+// The mainloop of a forward walk (forward, dQ): step(mask) once per KV tile, with the mask policy
+// of the tile's stage. step advances `cur` (the caller's cursor, read here by reference). p and g
+// are the kernel's __grid_constant__ parameters, taken by reference so that the box and the
+// token count are read from parameter space, not copied into registers (a copy cost the hd64
+// forward a register).
+template <int kBlockN, int kSlots, class Step>
+__device__ __forceinline__ void run_forward_walk(const WalkCursor& cur,
+                                                 const RowSpans<kSlots>& spans,
+                                                 const AttentionParams& p, const Geometry& g,
+                                                 Step&& step) {
+  while (cur.stage == Stage::kFull) step(NoMask{});
+  while (cur.stage == Stage::kMasked) {
+    WindowMask<kSlots> mask{&spans, g.kv.box, {}};
+    for (int a = 0; a < kMaxRank; ++a) mask.col_origin[a] = cur.tile[a] << g.kv.box.log2[a];
+    step(mask);
+  }
+  while (cur.stage == Stage::kAdditional) {
+    step(CountMask{static_cast<int>(p.num_additional - cur.n * kBlockN)});
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     forward_kernel(const __grid_constant__ AttentionParams p,
@@ -30,19 +51,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ cute::uint128_t smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
-  Element* smem_kv = smem + Traits::kTileElemsM;  // [buffer][K, V] tiles of kTileElemsN
-  auto sK_at = [&](int buf) {
-    return make_tensor(make_smem_ptr(smem_kv + (2 * buf) * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutN{});
-  };
-  auto sVt_at = [&](int buf) {
-    return make_tensor(make_smem_ptr(smem_kv + (2 * buf + 1) * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutNt{});
-  };
-  auto sV_at = [&](int buf) {
-    return make_tensor(make_smem_ptr(smem_kv + (2 * buf + 1) * Traits::kTileElemsN),
-                       typename Traits::SmemLayoutN{});
-  };
+  const StreamedTiles<Traits> streamed{smem + Traits::kTileElemsM};  // [buffer][K, V]
 
   const int tid = threadIdx.x;
   typename Traits::TiledMma mma;
@@ -67,21 +76,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const Element* k_base = head_base<const Element>(p.k, b, hk);
     const Element* v_base = head_base<const Element>(p.v, b, hk);
     auto load_kv = [&](const WalkCursor& c, int buf) {
-      auto sK = sK_at(buf);
-      auto sV = sV_at(buf);
-      if (c.stage == Stage::kAdditional) {
-        const AdditionalRows add{c.n * kN, p.num_additional};
-        load_rows_async<Traits, kN>(sK, head_base<const Element>(p.add_k, b, hk),
-                                    &p.add_k.stride[1], add, tid);
-        load_rows_async<Traits, kN>(sV, head_base<const Element>(p.add_v, b, hk),
-                                    &p.add_v.stride[1], add, tid);
-      } else {
-        TileOrigin o = q_rows.origin;
-        for (int a = 0; a < kMaxRank; ++a) o.tile[a] = c.tile[a];
-        const BoxRows kv_rows{p.axes, o, g.kv.box};
-        load_rows_async<Traits, kN>(sK, k_base, &p.k.stride[1], kv_rows, tid);
-        load_rows_async<Traits, kN>(sV, v_base, &p.v.stride[1], kv_rows, tid);
-      }
+      load_kv_tiles<Traits>(streamed.rows(2 * buf), streamed.rows(2 * buf + 1), c, p, b, hk,
+                            k_base, v_base, q_rows.origin, g.kv.box, tid);
     };
 
     __syncthreads();  // the previous work item is done with every shared buffer
@@ -107,25 +103,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_s);
-      gemm_rows_rows<Traits>(acc_s, sQ, sK_at(buf), tid);
+      gemm_rows_rows<Traits>(acc_s, sQ, streamed.rows(2 * buf), tid);
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
       softmax.update(acc_s, acc_o);
-      gemm_regs_cols<Traits>(acc_o, scores_as_a<Traits>(acc_s), sVt_at(buf), tid);
+      gemm_regs_cols<Traits>(acc_o, scores_as_a<Traits>(acc_s), streamed.cols(2 * buf + 1), tid);
       cur = next;
       buf ^= 1;
     };
 
-    while (cur.stage == Stage::kFull) step(NoMask{});
-    while (cur.stage == Stage::kMasked) {
-      WindowMask<kSlots> mask{&spans, g.kv.box, {}};
-      for (int a = 0; a < kMaxRank; ++a) mask.col_origin[a] = cur.tile[a] << g.kv.box.log2[a];
-      step(mask);
-    }
-    while (cur.stage == Stage::kAdditional) {
-      step(CountMask{static_cast<int>(p.num_additional - cur.n * kN)});
-    }
+    run_forward_walk<kN>(cur, spans, p, g, step);
 
     // Epilogue: normalize, write the rows that exist, and their lse (one thread per quad).
     float lse[kSlots];
@@ -137,15 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       int64_t out_off, lse_off;
       if (!q_rows.token(rows.row[slot], &p.out.stride[1], out_off)) continue;
       q_rows.token(rows.row[slot], &p.lse.stride[1], lse_off);
-      const int m = slot / 2, half = slot % 2;
-      CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_o); ++n) {
-        CUTE_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const int col = get<1>(o_coords(2 * half + c, m, n));
-          out_base[out_off + col * p.out.stride[5]] = Element(acc_o(2 * half + c, m, n));
-        }
-      }
+      store_row(out_base + out_off, p.out.stride[5], acc_o, o_coords, slot, 1.f);
       if (tid % 4 == 0) lse_base[lse_off] = lse[slot];
     }
   }

@@ -13,8 +13,8 @@ std::string forward(const AttentionParams& p) {
                               forward_block_n(kHeadDim)>;
   const Tilings t = make_tilings(p, Traits::kBlockM, Traits::kBlockN);
   const Geometry g{t.q, t.kv};
-  return launch(forward_kernel<Traits>, g.q.count() * p.heads * p.batch, Traits::kThreads,
-                forward_smem_bytes(kHeadDim), p.stream, p, g);
+  return launch_grid_stride(forward_kernel<Traits>, g.q.count() * p.heads * p.batch,
+                            Traits::kThreads, forward_smem_bytes(kHeadDim), p.stream, p, g);
 }
 
 }  // namespace nattn::cuda::sm80

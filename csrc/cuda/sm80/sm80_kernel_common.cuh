@@ -14,6 +14,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "cuda/common/tensor_core.cuh"
 #include "cuda/sm80/sm80_tiles.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
@@ -119,6 +120,12 @@ struct AdditionalRows {
   }
 };
 
+// Element pointer of a tensor at (batch, head).
+template <class Element, int N>
+__device__ __forceinline__ Element* head_base(const TensorRef<N>& t, int64_t b, int64_t h) {
+  return static_cast<Element*>(t.data) + b * t.stride[0] + h * t.stride[N - 2];
+}
+
 // Copies kRows rows of kHeadDim elements into a swizzled shared tile with 16-byte cp.async;
 // missing rows are zero-filled (src-size 0), so they never read out of bounds.
 template <class Traits, int kRows, class SmemTensor, class Rows>
@@ -138,6 +145,50 @@ __device__ __forceinline__ void load_rows_async(SmemTensor& s, const typename Tr
     const auto* src = reinterpret_cast<const cute::uint128_t*>(ok ? base + off + chunk * 8 : base);
     auto* dst = reinterpret_cast<cute::uint128_t*>(&s(r, chunk * 8));
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*src, *dst, ok);
+  }
+}
+
+// The streamed tiles in shared memory: tile i (kBlockN rows) at base + i * kTileElemsN, as rows
+// (rows x head_dim, for ldmatrix) or transposed (head_dim x rows, for ldmatrix.trans). Each
+// kernel double-buffers a pair of them: tiles 2 * buf and 2 * buf + 1.
+template <class Traits>
+struct StreamedTiles {
+  typename Traits::Element* base;
+
+  __device__ __forceinline__ auto rows(int i) const {
+    return cute::make_tensor(cute::make_smem_ptr(base + i * Traits::kTileElemsN),
+                             typename Traits::SmemLayoutN{});
+  }
+  __device__ __forceinline__ auto cols(int i) const {
+    return cute::make_tensor(cute::make_smem_ptr(base + i * Traits::kTileElemsN),
+                             typename Traits::SmemLayoutNt{});
+  }
+};
+
+// Gathers the K and V tiles at cursor `c` of a forward walk into sK, sV: a spatial tile (c.tile
+// in the dilation groups of the row tile at q_origin) or a tile of additional tokens (c.n).
+// k_base, v_base: the (batch, kv head) bases of K and V.
+template <class Traits, class TileK, class TileV>
+__device__ __forceinline__ void load_kv_tiles(TileK sK, TileV sV, const WalkCursor& c,
+                                              const AttentionParams& p, int64_t b, int64_t hk,
+                                              const typename Traits::Element* k_base,
+                                              const typename Traits::Element* v_base,
+                                              const TileOrigin& q_origin, BoxShape kv_box,
+                                              int tid) {
+  using Element = typename Traits::Element;
+  constexpr int kN = Traits::kBlockN;
+  if (c.stage == Stage::kAdditional) {
+    const AdditionalRows add{c.n * kN, p.num_additional};
+    load_rows_async<Traits, kN>(sK, head_base<const Element>(p.add_k, b, hk), &p.add_k.stride[1],
+                                add, tid);
+    load_rows_async<Traits, kN>(sV, head_base<const Element>(p.add_v, b, hk), &p.add_v.stride[1],
+                                add, tid);
+  } else {
+    TileOrigin o = q_origin;
+    for (int a = 0; a < kMaxRank; ++a) o.tile[a] = c.tile[a];
+    const BoxRows kv_rows{p.axes, o, kv_box};
+    load_rows_async<Traits, kN>(sK, k_base, &p.k.stride[1], kv_rows, tid);
+    load_rows_async<Traits, kN>(sV, v_base, &p.v.stride[1], kv_rows, tid);
   }
 }
 
@@ -346,14 +397,6 @@ struct BoxColumnMask {
 
 // ---------------------------------------------------------------------------------------------
 // Reductions over the 4 threads of a quad, which together hold one row of a C fragment.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 // Online softmax over the streamed tiles (scores already in log2 units: scale * log2(e) folded
 // in), one running max and sum per row slot; the sum is kept per thread and reduced over the
@@ -427,10 +470,37 @@ struct OnlineSoftmax {
   }
 };
 
-// Element pointer of a tensor at (batch, head).
-template <class Element, int N>
-__device__ __forceinline__ Element* head_base(const TensorRef<N>& t, int64_t b, int64_t h) {
-  return static_cast<Element*>(t.data) + b * t.stride[0] + h * t.stride[N - 2];
+// The backward's row terms of query row r of `q_rows` (head h, batch b): lse in log2 units and
+// delta. A row that is not a token gets `missing_lse` and delta 0.
+__device__ __forceinline__ void load_row_terms(const AttentionParams& p, int64_t b, int64_t h,
+                                               const BoxRows& q_rows, int r, float missing_lse,
+                                               float& lse_log2, float& delta) {
+  int64_t off;
+  const bool ok = q_rows.token(r, &p.lse.stride[1], off);
+  const float* lse_base =
+      static_cast<const float*>(p.lse.data) + b * p.lse.stride[0] + h * p.lse.stride[4];
+  lse_log2 = ok ? lse_base[off] * static_cast<float>(M_LOG2E) : missing_lse;
+  q_rows.token(r, &p.delta.stride[1], off);
+  const float* delta_base =
+      static_cast<const float*>(p.delta.data) + b * p.delta.stride[0] + h * p.delta.stride[4];
+  delta = ok ? delta_base[off] : 0.f;
+}
+
+// Epilogue: stores row slot `slot` of the register tile's accumulator (kBlockM x head_dim C
+// fragment, o_coords its identity partition) times `scale` to dst[col * col_stride].
+template <class Element, class Acc, class Coords>
+__device__ __forceinline__ void store_row(Element* dst, int64_t col_stride, const Acc& acc,
+                                          const Coords& o_coords, int slot, float scale) {
+  using namespace cute;
+  const int m = slot / 2, half = slot % 2;
+  CUTE_UNROLL
+  for (int n = 0; n < size<2>(acc); ++n) {
+    CUTE_UNROLL
+    for (int c = 0; c < 2; ++c) {
+      const int col = get<1>(o_coords(2 * half + c, m, n));
+      dst[col * col_stride] = Element(acc(2 * half + c, m, n) * scale);
+    }
+  }
 }
 
 }  // namespace nattn::cuda::sm80

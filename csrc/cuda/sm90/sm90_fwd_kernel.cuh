@@ -28,6 +28,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "cuda/common/tensor_core.cuh"
 #include "cuda/sm90/sm90_config.h"
 #include "cuda/sm90/sm90_plan.h"
 #include "nattn/params.h"
@@ -48,8 +49,8 @@ struct ForwardParams {
   CUtensorMap k_map[kMaxVariants];
   CUtensorMap v_map[kMaxVariants];
   AxisParams axes[kMaxRank];
-  Tiling q;
-  Box kv_box;
+  BoxTiling q;
+  BoxShape kv_box;
   OffsetCoefficients q_coef;
   OffsetCoefficients kv_coef;
   int64_t heads;
@@ -141,15 +142,6 @@ __device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, T
   warpgroup_fence_operand(c);
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Offset-dim coordinate of a tile (sm90_plan.h: plan_tma_view).
 __device__ __forceinline__ int32_t offset_coordinate(const OffsetCoefficients& c, int64_t b,
                                                      int64_t h, const TileOrigin& o) {
@@ -196,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t b = blockIdx.y;
   const int64_t hk = h / p.heads_per_kv;
   const TileOrigin q_origin = p.q.locate(p.axes, qt);
-  const KvWalk walk = make_walk(p.axes, q_origin, p.q.box, p.kv_box);
+  const TileWalk walk = forward_walk(p.axes, q_origin, p.q.box, p.kv_box);
   const int32_t n_tiles = walk.visited();
   const int variant = tma_variant(p.axes, q_origin.group);
 
@@ -231,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           offset_coordinate(p.q_coef, b, h, q_origin), kM);
 
     const int32_t kv_offset = offset_coordinate(p.kv_coef, b, hk, q_origin);
-    KvCursor cur = KvCursor::begin(walk);
+    WalkCursor cur = WalkCursor::begin(walk);
     for (int32_t j = 0; j < n_tiles; ++j, cur.advance(walk)) {
       const int stage = j % kStages;
       const uint32_t phase = (j / kStages) & 1;
@@ -302,10 +294,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float correction[2];
 
   // Scores of tile `cur` -> P (unnormalized, in tSrS), running max/sum, correction factors.
-  auto softmax = [&](const KvCursor& cur) {
+  auto softmax = [&](const WalkCursor& cur) {
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= p.scale_log2;
-    if (cur.masked) {
+    if (cur.stage == Stage::kMasked) {
       int32_t col_origin[kMaxRank];
       for (int a = 0; a < kMaxRank; ++a) {
         col_origin[a] = static_cast<int32_t>(cur.tile[a] * p.kv_box.extent(a));
@@ -395,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // least one KV tile (each of its queries attends to itself).
   TxBarrier::wait(&s.q_full, 0);
   clear(tOrO);
-  KvCursor cur = KvCursor::begin(walk);
+  WalkCursor cur = WalkCursor::begin(walk);
   TxBarrier::wait(&s.k_full[0], 0);
   my_turn();
   wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);

@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "cuda/common/tensor_core.cuh"
 #include "cuda/sm90/sm90_fwd_kernel.cuh"
 #include "cuda/sm90/sm90_plan.h"
 
@@ -19,17 +20,6 @@ std::string tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000* fn);
 
 // Encodes the kMaxVariants maps of one tensor view (sm90_plan.h: plan_tma_view).
 std::string encode_maps(const TmaPlan& plan, DType dtype, const void* data, CUtensorMap* maps);
-
-template <DType kDtype>
-struct ElementOf;
-template <>
-struct ElementOf<DType::kFloat16> {
-  using type = cute::half_t;
-};
-template <>
-struct ElementOf<DType::kBFloat16> {
-  using type = cute::bfloat16_t;
-};
 
 // Launches one instantiation on a params struct whose maps are already encoded.
 template <DType kDtype, int kHeadDim>

@@ -27,11 +27,11 @@ inline void pad_axes(const std::vector<AxisParams>& user, AxisParams (&axes)[kMa
   }
 }
 
-inline Box box_from_extents(const std::vector<int64_t>& extents, const char* name) {
+inline BoxShape box_from_extents(const std::vector<int64_t>& extents, const char* name) {
   if (extents.size() != static_cast<size_t>(kMaxRank)) {
     throw std::invalid_argument(std::string(name) + ": need 3 extents (rank-3 order)");
   }
-  Box b;
+  BoxShape b;
   for (int a = 0; a < kMaxRank; ++a) {
     int l = 0;
     while ((int64_t{1} << l) < extents[a]) ++l;
@@ -43,7 +43,7 @@ inline Box box_from_extents(const std::vector<int64_t>& extents, const char* nam
   return b;
 }
 
-inline std::vector<int64_t> box_extents(const Box& b) {
+inline std::vector<int64_t> box_extents(const BoxShape& b) {
   return {b.extent(0), b.extent(1), b.extent(2)};
 }
 
@@ -73,18 +73,18 @@ inline WalkResult host_kv_walk(const std::vector<AxisParams>& user,
                                const std::vector<int64_t>& kv_box, int64_t q_tile) {
   AxisParams axes[kMaxRank];
   pad_axes(user, axes);
-  const Tiling tiling = make_tiling(axes, box_from_extents(q_box, "q_box"));
+  const BoxTiling tiling = make_tiling(axes, box_from_extents(q_box, "q_box"));
   if (q_tile < 0 || q_tile >= tiling.count()) throw std::invalid_argument("q_tile out of range");
   const TileOrigin o = tiling.locate(axes, q_tile);
-  const KvWalk w = make_walk(axes, o, tiling.box, box_from_extents(kv_box, "kv_box"));
+  const TileWalk w = forward_walk(axes, o, tiling.box, box_from_extents(kv_box, "kv_box"));
   WalkResult r;
   for (int a = 0; a < kMaxRank; ++a) {
     r.group.push_back(o.group[a]);
     r.tile.push_back(o.tile[a]);
     r.group_len.push_back(o.group_len[a]);
   }
-  for (KvCursor c = KvCursor::begin(w); !c.done; c.advance(w)) {
-    r.kv.push_back({c.tile[0], c.tile[1], c.tile[2], c.masked ? 1 : 0});
+  for (WalkCursor c = WalkCursor::begin(w); !c.done(); c.advance(w)) {
+    r.kv.push_back({c.tile[0], c.tile[1], c.tile[2], c.stage == Stage::kMasked ? 1 : 0});
   }
   return r;
 }

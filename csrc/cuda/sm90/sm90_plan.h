@@ -1,15 +1,13 @@
-// Host-side plan of the Hopper forward, plus the tile walk the kernel shares with it. Plain C++17
-// (no CUDA headers): the .cu files include it, and so can the Python bindings (for the CPU tests
-// in tests/test_sm90_host.py).
+// Host-side plan of the Hopper forward. Plain C++17 (no CUDA headers): the .cu files include it,
+// and so can the Python bindings (for the CPU tests in tests/test_sm90_host.py).
 //
-// 1. Tiles are boxes of tokens in dilation-group space (include/nattn/tile_plan.h): per axis a
-//    power-of-two extent of consecutive group positions of one dilation group; row r of a box is
-//    the token whose local coordinates are the bit fields of r, last axis fastest. That is the
-//    order in which a TMA box {chunk, e2, e1, e0, 1} lands in shared memory, so a TMA copy fills
-//    a tile in exactly the row order the kernel assumes.
-// 2. The KV tiles of a Q tile: tile_plan.h's axis_tile_range per axis; a KV tile is visited iff
-//    visited on every axis, full (no per-element mask) iff full on every axis. The walk lists
-//    the full tiles first, then the masked ones: an unmasked mainloop stage, then a masked one.
+// 1. Tiles are boxes of tokens in dilation-group space (common/box_tiling.h, shared with sm80):
+//    row r of a box is the token whose local coordinates are the bit fields of r, last axis
+//    fastest. That is the order in which a TMA box {chunk, e2, e1, e0, 1} lands in shared memory,
+//    so a TMA copy fills a tile in exactly the row order the kernel assumes.
+// 2. The KV tiles of a Q tile: box_tiling.h's forward_walk (no additional tiles here), full tiles
+//    first, then the masked ones: an unmasked mainloop stage, then a masked one. Which boxes to
+//    use is this file's own search (choose_tiles), not sm80's greedy choice.
 // 3. TMA views: one 5-D tensor map per (tensor, ragged-group variant), see plan_tma_view.
 // 4. Why the Hopper path declines a problem: forward_reasons.
 #pragma once
@@ -19,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/common/box_tiling.h"
 #include "cuda/sm90/sm90_config.h"
 #include "nattn/config.h"
 #include "nattn/params.h"
@@ -28,154 +27,18 @@
 namespace nattn::cuda::sm90 {
 
 // ---------------------------------------------------------------------------------------------
-// Boxes and tilings (host + device).
-
-struct Box {
-  int log2[kMaxRank] = {0, 0, 0};
-
-  NATTN_HOST_DEVICE int64_t extent(int a) const { return int64_t{1} << log2[a]; }
-  NATTN_HOST_DEVICE int rows() const { return 1 << (log2[0] + log2[1] + log2[2]); }
-  // Local coordinate along axis a of box row r.
-  NATTN_HOST_DEVICE int local(int r, int a) const {
-    int shift = 0;
-    for (int b = a + 1; b < kMaxRank; ++b) shift += log2[b];
-    return (r >> shift) & ((1 << log2[a]) - 1);
-  }
-};
-
-// Where a tile lies: per axis its dilation group, the group's length and the tile's index in the
-// group (first group position tile * extent).
-struct TileOrigin {
-  int32_t group[kMaxRank];
-  int32_t group_len[kMaxRank];
-  int32_t tile[kMaxRank];
-};
-
-// The Q tiles of a problem: per axis tile_plan.h's axis_q_tiles (all dilation groups), linear
-// index last axis fastest.
-struct Tiling {
-  Box box;
-  int64_t tiles[kMaxRank] = {1, 1, 1};
-
-  NATTN_HOST_DEVICE int64_t count() const { return tiles[0] * tiles[1] * tiles[2]; }
-
-  NATTN_HOST_DEVICE TileOrigin locate(const AxisParams (&axes)[kMaxRank], int64_t t) const {
-    TileOrigin o;
-    for (int a = kMaxRank - 1; a >= 0; --a) {
-      const int64_t ta = t % tiles[a];
-      t /= tiles[a];
-      const GroupTile gt = axis_locate_q_tile(axes[a], box.extent(a), ta);
-      o.group[a] = static_cast<int32_t>(gt.group);
-      o.tile[a] = static_cast<int32_t>(gt.tile);
-      o.group_len[a] =
-          static_cast<int32_t>(group_length(axes[a].length, axes[a].dilation, gt.group));
-    }
-    return o;
-  }
-};
-
-NATTN_HOST_DEVICE Tiling make_tiling(const AxisParams (&axes)[kMaxRank], Box box) {
-  Tiling t;
-  t.box = box;
-  for (int a = 0; a < kMaxRank; ++a) t.tiles[a] = axis_q_tiles(axes[a], box.extent(a));
-  return t;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The KV tiles of one Q tile (host + device). Producer and consumers run the same walk, so they
-// agree on the order of the tiles in the pipeline without passing anything but the stage index.
-
-struct KvWalk {
-  int32_t begin[kMaxRank];
-  int32_t end[kMaxRank];
-  int32_t full_begin[kMaxRank];
-  int32_t full_end[kMaxRank];
-
-  NATTN_HOST_DEVICE int32_t visited() const {
-    return (end[0] - begin[0]) * (end[1] - begin[1]) * (end[2] - begin[2]);
-  }
-  NATTN_HOST_DEVICE int32_t full() const {
-    return (full_end[0] - full_begin[0]) * (full_end[1] - full_begin[1]) *
-           (full_end[2] - full_begin[2]);
-  }
-  NATTN_HOST_DEVICE bool is_full(const int32_t (&t)[kMaxRank]) const {
-    bool f = true;
-    for (int a = 0; a < kMaxRank; ++a) f = f && t[a] >= full_begin[a] && t[a] < full_end[a];
-    return f;
-  }
-};
-
-NATTN_HOST_DEVICE KvWalk make_walk(const AxisParams (&axes)[kMaxRank], const TileOrigin& q,
-                                   Box q_box, Box kv_box) {
-  KvWalk w;
-  for (int a = 0; a < kMaxRank; ++a) {
-    const AxisTileRange r =
-        axis_tile_range(q.group_len[a], axes[a].kernel_size, axes[a].stride, axes[a].is_causal,
-                        q_box.extent(a), kv_box.extent(a), q.tile[a]);
-    w.begin[a] = static_cast<int32_t>(r.kv_begin);
-    w.end[a] = static_cast<int32_t>(r.kv_end);
-    w.full_begin[a] = static_cast<int32_t>(r.full_begin);
-    w.full_end[a] = static_cast<int32_t>(r.full_end);
-  }
-  return w;
-}
-
-// Position in a walk: full tiles (enumerating the full sub-box), then masked tiles (enumerating
-// the visited box, skipping full ones). `tile` holds the per-axis KV tile indices.
-struct KvCursor {
-  bool masked = false;
-  bool done = false;
-  int32_t n = -1;
-  int32_t tile[kMaxRank] = {0, 0, 0};
-
-  NATTN_HOST_DEVICE void advance(const KvWalk& w) {
-    if (!masked) {
-      if (n + 1 < w.full()) {
-        ++n;
-        int32_t m = n;
-        for (int a = kMaxRank - 1; a >= 0; --a) {
-          const int32_t e = w.full_end[a] - w.full_begin[a];
-          tile[a] = w.full_begin[a] + m % e;
-          m /= e;
-        }
-        return;
-      }
-      masked = true;
-      n = -1;
-    }
-    const int32_t visited = w.visited();
-    for (++n; n < visited; ++n) {
-      int32_t m = n;
-      for (int a = kMaxRank - 1; a >= 0; --a) {
-        const int32_t e = w.end[a] - w.begin[a];
-        tile[a] = w.begin[a] + m % e;
-        m /= e;
-      }
-      if (!w.is_full(tile)) return;
-    }
-    done = true;
-  }
-
-  NATTN_HOST_DEVICE static KvCursor begin(const KvWalk& w) {
-    KvCursor c;
-    c.advance(w);
-    return c;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
 // Tile-shape choice (host).
 
 struct TileChoice {
-  Box q;
-  Box kv;
+  BoxShape q;
+  BoxShape kv;
   TilePlanSummary summary;  // tile pairs of the whole problem (per batch and head)
   double cost = 0.0;        // summary.full + kMaskedTileCost * summary.masked
 };
 
 // Every split of 2^log2_rows rows into per-axis powers of two, none past the axis's longest
 // group rounded up to a power of two (a longer extent only adds empty rows).
-inline std::vector<Box> candidate_boxes(const AxisParams (&axes)[kMaxRank], int log2_rows) {
+inline std::vector<BoxShape> candidate_boxes(const AxisParams (&axes)[kMaxRank], int log2_rows) {
   int cap[kMaxRank];
   for (int a = 0; a < kMaxRank; ++a) {
     const int64_t g = group_length(axes[a].length, axes[a].dilation, 0);
@@ -183,7 +46,7 @@ inline std::vector<Box> candidate_boxes(const AxisParams (&axes)[kMaxRank], int 
     while ((int64_t{1} << c) < g) ++c;
     cap[a] = c;
   }
-  std::vector<Box> out;
+  std::vector<BoxShape> out;
   for (int l0 = 0; l0 <= log2_rows; ++l0) {
     for (int l1 = 0; l0 + l1 <= log2_rows; ++l1) {
       const int l2 = log2_rows - l0 - l1;
@@ -191,7 +54,7 @@ inline std::vector<Box> candidate_boxes(const AxisParams (&axes)[kMaxRank], int 
       // Axis 0 takes whatever the others cannot hold, even past its cap: the box must have
       // exactly 2^log2_rows rows (two consumer warpgroups of 64), extra rows are simply empty.
       if (l0 > cap[0] && (l1 < cap[1] || l2 < cap[2])) continue;
-      Box b;
+      BoxShape b;
       b.log2[0] = l0;
       b.log2[1] = l1;
       b.log2[2] = l2;
@@ -212,10 +75,10 @@ inline std::vector<Box> candidate_boxes(const AxisParams (&axes)[kMaxRank], int 
 inline TileChoice choose_tiles(const AxisParams (&axes)[kMaxRank]) {
   TileChoice best;
   bool have = false;
-  const std::vector<Box> qs = candidate_boxes(axes, kLog2QRows);
-  const std::vector<Box> kvs = candidate_boxes(axes, kLog2KvRows);
-  for (const Box& q : qs) {
-    for (const Box& kv : kvs) {
+  const std::vector<BoxShape> qs = candidate_boxes(axes, kLog2QRows);
+  const std::vector<BoxShape> kvs = candidate_boxes(axes, kLog2KvRows);
+  for (const BoxShape& q : qs) {
+    for (const BoxShape& kv : kvs) {
       int64_t qt[kMaxRank], kt[kMaxRank];
       for (int a = 0; a < kMaxRank; ++a) {
         qt[a] = q.extent(a);
@@ -288,7 +151,7 @@ inline int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b)
 
 // The views of one tensor t ([B, x0, x1, x2, heads, D], 2-byte elements) tiled by `box`.
 inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, int64_t heads,
-                             int64_t head_dim, const TensorRef<6>& t, Box box,
+                             int64_t head_dim, const TensorRef<6>& t, BoxShape box,
                              const char* name) {
   constexpr int64_t kElem = 2;
   constexpr int64_t kAlign = 16 / kElem;  // TMA strides are multiples of 16 bytes
