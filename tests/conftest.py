@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,15 @@ def _seed():
     torch.manual_seed(0)
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cutlass_include():
+    """The CUTLASS/CuTe include directory (NATTN_CUTLASS_INCLUDE, else the nvidia-cutlass
+    wheel's), or None: the compile checks skip without it."""
+    env = os.environ.get("NATTN_CUTLASS_INCLUDE")
+    if env and Path(env, "cute").is_dir():
+        return env
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    path = Path(cutlass_library.__file__).parent / "source" / "include"
+    return str(path) if (path / "cute").is_dir() else None

@@ -10,30 +10,18 @@ One fp16/bf16 instantiation of each kernel is compiled (about a minute per targe
 skipped when nvcc or the CUTLASS/CuTe headers are missing.
 """
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import cutlass_include
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cutlass_include():
-    env = os.environ.get("NATTN_CUTLASS_INCLUDE")
-    if env and Path(env, "cute").is_dir():
-        return env
-    try:
-        import cutlass_library
-    except ImportError:
-        return None
-    path = Path(cutlass_library.__file__).parent / "source" / "include"
-    return str(path) if (path / "cute").is_dir() else None
-
-
 NVCC = shutil.which("nvcc")
-CUTLASS = _cutlass_include()
+CUTLASS = cutlass_include()
 pytestmark = pytest.mark.skipif(
     NVCC is None or CUTLASS is None, reason="needs nvcc and the CUTLASS/CuTe headers"
 )

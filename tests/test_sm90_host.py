@@ -16,13 +16,13 @@ exist. No GPU is needed or used.
 """
 
 import math
-import os
 import random
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import cutlass_include
 
 torch = pytest.importorskip("torch")
 _C = pytest.importorskip("nattn._C")
@@ -270,20 +270,8 @@ def test_forward_reasons():
 # Compile checks (nvcc, no GPU).
 
 
-def _cutlass_include():
-    env = os.environ.get("NATTN_CUTLASS_INCLUDE")
-    if env and Path(env, "cute").is_dir():
-        return env
-    try:
-        import cutlass_library
-    except ImportError:
-        return None
-    path = Path(cutlass_library.__file__).parent / "source" / "include"
-    return str(path) if (path / "cute").is_dir() else None
-
-
 NVCC = shutil.which("nvcc")
-CUTLASS = _cutlass_include()
+CUTLASS = cutlass_include()
 needs_nvcc = pytest.mark.skipif(
     NVCC is None or CUTLASS is None, reason="needs nvcc and the CUTLASS/CuTe headers"
 )
