@@ -14,7 +14,6 @@ from nattn.__main__ import main
 
 pytest.importorskip("nattn._C")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sol_json_matches_perf(tmp_path, capsys):
@@ -182,9 +181,31 @@ def test_plots_from_results(tmp_path):
 
 
 def test_module_entry_point_runs():
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    # The package under test (installed, or python/ with a dev build), not necessarily ROOT's.
+    import nattn
+
+    env = {**os.environ, "PYTHONPATH": str(Path(nattn.__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-m", "nattn", "sol", "-i", "32", "-w", "8", "-s",
                            "4", "--no-measure"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "needed / computed" in proc.stdout
+
+
+def test_scaling_pair_is_measured_interleaved(monkeypatch):
+    from dataclasses import replace
+
+    from nattn import problems
+    from nattn.cli import bench
+
+    small = replace(problems.scale(problems.get("cpu-2d-64"), 0.125), name="tiny-a")
+    large = replace(problems.scale(problems.get("cpu-2d-64"), 0.25), name="tiny-b")
+    monkeypatch.setattr(bench, "SCALING_PAIRS", [("tiny-a", "tiny-b", 4)])
+    results = [{"name": p.name, "scale": 1, "_problem": p} for p in (small, large)]
+    (sc,) = bench._scaling(results, torch.device("cpu"), warmup=1, repeats=3)
+    assert (sc["small"], sc["large"], sc["token_ratio"]) == ("tiny-a", "tiny-b", 4)
+    assert sc["small_s"] > 0 and sc["large_s"] > 0
+    assert sc["time_ratio"] == pytest.approx(sc["large_s"] / sc["small_s"])
+    # A scaled-down pair (scale != 1) is not the named pair: nothing is measured.
+    results[0]["scale"] = 0.5
+    assert bench._scaling(results, torch.device("cpu"), warmup=1, repeats=3) == []

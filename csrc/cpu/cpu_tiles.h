@@ -87,14 +87,19 @@ struct Rows {
 };
 
 // Rows of heads [head0, head0 + n_heads) of batch b: read in place when the tensor already holds
-// compute-type elements with a contiguous last dimension (the common fp32/fp64 case), else
-// converted into `storage`.
+// compute-type elements whose rows are dense (contiguous last dimension, consecutive tokens
+// adjacent: one head's rows form one block), else gathered into `storage`. Heads-last tensors
+// with several heads are gathered, so that one head's rows are dense in cache: 128x128 tokens
+// over 64x64 (H 4, D 64, fp32, 2 threads, interleaved medians) measured 3.7x the time gathered
+// against 3.9x read in place.
 template <typename T, typename A>
 Rows<A> make_rows(const T* data, const int64_t* stride, int64_t b, int64_t head0, int64_t n_heads,
                   int64_t width, const Geometry& geo, int nt, std::vector<A>& storage) {
   const T* first = data + b * stride[0] + head0 * stride[4];
   if constexpr (std::is_same_v<T, A>) {
-    if (stride[5] == 1) return Rows<A>{first, stride[4], {stride[1], stride[2], stride[3]}};
+    if (stride[5] == 1 && stride[3] == width) {
+      return Rows<A>{first, stride[4], {stride[1], stride[2], stride[3]}};
+    }
   }
   const int64_t per_head = geo.tokens() * width;
   storage.resize(static_cast<size_t>(n_heads * per_head));

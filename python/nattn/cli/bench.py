@@ -235,6 +235,11 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
                  f"{v['bandwidth'] / 1e9:.1f} GB/s copy" for k, v in meta["ceilings"].items()),
              "", "Speedup = that row's time / nattn (auto)'s time. Bound = tightest of the FLOP, "
              "tile (multi-dim) and memory bounds (docs/performance.md).", ""]
+    for sc in meta.get("scaling", []):
+        lines += [f"Linear scaling (nattn auto forward, calls of the two problems interleaved): "
+                  f"{sc['large']} / {sc['small']} = {common.fmt_time(sc['large_s'])} / "
+                  f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f} for "
+                  f"{sc['token_ratio']}x the tokens.", ""]
     head = ["problem", "scale", "layout", "impl", "fwd", unit, "of bound", "nattn speedup"]
     if backward:
         head += ["fwd+bwd", unit, "of bound", "nattn speedup"]
@@ -282,6 +287,39 @@ def compare(results: List[Dict], baseline_path: str) -> List[Dict]:
     return out
 
 
+# (smaller, larger, token ratio): pairs whose time ratio checks linear scaling in N. The two
+# problems of a pair run minutes apart in the suite, and a shared machine's speed drifts over
+# minutes, so the ratio is measured again with their calls interleaved.
+SCALING_PAIRS = [("cpu-2d-64", "cpu-2d-128", 4)]
+
+
+def _scaling(results: List[Dict], device, warmup: int, repeats: int) -> List[Dict]:
+    """For each SCALING_PAIRS pair in ``results`` (unscaled): medians of nattn (auto)'s forward
+    over ``repeats`` alternating calls of the two problems, and their ratio."""
+    by_name = {r["name"]: r for r in results if r["scale"] == 1}
+    out = []
+    for small, large, tokens in SCALING_PAIRS:
+        if small not in by_name or large not in by_name:
+            continue
+        fns = []
+        for name in (small, large):
+            problem = by_name[name]["_problem"]
+            inputs = common.make_inputs(problem, device, problem.dtype)
+            auto = common.auto_backend(problem, device, problem.dtype)
+            fns.append(common.nattn_impls(problem, inputs, device, problem.dtype, [auto])[0]
+                       .forward)
+        times = [[], []]
+        for fn in fns:
+            common.time_calls(fn, device, warmup, 0)
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                times[i] += common.time_calls(fn, device, 0, 1)
+        med = [common.median(t) for t in times]
+        out.append({"small": small, "large": large, "token_ratio": tokens,
+                    "small_s": med[0], "large_s": med[1], "time_ratio": med[1] / med[0]})
+    return out
+
+
 def run(args) -> int:
     threads = common.set_threads(args.threads)
     device = common.best_device()
@@ -321,8 +359,13 @@ def run(args) -> int:
         for p, factor in sweep_jobs:
             sweep.append(_run_problem(p, p.name, factor, args, device, ceilings, warmup,
                                       repeats, progress, task))
+    scaling = _scaling(results, device, warmup, repeats)  # before _finish drops "_problem"
     for res in results + sweep:
         _finish(res, ceilings.best, args.backward, device.type)
+    for sc in scaling:
+        out.print(f"linear scaling, interleaved: {sc['large']} / {sc['small']} forward = "
+                  f"{common.fmt_time(sc['large_s'])} / {common.fmt_time(sc['small_s'])} = "
+                  f"{sc['time_ratio']:.2f} for {sc['token_ratio']}x the tokens")
     for key, c in ceilings.best.items():
         out.print(f"ceilings ({c.source}, {key}): matmul "
                   f"{c.matmul_flops / 1e9:.1f} GFLOP/s, copy bandwidth {c.bandwidth / 1e9:.1f} GB/s")
@@ -338,6 +381,7 @@ def run(args) -> int:
         # 1-minute load average before and after: other processes on the machine skew timings
         "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "ceilings": {k: asdict(v) for k, v in ceilings.best.items()},
+        "scaling": scaling,
     }
     doc = {"meta": meta, "problems": results, "sweep": sweep}
     if args.json:
