@@ -153,7 +153,7 @@ def neighborhood_attention(
     Memory: O(B * H * N^2) for N tokens. This function does not validate its arguments beyond
     what it needs; the public API (``nattn.neighborhood_attention``) does.
     """
-    scores, v, mask, shape = _dense_scores(
+    _, _, v, scores, shape = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values,
     )
@@ -172,9 +172,9 @@ def _heads_last(x: torch.Tensor, shape) -> torch.Tensor:
 
 def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, scale,
                   additional_keys, additional_values):
-    """Masked scaled scores [B, H, N, N(+M)] (-inf outside the neighborhood), the values
-    [B, H, N(+M), D_v] with kv heads repeated per query head, the mask, and query's shape
-    without its head dim."""
+    """Queries [B, H, N, D], keys [B, H, N(+M), D] and values [B, H, N(+M), D_v] (kv heads
+    repeated per query head, additional tokens appended), the masked scaled scores
+    [B, H, N, N(+M)] (-inf outside the neighborhood), and query's shape without its head dim."""
     rank = query.dim() - 3
     spatial = tuple(query.shape[1:-2])
     batch, heads, head_dim = query.shape[0], query.shape[-2], query.shape[-1]
@@ -203,7 +203,7 @@ def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, s
     v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    return scores, v, mask, tuple(query.shape[:-1])
+    return q, k, v, scores, tuple(query.shape[:-1])
 
 
 def neighborhood_attention_backward(
@@ -232,7 +232,7 @@ def neighborhood_attention_backward(
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    scores, v, _, shape = _dense_scores(
+    q, k, v, scores, shape = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values,
     )
@@ -246,12 +246,6 @@ def neighborhood_attention_backward(
     if grad_lse is not None:
         row = row - grad_lse.reshape(batch, n, heads).transpose(1, 2)[..., None].to(row.dtype)
     d_scores = probs * (torch.matmul(d_out, v.transpose(-1, -2)) - row)
-    q = query.reshape(batch, n, heads, -1).transpose(1, 2)
-    k = torch.cat(
-        [key.reshape(batch, n, kv_heads, -1).transpose(1, 2)]
-        + ([] if additional_keys is None else [additional_keys.transpose(1, 2)]),
-        dim=2,
-    ).repeat_interleave(heads // kv_heads, dim=1)
     dq = torch.matmul(d_scores, k) * scale
     dk_all = torch.matmul(d_scores.transpose(-1, -2), q) * scale
     dv_all = torch.matmul(probs.transpose(-1, -2), d_out)
