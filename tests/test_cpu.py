@@ -168,6 +168,34 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_schedules_agree_bitwise(dtype):
+    """The backward runs each (batch, kv head) group on one thread with dq accumulated on the
+    key-side walk when the groups keep the threads busy, and splits each group over all threads
+    with a separate dq pass otherwise; the two do the same sums in the same order. One thread
+    (fused), as many threads as groups (fused) and one more (split) must give identical bits,
+    for random configurations with a non-zero lse gradient."""
+    rng = random.Random(5)
+    before = torch.get_num_threads()
+    try:
+        for i in range(25):
+            c = random_case(rng)
+            gen = torch.Generator().manual_seed(i)
+            inputs = make_inputs(c, dtype=dtype, generator=gen)
+            shape = (c.batch, *c.shape, c.heads)
+            grads = (torch.randn(*shape, c.dim_v, dtype=dtype, generator=gen),
+                     torch.randn(*shape, generator=gen))
+            results = []
+            for threads in (1, c.batch * c.kv_heads, c.batch * c.kv_heads + 1):
+                torch.set_num_threads(threads)
+                results.append(run(cpu_fn, c, inputs, grads))
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b), c
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_error_ratio(dtype):
     """Kernel error vs the fp64 reference <= 2x (forward) / 3x (gradients) the error of the

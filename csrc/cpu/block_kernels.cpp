@@ -47,17 +47,19 @@ NATTN_INLINE void block_dot_impl(const A* a, int64_t lda, const A* bt, int64_t l
   }
 }
 
+// Only the first `rows` rows of o are read and written (the products of the others are computed
+// on zeros and dropped, so the FMA loop keeps its fixed shape).
 template <typename A>
 NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
-                                        int64_t width, A* o, int64_t ldo) {
+                                        int64_t width, A* o, int64_t ldo, int rows = kRows) {
   using V = Vec<A>;
   constexpr int kN = V::kPerPanel;
   // Column panels of kCols: the kRows x kCols accumulator block stays in registers across the
   // n rows of b; the last, partial panel (width not a multiple of kCols) runs a scalar loop.
   int64_t w0 = 0;
   for (; w0 + kCols <= width; w0 += kCols) {
-    typename V::type acc[kRows][kN];
-    for (int r = 0; r < kRows; ++r) {
+    typename V::type acc[kRows][kN] = {};
+    for (int r = 0; r < rows; ++r) {
       for (int j = 0; j < kN; ++j) V::load(acc[r][j], o + r * ldo + w0 + j * V::kLanes);
     }
     for (int64_t c = 0; c < n; ++c) {
@@ -68,19 +70,37 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
         for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
       }
     }
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < rows; ++r) {
       for (int j = 0; j < kN; ++j) V::store(o + r * ldo + w0 + j * V::kLanes, acc[r][j]);
     }
   }
   const int64_t tail = width - w0;
   if (tail == 0) return;
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < rows; ++r) {
     A* o_row = o + r * ldo + w0;
     for (int64_t c = 0; c < n; ++c) {
       const A p_rc = p[r * kCols + c];
       const A* b_row = b + c * ldb + w0;
       for (int64_t w = 0; w < tail; ++w) o_row[w] += p_rc * b_row[w];
     }
+  }
+}
+
+// Transposed: o[c * ldo + w] += sum_{r < kRows} p[r * kCols + c] * b[r * ldb + w] for c < n.
+// Each group of kRows columns of p is transposed into a block and handed to the row kernel, so
+// every output row sums its kRows products in r order, the same sequence of fused multiply-adds
+// block_accumulate applies to a row whose block holds the same values.
+template <typename A>
+NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const A* b,
+                                                   int64_t ldb, int64_t width, A* o,
+                                                   int64_t ldo) {
+  A pt[kRows * kCols];
+  for (int c0 = 0; c0 < n; c0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, n - c0));
+    for (int c = 0; c < kRows; ++c) {
+      for (int r = 0; r < kRows; ++r) pt[c * kCols + r] = p[r * kCols + c0 + c];
+    }
+    block_accumulate_impl(pt, kRows, b, ldb, width, o + c0 * ldo, ldo, rows);
   }
 }
 
@@ -172,13 +192,16 @@ NATTN_INLINE void block_backward_probs_impl(A* s, const A* dp, const int64_t* cl
                                             const A* col_lse, const A* row_delta,
                                             const A* col_delta, A* ds) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  // One of row_* / col_* is zero, so row_lse[r] + col_lse[c] is exactly the query's lse and the
+  // expressions below round the same way whichever side the queries are on: P and dS of a
+  // (query, key) pair are bit-identical in the dq and the dk/dv orientation.
   for (int r = 0; r < kRows; ++r) {
     A* row = s + r * kCols;
     const int64_t lo = clo[r], hi = chi[r];
     for (int c = 0; c < kCols; ++c) {
-      const A x = row[c] * scale - row_lse[r] - col_lse[c];
+      const A x = row[c] * scale - (row_lse[r] + col_lse[c]);
       row[c] = exp_any((c >= lo && c < hi) ? x : kNegInf);
-      ds[r * kCols + c] = row[c] * (dp[r * kCols + c] - row_delta[r] - col_delta[c]);
+      ds[r * kCols + c] = row[c] * (dp[r * kCols + c] - (row_delta[r] + col_delta[c]));
     }
   }
 }
@@ -203,6 +226,16 @@ NATTN_CLONES void block_accumulate(const double* p, int64_t n, const double* b, 
   block_accumulate_impl(p, n, b, ldb, width, o, ldo);
 }
 
+
+NATTN_CLONES void block_accumulate_transposed(const float* p, int64_t n, const float* b,
+                                              int64_t ldb, int64_t width, float* o, int64_t ldo) {
+  block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);
+}
+NATTN_CLONES void block_accumulate_transposed(const double* p, int64_t n, const double* b,
+                                              int64_t ldb, int64_t width, double* o,
+                                              int64_t ldo) {
+  block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);
+}
 
 NATTN_CLONES void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi,
                                        float scale, float* m, float* l, float* corr) {

@@ -31,6 +31,14 @@ void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, in
 void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
                       double* o, int64_t ldo);
 
+// The same with p transposed: o[c * ldo + w] += sum_{r < kRows} p[r * kCols + c] * b[r * ldb + w]
+// for c < n (rows of o past n are not touched). Each o row sees the same sequence of rounded
+// operations block_accumulate would apply with the transposed block.
+void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
+                                 int64_t width, float* o, int64_t ldo);
+void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
+                                 int64_t width, double* o, int64_t ldo);
+
 // Exponentials below use, for fp32, a vectorizable polynomial (about 2 ulp; results below
 // exp(-87) flush to 0) and, for fp64, std::exp for full accuracy.
 
