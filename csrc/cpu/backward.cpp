@@ -26,6 +26,24 @@ constexpr int64_t kAdditionalPartQueries = 1024;
 // Most memory the fused schedule's per-thread group storage may take (bytes, all threads).
 constexpr int64_t kFusedStorageBudget = int64_t{1} << 30;
 
+// sum_w a[w] * b[w] in kLanes interleaved partial sums and a pairwise tree: vectorizable
+// (a single running sum is a chain of dependent adds the compiler may not reorder) and in a
+// fixed order.
+template <typename A>
+A dot_fixed_order(const A* a, const A* b, int64_t n) {
+  constexpr int kLanes = 16;
+  A part[kLanes] = {};
+  int64_t w0 = 0;
+  for (; w0 + kLanes <= n; w0 += kLanes) {
+    for (int j = 0; j < kLanes; ++j) part[j] += a[w0 + j] * b[w0 + j];
+  }
+  for (int j = 0; w0 + j < n; ++j) part[j] += a[w0 + j] * b[w0 + j];
+  for (int half = kLanes / 2; half >= 1; half /= 2) {
+    for (int j = 0; j < half; ++j) part[j] += part[j + half];
+  }
+  return part[0];
+}
+
 template <typename A>
 struct BackwardScratch {
   std::vector<A> a, b, acc_a, acc_b, s, dp;
@@ -160,8 +178,7 @@ class Backward {
                  p_.out.stride[5], Dv_, o_row.data());
         load_row(d_out + token_offset(p_.d_out.stride, b, x) + h * p_.d_out.stride[4],
                  p_.d_out.stride[5], Dv_, do_row.data());
-        A dl = 0;
-        for (int64_t w = 0; w < Dv_; ++w) dl += o_row[w] * do_row[w];
+        A dl = dot_fixed_order(o_row.data(), do_row.data(), Dv_);
         if (p_.d_lse.data != nullptr) {  // lse is an output too: d lse_i / d s_ij = P_ij
           dl -= static_cast<const float*>(
               p_.d_lse.data)[token_offset(p_.d_lse.stride, b, x) + h * p_.d_lse.stride[4]];

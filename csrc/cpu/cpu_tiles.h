@@ -124,18 +124,29 @@ const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t hea
                     int64_t n_heads, int64_t width, const Geometry& geo, int nt,
                     std::vector<A>& storage) {
   const T* first = data + b * stride[0] + head0 * stride[4];
-  storage.assign(static_cast<size_t>(n_heads * geo.lines * width * geo.ld), A(0));
+  storage.resize(static_cast<size_t>(n_heads * geo.lines * width * geo.ld));
   A* dst = storage.data();
   parallel_for(nt, n_heads * geo.lines, [&](int64_t item, int) {
     const int64_t i = item / geo.lines, l = item % geo.lines;
     const int64_t g = l % geo.dilation, x01 = l / geo.dilation;
     const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
     const int64_t n = group_length(geo.len[2], geo.dilation, g);
+    const T* src = first + i * stride[4] + x0 * stride[1] + x1 * stride[2] + g * stride[3];
+    const int64_t t_step = geo.dilation * stride[3];
     A* line = dst + item * width * geo.ld;
-    for (int64_t t = 0; t < n; ++t) {
-      const T* src = first + i * stride[4] + x0 * stride[1] + x1 * stride[2] +
-                     (g + geo.dilation * t) * stride[3];
-      for (int64_t w = 0; w < width; ++w) line[w * geo.ld + t] = to_compute<A>(src[w * stride[5]]);
+    // Blocks of kCols positions: the block's source rows stay in L1 while each of the width
+    // destination rows receives kCols contiguous elements (one cache line of fp32), instead of
+    // every element landing in a different line.
+    for (int64_t t0 = 0; t0 < n; t0 += kCols) {
+      const int64_t count = std::min<int64_t>(kCols, n - t0);
+      for (int64_t w = 0; w < width; ++w) {
+        A* out = line + w * geo.ld + t0;
+        const T* in = src + t0 * t_step + w * stride[5];
+        for (int64_t t = 0; t < count; ++t) out[t] = to_compute<A>(in[t * t_step]);
+      }
+    }
+    for (int64_t w = 0; w < width; ++w) {
+      std::fill(line + w * geo.ld + n, line + (w + 1) * geo.ld, A(0));
     }
   });
   return dst;
