@@ -88,20 +88,22 @@ void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, c
 template <typename A>
 struct GroupStorage {
   std::vector<A> k_store, v_store, k_rows_store, v_rows_store, q_store, do_store, q_rows_store,
-      do_rows_store, add_kt, add_vt, add_k_rows, add_v_rows, dk_acc, dv_acc, dq_acc, add_partial;
+      do_rows_store, add_kt, add_vt, add_k_rows, add_v_rows, dk_acc, dv_acc, add_partial;
   std::vector<BackwardScratch<A>> scratch;
   std::vector<ForwardScratch<A>> fwd_scratch;
 };
 
 // The two ways to schedule a group, with the same sums in the same order (so the same bits):
 //  - split: threads share the group. A dq pass walks each query tile's key windows, then a dk/dv
-//    pass walks each key tile's inverse windows; P and dS are computed twice (7 block products
-//    per chunk pair).
-//  - fused: one thread owns the group and walks only the key tiles, adding dS^T K into a dq
-//    accumulator for the whole head as it goes (5 block products). A query's dq receives its
-//    keys in the order the dq pass would visit them (key lines ascending, then positions), one
-//    fused multiply-add at a time, and P, dS come out bit-identical in either orientation
-//    (block_backward_probs), so both schedules give the same result.
+//    pass walks each key tile's inverse windows (the queries that attend to it), so every
+//    gradient row has one owner; P and dS are computed twice (7 block products per chunk pair),
+//    and q, dO are packed once more per head for the key-side walk.
+//  - fused: one thread owns the group and runs only the dq pass, adding P^T dO and dS^T Q into
+//    the group's dv and dk accumulators as it goes (5 block products, nothing packed per head).
+//    A key's dk/dv receive their queries in the order the key-side walk visits them (heads,
+//    then query lines ascending, then positions), one fused multiply-add at a time, and P, dS
+//    come out bit-identical in either orientation (block_backward_probs), so both schedules
+//    give the same result.
 template <typename T>
 class Backward {
   using A = typename ComputeType<T>::type;
@@ -151,7 +153,7 @@ class Backward {
     if (groups < nt || 5 * rounds * nt > 7 * groups) return false;
     const int64_t per_group =
         static_cast<int64_t>(sizeof(A)) *
-        (2 * (D_ + Dv_) * (geo_.lines * geo_.ld + geo_.tokens()) + (2 * D_ + Dv_) * geo_.tokens());
+        ((D_ + Dv_) * (geo_.lines * geo_.ld + 2 * geo_.tokens()));
     return per_group * nt <= kFusedStorageBudget;
   }
 
@@ -237,23 +239,29 @@ class Backward {
       });
     }
 
-    if (!fused) {
-      // dq: per query tile over its key windows, then the additional keys.
-      parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
-        const int64_t h = kvh * hpk_ + item / per_head;
-        const AxisTile& tile = tiles_[item % n_tiles_];
-        const int64_t x01 = (item % per_head) / n_tiles_;
-        dq_tile(b, h, x01 / geo_.len[1], x01 % geo_.len[1], tile, k_lines, v_lines, k_rows, st,
-                st.scratch[thread]);
-      });
-    }
-
-    // dk, dv: per key tile over the queries that attend to it, summed over the group's heads
-    // (head by head, in order) in compute-type accumulators; d_add_k/d_add_v per (tile of
-    // additional tokens, part of the queries) into partial sums. Fused: dq on the way.
+    // dk, dv are summed over the group's heads (head by head, in order) in compute-type
+    // accumulators; d_add_k/d_add_v per (tile of additional tokens, part of the query lines)
+    // into partial sums.
     st.dk_acc.assign(static_cast<size_t>(geo_.tokens() * D_), A(0));
     st.dv_acc.assign(static_cast<size_t>(geo_.tokens() * Dv_), A(0));
     st.add_partial.assign(static_cast<size_t>(m_tiles_ * n_parts_ * partial_size_), A(0));
+
+    // dq: per query tile over its key windows, then the additional keys; fused, dk/dv on the
+    // way (items in order on this thread: heads, then query lines, then positions).
+    KeyGradients kg{st.dk_acc.data(), st.dv_acc.data(), st.add_partial.data()};
+    parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
+      const int64_t h = kvh * hpk_ + item / per_head;
+      const AxisTile& tile = tiles_[item % n_tiles_];
+      const int64_t x01 = (item % per_head) / n_tiles_;
+      dq_tile(b, h, x01 / geo_.len[1], x01 % geo_.len[1], tile, k_lines, v_lines, k_rows, st,
+              st.scratch[thread], fused ? &kg : nullptr);
+    });
+    if (fused) {
+      store_dk_dv(b, kvh, nt, st);
+      return;
+    }
+
+    // dk, dv: per key tile over the queries that attend to it.
     const int64_t key_items = n_x01_ * n_tiles_;
     for (int64_t h = kvh * hpk_; h < (kvh + 1) * hpk_; ++h) {
       HeadQueries hq;
@@ -263,10 +271,6 @@ class Backward {
       hq.do_rows = make_rows(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_rows_store);
       hq.lse = row_lse_.data() + stats_line(b, h, 0);
       hq.delta = row_delta_.data() + stats_line(b, h, 0);
-      if (fused) {
-        st.dq_acc.assign(static_cast<size_t>(geo_.tokens() * D_), A(0));
-        hq.dq = st.dq_acc.data();
-      }
       parallel_for(nt, key_items + m_tiles_ * n_parts_, [&](int64_t item, int thread) {
         BackwardScratch<A>& s = st.scratch[thread];
         if (item < key_items) {
@@ -276,7 +280,6 @@ class Backward {
                           s);
         }
       });
-      if (fused) store_dq(b, h, st.dq_acc.data());
     }
     store_dk_dv(b, kvh, nt, st);
   }
@@ -289,13 +292,20 @@ class Backward {
     Rows<A> do_rows;    // dO rows
     const A* lse;       // row stats of this head (stats_line(b, h, 0))
     const A* delta;
-    A* dq = nullptr;  // fused: dq accumulator, rows in token order
   };
 
-  // dq of one query tile at (x0, x1) of head h (split schedule).
+  // The group's key-side accumulators, which the fused schedule's dq pass adds into.
+  struct KeyGradients {
+    A* dk;           // dk_acc, rows in token order
+    A* dv;           // dv_acc
+    A* add_partial;  // d_add_k/d_add_v partial sums
+  };
+
+  // dq of one query tile at (x0, x1) of head h; with kg (fused schedule) also its terms of dk,
+  // dv and the additional tokens' partial sums.
   void dq_tile(int64_t b, int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                const A* k_lines, const A* v_lines, const Rows<A>& k_rows,
-               const GroupStorage<A>& st, BackwardScratch<A>& s) {
+               const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg) {
     load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, tile, geo_, D_,
               s.a.data());
     load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
@@ -323,11 +333,20 @@ class Backward {
         const A* kt = k_lines + line * D_ * geo_.ld;
         const A* vt = v_lines + line * Dv_ * geo_.ld;
         const A* kr = k_rows.line(0, y0, y1, tile.group);
+        // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
+        const int64_t key_row0 = (y0 * geo_.len[1] + y1) * geo_.len[2] + tile.group;
         for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
           const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
           chunk_spans(lo, hi, c0, n, clo, chi);
           dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
                    k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data());
+          if (kg != nullptr) {  // s.s holds P, s.dp holds dS
+            const int64_t row = key_row0 + geo_.dilation * c0;
+            block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
+                                        kg->dv + row * Dv_, geo_.dilation * Dv_);
+            block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, kg->dk + row * D_,
+                                        geo_.dilation * D_);
+          }
         }
       }
     }
@@ -340,6 +359,17 @@ class Backward {
       dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
                M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
                s.s.data(), s.dp.data());
+      if (kg == nullptr) continue;
+      // Into the partial sums of (tile of kRows additional tokens, part of this query line).
+      const int64_t part = geo_.line(x0, x1, tile.group) / lines_per_part_;
+      for (int64_t m0 = c0; m0 < c0 + n; m0 += kRows) {
+        A* partial = kg->add_partial + (m0 / kRows * n_parts_ + part) * partial_size_;
+        const int64_t count = std::min<int64_t>(kRows, c0 + n - m0);
+        block_accumulate_transposed(s.dp.data() + (m0 - c0), count, s.a.data(), D_, D_, partial,
+                                    D_);
+        block_accumulate_transposed(s.s.data() + (m0 - c0), count, s.b.data(), Dv_, Dv_,
+                                    partial + kRows * D_, Dv_);
+      }
     }
     T* dq_out = static_cast<T*>(p_.dq.data);
     const A scale = static_cast<A>(p_.scale);
@@ -352,7 +382,7 @@ class Backward {
   }
 
   // All chunks of query line (x0, x1, group) in [c_begin, c_end) against the kRows keys in s.a /
-  // s.b, rows masked to [lo, hi): dk, dv into s.acc_a / s.acc_b, and dq when hq.dq is set.
+  // s.b, rows masked to [lo, hi): dk, dv into s.acc_a / s.acc_b.
   void walk_line(const HeadQueries& hq, BackwardScratch<A>& s, int64_t x0, int64_t x1,
                  int64_t group, const int64_t* lo, const int64_t* hi, int64_t c_begin,
                  int64_t c_end) const {
@@ -365,11 +395,6 @@ class Backward {
     const int64_t do_step = geo_.dilation * hq.do_rows.s[2];
     const A* lse = hq.lse + line * geo_.ld;
     const A* delta = hq.delta + line * geo_.ld;
-    // dq rows of this line: token (x0, x1, group + dilation * t).
-    A* dq = hq.dq == nullptr
-                ? nullptr
-                : hq.dq + ((x0 * geo_.len[1] + x1) * geo_.len[2] + group) * D_;
-    const int64_t dq_step = geo_.dilation * D_;
     int64_t clo[kRows], chi[kRows];
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kCols) {
       const int64_t n = std::min<int64_t>(kCols, c_end - c0);
@@ -377,10 +402,6 @@ class Backward {
       dkdv_chunk(p_, s.a.data(), s.b.data(), qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,
                  s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data());
-      if (dq != nullptr) {
-        block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, dq + c0 * dq_step,
-                                    dq_step);
-      }
     }
   }
 
@@ -453,21 +474,6 @@ class Backward {
     }
     std::copy(s.acc_a.data(), s.acc_a.data() + kRows * D_, partial);
     std::copy(s.acc_b.data(), s.acc_b.data() + kRows * Dv_, partial + kRows * D_);
-  }
-
-  // Fused schedule: the scaled dq accumulator of head h into p.dq.
-  void store_dq(int64_t b, int64_t h, A* dq) const {
-    T* dq_out = static_cast<T*>(p_.dq.data);
-    const A scale = static_cast<A>(p_.scale);
-    for (int64_t x01 = 0; x01 < n_x01_; ++x01) {
-      for (int64_t x2 = 0; x2 < geo_.len[2]; ++x2) {
-        const int64_t x[3] = {x01 / geo_.len[1], x01 % geo_.len[1], x2};
-        A* row = dq + (x01 * geo_.len[2] + x2) * D_;
-        for (int64_t w = 0; w < D_; ++w) row[w] *= scale;
-        store_row(row, D_, dq_out + token_offset(p_.dq.stride, b, x) + h * p_.dq.stride[4],
-                  p_.dq.stride[5]);
-      }
-    }
   }
 
   // dk, dv of the group's kv head and d_add_k, d_add_v (partial sums added in part order).
