@@ -47,9 +47,10 @@ NATTN_INLINE void block_dot_impl(const A* a, int64_t lda, const A* bt, int64_t l
   }
 }
 
-// Only the first `rows` rows of o are read and written (the products of the others are computed
-// on zeros and dropped, so the FMA loop keeps its fixed shape).
-template <typename A>
+// Output row r, term c reads p[r * kCols + c], or p[c * kCols + r] when kTransposedP. Only the
+// first `rows` rows of o are read and written (the others are computed on zeros and dropped,
+// so the FMA loop keeps its fixed shape).
+template <bool kTransposedP = false, typename A>
 NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
                                         int64_t width, A* o, int64_t ldo, int rows = kRows) {
   using V = Vec<A>;
@@ -58,20 +59,30 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
   // n rows of b; the last, partial panel (width not a multiple of kCols) runs a scalar loop.
   int64_t w0 = 0;
   for (; w0 + kCols <= width; w0 += kCols) {
-    typename V::type acc[kRows][kN] = {};
-    for (int r = 0; r < rows; ++r) {
-      for (int j = 0; j < kN; ++j) V::load(acc[r][j], o + r * ldo + w0 + j * V::kLanes);
+    // Loops over all kRows with the row test inside, so that they unroll with constant indices
+    // and acc stays in registers.
+    typename V::type acc[kRows][kN];
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kN; ++j) {
+        if (r < rows) {
+          V::load(acc[r][j], o + r * ldo + w0 + j * V::kLanes);
+        } else {
+          acc[r][j] = typename V::type{};
+        }
+      }
     }
     for (int64_t c = 0; c < n; ++c) {
       typename V::type b_row[kN];
       for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
       for (int r = 0; r < kRows; ++r) {
-        const A p_rc = p[r * kCols + c];
+        const A p_rc = kTransposedP ? p[c * kCols + r] : p[r * kCols + c];
         for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      for (int j = 0; j < kN; ++j) V::store(o + r * ldo + w0 + j * V::kLanes, acc[r][j]);
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kN; ++j) {
+        if (r < rows) V::store(o + r * ldo + w0 + j * V::kLanes, acc[r][j]);
+      }
     }
   }
   const int64_t tail = width - w0;
@@ -79,28 +90,24 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
   for (int r = 0; r < rows; ++r) {
     A* o_row = o + r * ldo + w0;
     for (int64_t c = 0; c < n; ++c) {
-      const A p_rc = p[r * kCols + c];
+      const A p_rc = kTransposedP ? p[c * kCols + r] : p[r * kCols + c];
       const A* b_row = b + c * ldb + w0;
       for (int64_t w = 0; w < tail; ++w) o_row[w] += p_rc * b_row[w];
     }
   }
 }
 
-// Transposed: o[c * ldo + w] += sum_{r < kRows} p[r * kCols + c] * b[r * ldb + w] for c < n.
-// Each group of kRows columns of p is transposed into a block and handed to the row kernel, so
-// every output row sums its kRows products in r order, the same sequence of fused multiply-adds
-// block_accumulate applies to a row whose block holds the same values.
+// Transposed: o[c * ldo + w] += sum_{r < kRows} p[r * kCols + c] * b[r * ldb + w] for c < n,
+// kRows output rows (columns of p) at a time: every output row sums its kRows products in r
+// order, the same sequence of fused multiply-adds block_accumulate applies to a row whose block
+// holds the same values.
 template <typename A>
 NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const A* b,
                                                    int64_t ldb, int64_t width, A* o,
                                                    int64_t ldo) {
-  A pt[kRows * kCols];
   for (int c0 = 0; c0 < n; c0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - c0));
-    for (int c = 0; c < kRows; ++c) {
-      for (int r = 0; r < kRows; ++r) pt[c * kCols + r] = p[r * kCols + c0 + c];
-    }
-    block_accumulate_impl(pt, kRows, b, ldb, width, o + c0 * ldo, ldo, rows);
+    block_accumulate_impl<true>(p + c0, kRows, b, ldb, width, o + c0 * ldo, ldo, rows);
   }
 }
 
