@@ -158,6 +158,17 @@ def test_bench_skips_dense_baselines_with_a_reason(tmp_path, monkeypatch):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["problems"][0]["rows"]}
     assert rows["nattn:reference"]["status"] == "skipped"
     assert "GiB limit" in rows["nattn:reference"]["reason"]
+    # SDPA holds only the mask when PyTorch runs its fused kernel, so the limit on scores does
+    # not apply to it; on its math path it materializes the scores like the reference.
+    sdpa = rows["sdpa-dense-mask"]
+    if common._sdpa_backend(torch.device("cpu"), torch.float32, False) == "FLASH_ATTENTION":
+        assert sdpa["status"] == "ok" and "SDPA kernel: flash_attention" in sdpa["notes"]
+    monkeypatch.setattr(common, "_sdpa_backend", lambda *args: "MATH")
+    main(["bench", "--problems", "cpu-3d-16", "--scale", "0.5", "--warmup", "0", "--repeats",
+          "1", "--skip", "flex", "reference", "--json", str(out)])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["problems"][0]["rows"]}
+    assert rows["sdpa-dense-mask"]["status"] == "skipped"
+    assert "GiB limit" in rows["sdpa-dense-mask"]["reason"]
 
 
 def test_plots_from_results(tmp_path):

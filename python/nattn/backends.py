@@ -103,7 +103,8 @@ class ReferenceBackend(Backend):
 
 class CpuBackend(Backend):
     name = "cpu"
-    description = "fused CPU kernels (csrc/cpu): online softmax, OpenMP, deterministic backward"
+    description = ("fused CPU kernels (csrc/cpu): online softmax, own thread pool, "
+                   "deterministic backward (no atomics, same bits for any thread count)")
 
     def not_supported_reasons(self, problem: Problem) -> List[str]:
         reasons = []

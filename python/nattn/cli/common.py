@@ -26,8 +26,9 @@ DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 
-# Dense baselines (SDPA's CPU math path, the reference) materialize B * H * N * (N + M) scores;
-# past this many bytes they are skipped, with the reason in their row.
+# Dense baselines that materialize B * H * N * (N + M) scores (the reference; SDPA when PyTorch
+# picks its math path) are skipped past this many bytes, with the reason in their row. SDPA's
+# fused CPU kernel (a flash kernel that takes the mask) holds only the N x (N + M) mask.
 DENSE_BYTES_LIMIT = {"cpu": 2 << 30, "cuda": 24 << 30}
 
 
@@ -371,6 +372,22 @@ def _mask(problem: NamedProblem, device: torch.device) -> torch.Tensor:
     return mask
 
 
+def _sdpa_backend(device: torch.device, dtype: torch.dtype, gqa: bool) -> Optional[str]:
+    """Name of the SDPA kernel PyTorch picks for a boolean-masked call of this dtype on this
+    device (``torch.nn.attention.SDPBackend`` member name), or None when PyTorch cannot say
+    (``torch._fused_sdp_choice`` is private and may change)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q = torch.zeros(1, 2, 16, 16, dtype=dtype, device=device)
+        kv = q[:, :1] if gqa else q
+        mask = torch.ones(16, 16, dtype=torch.bool, device=device)
+        choice = torch._fused_sdp_choice(q, kv, kv, attn_mask=mask, enable_gqa=gqa)
+        return SDPBackend(choice).name
+    except Exception:  # noqa: BLE001 - any failure means "unknown", the conservative answer
+        return None
+
+
 def sdpa_impl(problem: NamedProblem, inputs: Inputs, device: torch.device,
               dtype: torch.dtype) -> Impl:
     """PyTorch ``scaled_dot_product_attention`` on [B, H, N, D] views with the dense boolean
@@ -380,18 +397,21 @@ def sdpa_impl(problem: NamedProblem, inputs: Inputs, device: torch.device,
     if n * (n + problem.num_additional) > 2**31:
         impl.skip = f"dense mask of {n} x {n + problem.num_additional} exceeds 2^31 entries"
         return impl
-    why = _dense_skip(problem, dtype, device, "SDPA with a dense mask") \
-        if device.type == "cpu" else ""
-    if why:
-        impl.skip = why
-        return impl
+    gqa = problem.heads != problem.kv_heads
+    backend = _sdpa_backend(device, dtype, gqa)
+    if device.type == "cpu" and backend != "FLASH_ATTENTION":
+        why = _dense_skip(problem, dtype, device, "SDPA with a dense mask")
+        if why:
+            impl.skip = why
+            return impl
     t0 = time.perf_counter()
     mask = _mask(problem, device)
     synchronize(device)
     impl.setup_s = time.perf_counter() - t0
     rank = problem.rank
-    gqa = problem.heads != problem.kv_heads
     scale = problem.head_dim**-0.5
+    if backend is not None:
+        impl.notes.append(f"SDPA kernel: {backend.lower()}")
 
     def run(leaves):
         q, k, v = (_heads_first(t, rank) for t in leaves[:3])
