@@ -139,7 +139,8 @@ NATTN_INLINE double exp_any(double x) { return std::exp(x); }
 
 // Row maxima / sums of a kRows x kCols block as fixed pairwise trees, all rows at once: the
 // halving loops vectorize (a sequential fp reduction would not, without -ffast-math), the rows
-// are independent chains the core overlaps, and the summation order is fixed.
+// are independent chains the core overlaps, and the summation order is fixed. (fp64; fp32 has
+// the overloads below.)
 template <typename A>
 NATTN_INLINE void row_max(const A* x, A* out) {
   A t[kRows][kCols];
@@ -161,6 +162,106 @@ NATTN_INLINE void row_sum(const A* x, A* out) {
     }
   }
   for (int r = 0; r < kRows; ++r) out[r] = t[r][0];
+}
+
+// fp32 (kCols = 16 = one 64-byte vector per row): a transposing tree. Each level halves the
+// partials per row and packs two vectors' rows into one (8 rows x 16 -> 4 x 2 rows x 8 -> 2 x 4
+// rows x 4 -> 8 rows x 2 -> 8 results), 15 shuffles for the block instead of 4 per row. The
+// combination order is fixed, so results are deterministic.
+static_assert(kCols == 16 && kRows == 8, "the fp32 row tree is written for 8 x 16 blocks");
+using F16 = Vec<float>::type;
+using I16 = int32_t __attribute__((vector_size(64)));
+#if defined(__clang__)
+#define NATTN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define NATTN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
+#endif
+
+// out = max(a, b) or a + b. Results through a reference: a 64-byte vector returned by value has
+// a different ABI per clone.
+// out = mask ? a : b lane by lane (mask lanes all ones or zero), as bit operations: GCC may
+// expand a vector ?: element by element.
+NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
+  I16 ia, ib;
+  std::memcpy(&ia, &a, sizeof ia);
+  std::memcpy(&ib, &b, sizeof ib);
+  const I16 bits = (ia & mask) | (ib & ~mask);
+  std::memcpy(&out, &bits, sizeof out);
+}
+
+template <bool kMax>
+NATTN_INLINE void combine(F16& out, const F16& a, const F16& b) {
+  if constexpr (kMax) {
+    select(out, a > b, a, b);
+  } else {
+    out = a + b;
+  }
+}
+
+template <bool kMax>
+NATTN_INLINE void row_reduce_fp32(const F16* v, float* out) {
+  F16 a[4], b[2];
+  for (int i = 0; i < 4; ++i) {  // lanes 0-7: row 2i, 8-15: row 2i+1; 8 partials each
+    combine<kMax>(
+        a[i],
+        NATTN_SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                      22, 23),
+        NATTN_SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                      29, 30, 31));
+  }
+  for (int i = 0; i < 2; ++i) {  // lanes 4j..4j+3: row 4i+j; 4 partials each
+    combine<kMax>(
+        b[i],
+        NATTN_SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25,
+                      26, 27),
+        NATTN_SHUFFLE(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                      29, 30, 31));
+  }
+  // lanes 2j, 2j+1: row j; 2 partials each
+  F16 c, d;
+  combine<kMax>(
+      c,
+      NATTN_SHUFFLE(b[0], b[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+      NATTN_SHUFFLE(b[0], b[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+  combine<kMax>(
+      d,
+      NATTN_SHUFFLE(c, c, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14),
+      NATTN_SHUFFLE(c, c, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15));
+  for (int r = 0; r < kRows; ++r) out[r] = d[r];
+}
+#undef NATTN_SHUFFLE
+
+// exp_fp32 on a whole vector (the same steps, lane by lane).
+NATTN_INLINE void exp_fp32(F16& out, const F16& x) {
+  const F16 lo = F16{} - 88.0f, hi = F16{} + 88.0f, magic = F16{} + 12582912.0f;
+  F16 clamped;
+  select(clamped, x < lo, lo, x);
+  select(clamped, clamped > hi, hi, clamped);
+  const F16 n = (clamped * 1.44269504088896341f + magic) - magic;
+  const F16 r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  F16 poly = F16{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const F16 exp_r = poly * r * r + r + 1.0f;
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  F16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  select(out, x < F16{} - 87.0f, F16{}, exp_r * two_n);
+}
+
+// mask = all ones in the lanes c of a kCols-wide row with lo <= c < hi (0 <= lo, hi <= kCols),
+// else 0: kCols lanes of a ones-then-zeros table starting at kCols - hi have ones exactly where
+// c < hi. Table loads rather than lane comparisons, which GCC expands lane by lane here.
+NATTN_INLINE void lane_mask(I16& mask, int64_t lo, int64_t hi) {
+  static constexpr int32_t kTable[2 * kCols] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                -1, -1, -1, -1, -1};
+  I16 below_hi, below_lo;
+  std::memcpy(&below_hi, kTable + kCols - hi, sizeof below_hi);
+  std::memcpy(&below_lo, kTable + kCols - lo, sizeof below_lo);
+  mask = below_hi & ~below_lo;
 }
 
 // Stage by stage over the whole block rather than row by row: each stage is a chain of dependent
@@ -210,6 +311,59 @@ NATTN_INLINE void block_backward_probs_impl(A* s, const A* dp, const int64_t* cl
       row[c] = exp_any((c >= lo && c < hi) ? x : kNegInf);
       ds[r * kCols + c] = row[c] * (dp[r * kCols + c] - (row_delta[r] + col_delta[c]));
     }
+  }
+}
+
+// fp32: the same steps on one 16-lane vector per row, kept in registers from the masking to the
+// row sums.
+NATTN_INLINE void block_online_softmax_impl(float* s, const int64_t* clo, const int64_t* chi,
+                                            float scale, float* m, float* l, float* corr) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  F16 v[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    Vec<float>::load(v[r], s + r * kCols);
+    I16 valid;
+    lane_mask(valid, clo[r], chi[r]);
+    select(v[r], valid, v[r] * scale, F16{} + kNegInf);
+  }
+  float m_new[kRows], shift[kRows], sum[kRows];
+  row_reduce_fp32<true>(v, m_new);
+  for (int r = 0; r < kRows; ++r) {
+    m_new[r] = std::max(m[r], m_new[r]);
+    // A row with nothing valid so far keeps m = -inf; shifting by 0 then keeps its entries at
+    // exp(-inf) = 0 instead of NaN.
+    shift[r] = m_new[r] == kNegInf ? 0.0f : m_new[r];
+    corr[r] = m[r] == m_new[r] ? 1.0f : exp_fp32(m[r] - m_new[r]);
+    m[r] = m_new[r];
+  }
+  for (int r = 0; r < kRows; ++r) {
+    exp_fp32(v[r], v[r] - shift[r]);
+    Vec<float>::store(s + r * kCols, v[r]);
+  }
+  row_reduce_fp32<false>(v, sum);
+  for (int r = 0; r < kRows; ++r) l[r] = l[r] * corr[r] + sum[r];
+}
+
+NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int64_t* clo,
+                                            const int64_t* chi, float scale,
+                                            const float* row_lse, const float* col_lse,
+                                            const float* row_delta, const float* col_delta,
+                                            float* ds) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  F16 c_lse, c_delta;
+  Vec<float>::load(c_lse, col_lse);
+  Vec<float>::load(c_delta, col_delta);
+  for (int r = 0; r < kRows; ++r) {
+    F16 x, d, p;
+    Vec<float>::load(x, s + r * kCols);
+    Vec<float>::load(d, dp + r * kCols);
+    x = x * scale - (row_lse[r] + c_lse);  // as in the template: see there
+    I16 valid;
+    lane_mask(valid, clo[r], chi[r]);
+    select(x, valid, x, F16{} + kNegInf);
+    exp_fp32(p, x);
+    Vec<float>::store(s + r * kCols, p);
+    Vec<float>::store(ds + r * kCols, p * (d - (row_delta[r] + c_delta)));
   }
 }
 
