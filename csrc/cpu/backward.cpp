@@ -209,7 +209,6 @@ class Backward {
     const A* k_lines = pack_lines(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_store);
     const A* v_lines = pack_lines(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_store);
     const Rows<A> k_rows = make_rows(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_rows_store);
-    const Rows<A> v_rows = make_rows(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_rows_store);
     if (M_ > 0) {
       const T* ak = static_cast<const T*>(p_.add_k.data);
       const T* av = static_cast<const T*>(p_.add_v.data);
@@ -224,6 +223,9 @@ class Backward {
       if (st.fwd_scratch.size() < static_cast<size_t>(nt)) {
         st.fwd_scratch.assign(static_cast<size_t>(nt), ForwardScratch<A>(p_));
       }
+      // Value rows: only this forward recomputation reads them.
+      const Rows<A> v_rows =
+          make_rows(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_rows_store);
       const ForwardKeys<A> keys{k_lines, v_rows, st.add_kt.data(), st.add_v_rows.data()};
       parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
         const int64_t h = kvh * hpk_ + item / per_head;
