@@ -2,9 +2,9 @@
 // (cpu_tiles.h), recomputing P = exp(S - lse) per chunk:
 //   dP = dO V^T,  dS = P * (dP - delta),  delta = rowsum(dO * O) - d_lse,
 //   dq = scale dS K,  dk = scale dS^T Q,  dv = P^T dO.
-// dq walks each query tile's key windows; dk/dv walk each key tile's inverse windows (the queries
-// that attend to it), so every gradient row is owned by one work item: no atomics, and the sum
-// order is fixed, which makes the result deterministic for any thread count.
+// Every gradient row has one owner at a time (no atomics) and every sum a fixed order, so the
+// result is deterministic and the same for any thread count; the two schedules that achieve it
+// (one thread per (batch, kv head) group, or all threads per group) are described at Backward.
 #include <algorithm>
 #include <cmath>
 #include <limits>
