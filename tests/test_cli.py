@@ -118,6 +118,9 @@ def test_bench_rows_json_markdown_and_compare(tmp_path, capsys):
     assert sdpa["fwd_nattn_speedup"] == pytest.approx(sdpa["fwd_s"] / auto[0]["fwd_s"])
     assert sdpa["fwd_frac_bound"] == pytest.approx(res["bounds"]["bound_fwd_s"] / sdpa["fwd_s"])
     assert sdpa["fwd_flops"] == res["flops"]["fwd"]
+    matmul = doc["meta"]["ceilings"][res["dtype"]]["matmul_flops"]
+    assert sdpa["fwd_bwd_frac_matmul"] == pytest.approx(sdpa["fwd_bwd_rate"] / matmul)
+    assert f"({sdpa['fwd_frac_matmul']:.1%})" in md.read_text()
     flex = rows["flex-attention"]
     if flex["status"] == "ok":
         assert flex["fwd_s"] > 0 and flex["setup_s"] is not None

@@ -92,8 +92,10 @@ def _bounds(problem, ceilings: perf.Ceilings, backward: bool, device_type: str) 
     return out
 
 
-def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dict) -> None:
-    """Add rate, fraction of bound and nattn speedup (this row's time / nattn auto's time)."""
+def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dict,
+            matmul_rate: float) -> None:
+    """Add rate, its fraction of the measured matmul rate, fraction of bound and nattn speedup
+    (this row's time / nattn auto's time)."""
     auto = next((r for r in rows if r["impl"] == f"nattn:{auto_name}"), None)
     for r in rows:
         r["auto"] = r["impl"] == f"nattn:{auto_name}"
@@ -103,6 +105,7 @@ def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dic
                 continue
             r[f"{key}_flops"] = flops[key]
             r[f"{key}_rate"] = flops[key] / t
+            r[f"{key}_frac_matmul"] = r[f"{key}_rate"] / matmul_rate
             bound = bounds.get(f"bound_{key}_s")
             if bound:
                 r[f"{key}_frac_bound"] = bound / t
@@ -171,7 +174,8 @@ def _finish(res: Dict, ceilings: Dict[str, perf.Ceilings], backward: bool,
     """Bounds with the run's final ceilings, then rates, fractions of bound and speedups."""
     problem = res.pop("_problem")
     res["bounds"] = _bounds(problem, ceilings[res["dtype"]], backward, device_type)
-    _derive(res["rows"], res["auto_backend"], res["flops"], res["bounds"])
+    _derive(res["rows"], res["auto_backend"], res["flops"], res["bounds"],
+            ceilings[res["dtype"]].matmul_flops)
 
 
 def _backend_names() -> List[str]:
@@ -182,6 +186,11 @@ def _backend_names() -> List[str]:
 
 def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.1%}" if x >= 0.001 else f"{x:.2g}"
+
+
+def _rate(r: Dict, key: str, div: float) -> str:
+    """Achieved rate on the needed FLOPs and, in parentheses, its share of the matmul ceiling."""
+    return f"{r[f'{key}_rate'] / div:.3g} ({_pct(r[f'{key}_frac_matmul'])})"
 
 
 def _speedup(x: Optional[float]) -> str:
@@ -210,7 +219,7 @@ def _table(results: List[Dict], device, backward: bool, title: str) -> Table:
                 if t is None:
                     cells += ["-", "-", "-", "-"]
                     continue
-                cells += [common.fmt_time(t), f"{r[f'{key}_rate'] / div:.3g}",
+                cells += [common.fmt_time(t), _rate(r, key, div),
                           _pct(r.get(f"{key}_frac_bound")),
                           _speedup(r.get(f"{key}_nattn_speedup"))]
             note = r.get("reason") or r.get("fwd_bwd_reason") or "; ".join(r.get("notes", []))
@@ -234,7 +243,9 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
                  f"{k}: {v['matmul_flops'] / 1e9:.1f} GFLOP/s matmul, "
                  f"{v['bandwidth'] / 1e9:.1f} GB/s copy" for k, v in meta["ceilings"].items()),
              "", "Speedup = that row's time / nattn (auto)'s time. Bound = tightest of the FLOP, "
-             "tile (multi-dim) and memory bounds (docs/performance.md).", ""]
+             "tile (multi-dim) and memory bounds (docs/performance.md). Rates are on the needed "
+             "FLOPs, with their share of the measured matmul ceiling of the row's dtype in parentheses.",
+             ""]
     for sc in meta.get("scaling", []):
         lines += [f"Linear scaling (nattn auto forward, calls of the two problems interleaved): "
                   f"{sc['large']} / {sc['small']} = {common.fmt_time(sc['large_s'])} / "
@@ -253,7 +264,7 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
             for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
                 t = r.get(f"{key}_s")
                 cells += ["-"] * 4 if t is None else [
-                    common.fmt_time(t), f"{r[f'{key}_rate'] / div:.3g}",
+                    common.fmt_time(t), _rate(r, key, div),
                     _pct(r.get(f"{key}_frac_bound")), _speedup(r.get(f"{key}_nattn_speedup"))]
             note = r.get("reason") or r.get("fwd_bwd_reason") or ""
             cells.append(note.replace("|", "/"))
@@ -369,6 +380,7 @@ def run(args) -> int:
     for key, c in ceilings.best.items():
         out.print(f"ceilings ({c.source}, {key}): matmul "
                   f"{c.matmul_flops / 1e9:.1f} GFLOP/s, copy bandwidth {c.bandwidth / 1e9:.1f} GB/s")
+    out.print("rates are on the needed FLOPs; in parentheses, their share of the matmul ceiling")
     out.print(_table(results, device, args.backward, "named problems"))
     if sweep:
         out.print(_table(sweep, device, args.backward, "window sweep"))
