@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bindings_common.h"
+#include "cpu/block_kernels.h"
 #include "cpu/cpu_kernels.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
@@ -196,6 +197,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("params"));
   m.def("cpu_default_num_threads", &nattn::cpu::default_num_threads);
+  m.def("cpu_isa", &nattn::cpu::cpu_isa,
+        "Instruction-set level of the CPU kernels: baseline, avx2 or avx512 (the best this CPU "
+        "has, or NATTN_CPU_ISA's choice, read once per process). Raises RuntimeError when "
+        "NATTN_CPU_ISA names an unknown level or one the CPU lacks.");
   register_tile_planner(m);
   register_sm90_host_tools(m);
 

@@ -525,6 +525,7 @@ class Backward {
 }  // namespace
 
 void backward(const AttentionParams& p) {
+  cpu_isa();  // picks (or rejects, by throwing) the kernel level here, not in a worker thread
   dispatch_dtype(p.dtype, [&](auto* tag) {
     Backward<std::remove_pointer_t<decltype(tag)>>(p).run();
   });

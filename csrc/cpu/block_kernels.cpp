@@ -1,15 +1,22 @@
-// Register-blocked inner kernels (see block_kernels.h). Each public overload is a thin
-// target_clones wrapper around an always-inlined template, so the template body is compiled once
-// per instruction-set level with that level's vector width.
+// Register-blocked inner kernels (see block_kernels.h). Each kernel is an always-inlined template
+// compiled once per instruction-set level, with that level's vector width, behind entry points
+// that dispatch through a table chosen once per process (end of file).
 #include "cpu/block_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
-#define NATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NATTN_X86 1
+#else
+#define NATTN_X86 0
+#endif
 #define NATTN_INLINE inline __attribute__((always_inline))
 
 namespace nattn::cpu {
@@ -367,57 +374,193 @@ NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int
   }
 }
 
+// One set of entry points per instruction-set level: each is the always-inlined template above
+// compiled under that level's target attribute (so with its vector width), and a table of them
+// is picked once per process (block_kernels.h: cpu_isa).
+#define NATTN_LEVEL(NS, ATTR)                                                                  \
+  namespace NS {                                                                               \
+  ATTR void dot_f(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,    \
+                  float* s) {                                                                  \
+    block_dot_impl(a, lda, bt, ldb, depth, s);                                                 \
+  }                                                                                            \
+  ATTR void dot_d(const double* a, int64_t lda, const double* bt, int64_t ldb, int64_t depth,  \
+                  double* s) {                                                                 \
+    block_dot_impl(a, lda, bt, ldb, depth, s);                                                 \
+  }                                                                                            \
+  ATTR void acc_f(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,       \
+                  float* o, int64_t ldo) {                                                     \
+    block_accumulate_impl(p, n, b, ldb, width, o, ldo);                                        \
+  }                                                                                            \
+  ATTR void acc_d(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,     \
+                  double* o, int64_t ldo) {                                                    \
+    block_accumulate_impl(p, n, b, ldb, width, o, ldo);                                        \
+  }                                                                                            \
+  ATTR void acc_t_f(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,     \
+                    float* o, int64_t ldo) {                                                   \
+    block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);                             \
+  }                                                                                            \
+  ATTR void acc_t_d(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,   \
+                    double* o, int64_t ldo) {                                                  \
+    block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);                             \
+  }                                                                                            \
+  ATTR void softmax_f(float* s, const int64_t* clo, const int64_t* chi, float scale, float* m, \
+                      float* l, float* corr) {                                                 \
+    block_online_softmax_impl(s, clo, chi, scale, m, l, corr);                                 \
+  }                                                                                            \
+  ATTR void softmax_d(double* s, const int64_t* clo, const int64_t* chi, double scale,         \
+                      double* m, double* l, double* corr) {                                    \
+    block_online_softmax_impl(s, clo, chi, scale, m, l, corr);                                 \
+  }                                                                                            \
+  ATTR void probs_f(float* s, const float* dp, const int64_t* clo, const int64_t* chi,         \
+                    float scale, const float* row_lse, const float* col_lse,                   \
+                    const float* row_delta, const float* col_delta, float* ds) {               \
+    block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta,  \
+                              ds);                                                             \
+  }                                                                                            \
+  ATTR void probs_d(double* s, const double* dp, const int64_t* clo, const int64_t* chi,       \
+                    double scale, const double* row_lse, const double* col_lse,                \
+                    const double* row_delta, const double* col_delta, double* ds) {            \
+    block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta,  \
+                              ds);                                                             \
+  }                                                                                            \
+  constexpr Kernels kKernels = {dot_f,     dot_d,     acc_f,   acc_d,  acc_t_f,                \
+                                acc_t_d,   softmax_f, softmax_d, probs_f, probs_d};            \
+  }
+
+struct Kernels {
+  void (*dot_f)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+  void (*dot_d)(const double*, int64_t, const double*, int64_t, int64_t, double*);
+  void (*acc_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+  void (*acc_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t);
+  void (*acc_t_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+  void (*acc_t_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t);
+  void (*softmax_f)(float*, const int64_t*, const int64_t*, float, float*, float*, float*);
+  void (*softmax_d)(double*, const int64_t*, const int64_t*, double, double*, double*, double*);
+  void (*probs_f)(float*, const float*, const int64_t*, const int64_t*, float, const float*,
+                  const float*, const float*, const float*, float*);
+  void (*probs_d)(double*, const double*, const int64_t*, const int64_t*, double,
+                  const double*, const double*, const double*, const double*, double*);
+};
+
+NATTN_LEVEL(baseline, )
+#if NATTN_X86
+NATTN_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))))
+NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))))
+#endif
+#undef NATTN_LEVEL
+
+CpuIsa best_supported_isa() {
+#if NATTN_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+    return CpuIsa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+      __builtin_cpu_supports("f16c")) {
+    return CpuIsa::kAvx2;
+  }
+#endif
+  return CpuIsa::kBaseline;
+}
+
+const char* isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kBaseline:
+      break;
+  }
+  return "baseline";
+}
+
+// The level NATTN_CPU_ISA asks for (baseline, avx2, avx512), else the best the CPU has.
+CpuIsa choose_isa() {
+  const CpuIsa best = best_supported_isa();
+  const char* env = std::getenv("NATTN_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (want != isa_name(isa)) continue;
+    if (static_cast<int>(isa) > static_cast<int>(best)) {
+      throw std::runtime_error("NATTN_CPU_ISA=" + want + " asks for instructions this CPU (or " +
+                               "build) does not have; the best available is " +
+                               isa_name(best));
+    }
+    return isa;
+  }
+  throw std::runtime_error("NATTN_CPU_ISA='" + want +
+                           "' is not one of baseline, avx2, avx512 (or unset for the best)");
+}
+
+CpuIsa chosen_isa() {
+  static const CpuIsa isa = choose_isa();  // a failed choice throws again on the next call
+  return isa;
+}
+
+const Kernels& kernels() {
+  switch (chosen_isa()) {
+#if NATTN_X86
+    case CpuIsa::kAvx512:
+      return avx512::kKernels;
+    case CpuIsa::kAvx2:
+      return avx2::kKernels;
+#endif
+    default:
+      return baseline::kKernels;
+  }
+}
+
 }  // namespace
 
-NATTN_CLONES void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb,
-                            int64_t depth, float* s) {
-  block_dot_impl(a, lda, bt, ldb, depth, s);
-}
-NATTN_CLONES void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb,
-                            int64_t depth, double* s) {
-  block_dot_impl(a, lda, bt, ldb, depth, s);
-}
+const char* cpu_isa() { return isa_name(chosen_isa()); }
 
-NATTN_CLONES void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb,
-                                   int64_t width, float* o, int64_t ldo) {
-  block_accumulate_impl(p, n, b, ldb, width, o, ldo);
+void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,
+               float* s) {
+  kernels().dot_f(a, lda, bt, ldb, depth, s);
 }
-NATTN_CLONES void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb,
-                                   int64_t width, double* o, int64_t ldo) {
-  block_accumulate_impl(p, n, b, ldb, width, o, ldo);
+void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int64_t depth,
+               double* s) {
+  kernels().dot_d(a, lda, bt, ldb, depth, s);
 }
-
-
-NATTN_CLONES void block_accumulate_transposed(const float* p, int64_t n, const float* b,
-                                              int64_t ldb, int64_t width, float* o, int64_t ldo) {
-  block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);
+void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
+                      float* o, int64_t ldo) {
+  kernels().acc_f(p, n, b, ldb, width, o, ldo);
 }
-NATTN_CLONES void block_accumulate_transposed(const double* p, int64_t n, const double* b,
-                                              int64_t ldb, int64_t width, double* o,
-                                              int64_t ldo) {
-  block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);
+void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
+                      double* o, int64_t ldo) {
+  kernels().acc_d(p, n, b, ldb, width, o, ldo);
 }
-
-NATTN_CLONES void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi,
-                                       float scale, float* m, float* l, float* corr) {
-  block_online_softmax_impl(s, clo, chi, scale, m, l, corr);
+void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
+                                 int64_t width, float* o, int64_t ldo) {
+  kernels().acc_t_f(p, n, b, ldb, width, o, ldo);
 }
-NATTN_CLONES void block_online_softmax(double* s, const int64_t* clo, const int64_t* chi,
-                                       double scale, double* m, double* l, double* corr) {
-  block_online_softmax_impl(s, clo, chi, scale, m, l, corr);
+void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
+                                 int64_t width, double* o, int64_t ldo) {
+  kernels().acc_t_d(p, n, b, ldb, width, o, ldo);
 }
-
-NATTN_CLONES void block_backward_probs(float* s, const float* dp, const int64_t* clo,
-                                       const int64_t* chi, float scale, const float* row_lse,
-                                       const float* col_lse, const float* row_delta,
-                                       const float* col_delta, float* ds) {
-  block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi, float scale,
+                          float* m, float* l, float* corr) {
+  kernels().softmax_f(s, clo, chi, scale, m, l, corr);
 }
-NATTN_CLONES void block_backward_probs(double* s, const double* dp, const int64_t* clo,
-                                       const int64_t* chi, double scale, const double* row_lse,
-                                       const double* col_lse, const double* row_delta,
-                                       const double* col_delta, double* ds) {
-  block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+void block_online_softmax(double* s, const int64_t* clo, const int64_t* chi, double scale,
+                          double* m, double* l, double* corr) {
+  kernels().softmax_d(s, clo, chi, scale, m, l, corr);
+}
+void block_backward_probs(float* s, const float* dp, const int64_t* clo, const int64_t* chi,
+                          float scale, const float* row_lse, const float* col_lse,
+                          const float* row_delta, const float* col_delta, float* ds) {
+  kernels().probs_f(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+}
+void block_backward_probs(double* s, const double* dp, const int64_t* clo, const int64_t* chi,
+                          double scale, const double* row_lse, const double* col_lse,
+                          const double* row_delta, const double* col_delta, double* ds) {
+  kernels().probs_d(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
 }
 
 }  // namespace nattn::cpu

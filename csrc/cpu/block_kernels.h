@@ -6,7 +6,7 @@
 // The two product kernels keep a kRows x kCols block of accumulators in registers: 8 x 16 fp32
 // is 8 AVX-512 registers (16 AVX2 ones), enough independent FMA chains to hide the 4-cycle FMA
 // latency on two FMA ports. Every kernel here is compiled for x86-64-v4 (AVX-512), v3
-// (AVX2+FMA) and the baseline, chosen at load time (target_clones), because the module is
+// (AVX2+FMA) and the baseline, chosen on first use (cpu_isa), because the module is
 // distributed and built without -march=native.
 #pragma once
 
@@ -16,6 +16,16 @@ namespace nattn::cpu {
 
 constexpr int kRows = 8;
 constexpr int kCols = 16;
+
+// Instruction-set levels the kernels are compiled for (x86-64: baseline, x86-64-v3 = AVX2 + FMA,
+// x86-64-v4 = AVX-512; other architectures: baseline only).
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Name of the level every kernel below runs at: the best this CPU supports, or the one the
+// environment variable NATTN_CPU_ISA (baseline, avx2, avx512) names, read once per process.
+// Throws std::runtime_error when NATTN_CPU_ISA names an unknown level or one the CPU lacks (and
+// so does every kernel call, until the process restarts with a valid value).
+const char* cpu_isa();
 
 // s[r * kCols + c] = sum_{i < depth} a[r * lda + i] * bt[i * ldb + c] for r < kRows, c < kCols.
 // bt is a transposed (column-major) panel: all kCols entries of one depth index are contiguous.

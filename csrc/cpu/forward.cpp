@@ -70,6 +70,7 @@ void forward_impl(const AttentionParams& p) {
 }  // namespace
 
 void forward(const AttentionParams& p) {
+  cpu_isa();  // picks (or rejects, by throwing) the kernel level here, not in a worker thread
   dispatch_dtype(p.dtype,
                  [&](auto* tag) { forward_impl<std::remove_pointer_t<decltype(tag)>>(p); });
 }

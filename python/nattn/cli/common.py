@@ -165,7 +165,13 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    try:
+        from .. import _C
+
+        isa = f", kernels: {_C.cpu_isa()}"
+    except (ImportError, RuntimeError) as e:  # no native module, or a bad NATTN_CPU_ISA
+        isa = f", kernels: unavailable ({e})"
+    return f"{cpu} ({torch.get_num_threads()} threads{isa})"
 
 
 # ---------------------------------------------------------------------------------------------
