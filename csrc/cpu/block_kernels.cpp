@@ -498,13 +498,8 @@ CpuIsa choose_isa() {
                            "' is not one of baseline, avx2, avx512 (or unset for the best)");
 }
 
-CpuIsa chosen_isa() {
-  static const CpuIsa isa = choose_isa();  // a failed choice throws again on the next call
-  return isa;
-}
-
-const Kernels& kernels() {
-  switch (chosen_isa()) {
+const Kernels& kernels_for(CpuIsa isa) {
+  switch (isa) {
 #if NATTN_X86
     case CpuIsa::kAvx512:
       return avx512::kKernels;
@@ -516,51 +511,65 @@ const Kernels& kernels() {
   }
 }
 
+// The table every entry point calls through: one load and an indirect call per block, like an
+// ifunc. Set once, inside chosen_isa()'s initialization, which the forward and backward entry
+// points run on the calling thread before any worker starts (until then: baseline, correct).
+const Kernels* g_kernels = &baseline::kKernels;
+
+CpuIsa chosen_isa() {
+  static const CpuIsa isa = [] {  // a failed choice throws again on the next call
+    const CpuIsa chosen = choose_isa();
+    g_kernels = &kernels_for(chosen);
+    return chosen;
+  }();
+  return isa;
+}
+
 }  // namespace
 
 const char* cpu_isa() { return isa_name(chosen_isa()); }
 
 void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,
                float* s) {
-  kernels().dot_f(a, lda, bt, ldb, depth, s);
+  g_kernels->dot_f(a, lda, bt, ldb, depth, s);
 }
 void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int64_t depth,
                double* s) {
-  kernels().dot_d(a, lda, bt, ldb, depth, s);
+  g_kernels->dot_d(a, lda, bt, ldb, depth, s);
 }
 void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
                       float* o, int64_t ldo) {
-  kernels().acc_f(p, n, b, ldb, width, o, ldo);
+  g_kernels->acc_f(p, n, b, ldb, width, o, ldo);
 }
 void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
                       double* o, int64_t ldo) {
-  kernels().acc_d(p, n, b, ldb, width, o, ldo);
+  g_kernels->acc_d(p, n, b, ldb, width, o, ldo);
 }
 void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
                                  int64_t width, float* o, int64_t ldo) {
-  kernels().acc_t_f(p, n, b, ldb, width, o, ldo);
+  g_kernels->acc_t_f(p, n, b, ldb, width, o, ldo);
 }
 void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
                                  int64_t width, double* o, int64_t ldo) {
-  kernels().acc_t_d(p, n, b, ldb, width, o, ldo);
+  g_kernels->acc_t_d(p, n, b, ldb, width, o, ldo);
 }
 void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi, float scale,
                           float* m, float* l, float* corr) {
-  kernels().softmax_f(s, clo, chi, scale, m, l, corr);
+  g_kernels->softmax_f(s, clo, chi, scale, m, l, corr);
 }
 void block_online_softmax(double* s, const int64_t* clo, const int64_t* chi, double scale,
                           double* m, double* l, double* corr) {
-  kernels().softmax_d(s, clo, chi, scale, m, l, corr);
+  g_kernels->softmax_d(s, clo, chi, scale, m, l, corr);
 }
 void block_backward_probs(float* s, const float* dp, const int64_t* clo, const int64_t* chi,
                           float scale, const float* row_lse, const float* col_lse,
                           const float* row_delta, const float* col_delta, float* ds) {
-  kernels().probs_f(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+  g_kernels->probs_f(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
 }
 void block_backward_probs(double* s, const double* dp, const int64_t* clo, const int64_t* chi,
                           double scale, const double* row_lse, const double* col_lse,
                           const double* row_delta, const double* col_delta, double* ds) {
-  kernels().probs_d(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+  g_kernels->probs_d(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
 }
 
 }  // namespace nattn::cpu
