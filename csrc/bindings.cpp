@@ -158,6 +158,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("num_additional", &AttentionParams::num_additional)
       .def_readwrite("scale", &AttentionParams::scale)
       .def_readwrite("num_threads", &AttentionParams::num_threads)
+      .def_readwrite("exact_threads", &AttentionParams::exact_threads)
       .def_readonly("rank", &AttentionParams::rank)
       .def("set_axes", &set_axes, py::arg("axes"),
            "axes: list of (length, kernel_size, stride, dilation, is_causal), one per spatial axis")

@@ -2,7 +2,8 @@
 
 fp64: forward, lse and all gradients agree with autograd through nattn.reference to 1e-10 on a
 seeded sweep of 300+ configurations. fp16/bf16: the error-ratio rule of DESIGN.md section 5.
-Outputs are poisoned with NaN before every kernel call, so an unwritten element fails.
+Outputs are poisoned with NaN before every kernel call, so an unwritten element fails, and the
+kernels use exactly torch.get_num_threads() threads however small the case.
 """
 
 import random
@@ -19,6 +20,9 @@ from nattn import _native
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(_native, "poison_outputs", True)
+    # The small cases here would otherwise run on one thread (the kernels skip threads a
+    # problem cannot keep busy); exact thread counts exercise the parallel schedules.
+    monkeypatch.setattr(_native, "exact_threads", True)
 
 
 @dataclass

@@ -105,7 +105,24 @@ int default_num_threads() {
 }
 
 int resolve_num_threads(const AttentionParams& p) {
-  return p.num_threads > 0 ? p.num_threads : default_num_threads();
+  const int nt = p.num_threads > 0 ? p.num_threads : default_num_threads();
+  if (p.exact_threads) return nt;
+  // Waking the pool costs microseconds per parallel region and a call has a dozen regions; a
+  // thread is only worth it with about 2 MFLOP of the forward's multiply-adds to do (2 q.k and
+  // p.v products per attended pair; tens of microseconds). Results are the same for any
+  // thread count, so this only changes speed.
+  constexpr double kMinFlopsPerThread = 2e6;
+  double pairs = static_cast<double>(p.num_additional);
+  double window = 1;
+  for (const AxisParams& a : p.axes) {
+    window *= static_cast<double>(std::min(a.kernel_size, a.length));
+  }
+  pairs += window;
+  const double flops = 2.0 * static_cast<double>(p.batch * p.heads) *
+                       static_cast<double>(p.tokens()) * pairs *
+                       static_cast<double>(p.head_dim + p.value_dim);
+  const double useful = std::max(1.0, flops / kMinFlopsPerThread);
+  return useful < nt ? static_cast<int>(useful) : nt;
 }
 
 }  // namespace nattn::cpu

@@ -49,6 +49,9 @@ struct AttentionParams {
 
   void* stream = nullptr;  // cudaStream_t for CUDA kernels
   int32_t num_threads = 0;  // CPU kernels: 0 = implementation default
+  // CPU kernels: use exactly num_threads even when the problem is too small to pay for them
+  // (tests use it to exercise the multi-threaded schedules on small problems).
+  bool exact_threads = false;
 
   NATTN_HOST_DEVICE int64_t tokens() const {
     return axes[0].length * axes[1].length * axes[2].length;

@@ -22,6 +22,9 @@ except ImportError as exc:  # a source checkout without a build, or a broken ins
 # Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
 # fails to write shows up instead of passing with whatever the allocator left there.
 poison_outputs = False
+# Tests: make the CPU kernels use exactly torch.get_num_threads() threads, even on problems too
+# small to pay for them, so that the multi-threaded schedules run on small test cases.
+exact_threads = False
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -71,6 +74,7 @@ def _params(q, k, v, ak, av, window: Window):
     p.scale = window.scale
     # CPU kernels use as many threads as torch's intra-op pool (torch.set_num_threads).
     p.num_threads = torch.get_num_threads()
+    p.exact_threads = exact_threads
     p.set_axes(
         [
             (q.shape[1 + a], window.kernel_size[a], window.stride[a], window.dilation[a],
