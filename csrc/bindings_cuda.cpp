@@ -40,23 +40,6 @@ void register_cuda(py::module_& m) {
       py::arg("is_causal"));
 
   m.def(
-      "cuda_inverse_tile_range",
-      [](int64_t group_len, int64_t kernel_size, int64_t stride, bool is_causal,
-         int64_t kv_tile_size, int64_t q_tile_size, int64_t kv_tile) {
-        if (group_len < 1 || kv_tile_size < 1 || q_tile_size < 1 || kv_tile < 0 ||
-            kv_tile * kv_tile_size >= group_len) {
-          throw std::invalid_argument("cuda_inverse_tile_range: tile outside the group");
-        }
-        make_axis(group_len, kernel_size, stride, 1, is_causal);
-        const nattn::AxisTileRange r = nattn::cuda::sm80::axis_inverse_tile_range(
-            group_len, kernel_size, stride, is_causal, kv_tile_size, q_tile_size, kv_tile);
-        return std::make_tuple(r.kv_begin, r.kv_end, r.full_begin, r.full_end);
-      },
-      py::arg("group_len"), py::arg("kernel_size"), py::arg("stride"), py::arg("is_causal"),
-      py::arg("kv_tile_size"), py::arg("q_tile_size"), py::arg("kv_tile"),
-      "The dK/dV pass's walk along one axis (csrc/cuda/sm80/sm80_tiles.h): (begin, end, "
-      "full_begin, full_end) Q tiles for KV tile `kv_tile` of a group of group_len tokens.");
-  m.def(
       "cuda_device_reasons",
       [](int device) { return nattn::cuda::device_reasons(device); }, py::arg("device"),
       "Why nattn's CUDA kernels cannot run on `device` at all (no driver/device, compute "

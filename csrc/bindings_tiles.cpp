@@ -175,6 +175,27 @@ void register_tile_planner(py::module_& m) {
       "(kv_begin, kv_end, full_begin, full_end) in KV-tile units: the KV tiles Q tile `q_tile` "
       "of one dilation group visits along one axis, and the sub-range needing no mask.");
   m.def(
+      "tile_axis_inverse_range",
+      [](int64_t group_len, int64_t kernel_size, int64_t stride, bool is_causal,
+         int64_t kv_tile_size, int64_t q_tile_size, int64_t kv_tile) {
+        check_tile(q_tile_size, "q_tile_size");
+        check_tile(kv_tile_size, "kv_tile_size");
+        if (group_len < kernel_size || kernel_size < 1 || stride < 1 || stride > kernel_size) {
+          throw std::invalid_argument("need 1 <= stride <= kernel_size <= group_len");
+        }
+        if (kv_tile < 0 || kv_tile >= nattn::tile_count(group_len, kv_tile_size)) {
+          throw std::invalid_argument("kv_tile " + std::to_string(kv_tile) + " out of range");
+        }
+        const nattn::AxisTileRange r = nattn::axis_inverse_tile_range(
+            group_len, kernel_size, stride, is_causal, kv_tile_size, q_tile_size, kv_tile);
+        return std::make_tuple(r.kv_begin, r.kv_end, r.full_begin, r.full_end);
+      },
+      py::arg("group_len"), py::arg("kernel_size"), py::arg("stride"), py::arg("is_causal"),
+      py::arg("kv_tile_size"), py::arg("q_tile_size"), py::arg("kv_tile"),
+      "(begin, end, full_begin, full_end) in Q-tile units: the Q tiles whose queries attend "
+      "some key of KV tile `kv_tile` of one dilation group along one axis (the backward's "
+      "key-side walk), and the complete ones every query of which attends every valid key.");
+  m.def(
       "tile_axis_counts",
       [](int64_t length, int64_t kernel_size, int64_t stride, int64_t dilation, bool is_causal,
          int64_t q_tile_size, int64_t kv_tile_size) {

@@ -130,43 +130,6 @@ def test_box_tiles(shape, kernel_size):
         assert _plan(shape=shape, kernel_size=kernel_size)["q_box"] == [1, 8, 8]
 
 
-def _axis_sets(length, kernel_size, stride, dilation, is_causal):
-    """Brute force from the host window math: key set of each query."""
-    rows = _C.axis_windows(length, kernel_size, stride, dilation, is_causal)
-    return [set(range(f, f + dilation * c, dilation)) for f, c, _, _ in rows]
-
-
-@with_cuda_build
-def test_inverse_tile_ranges_against_brute_force():
-    """sm80_tiles.h: axis_inverse_tile_range (the dK/dV pass's walk) in one group (d = 1):
-    every Q tile holding a query that attends a key of the KV tile is visited, and the full
-    tiles are exactly complete Q tiles whose every query attends every valid key."""
-    rng = random.Random(3)
-    checked = 0
-    for _ in range(400):
-        length = rng.randint(1, 40)
-        k = rng.randint(1, length)
-        s = rng.randint(1, k)
-        causal = rng.random() < 0.4
-        tq, tk = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4, 8])
-        keys_of = _axis_sets(length, k, s, 1, causal)
-        for kv_tile in range((length + tk - 1) // tk):
-            keys = set(range(kv_tile * tk, min(length, kv_tile * tk + tk)))
-            begin, end, full_begin, full_end = _C.cuda_inverse_tile_range(
-                length, k, s, causal, tk, tq, kv_tile)
-            for qt in range((length + tq - 1) // tq):
-                queries = range(qt * tq, min(length, qt * tq + tq))
-                touches = any(keys_of[i] & keys for i in queries)
-                if touches:
-                    assert begin <= qt < end, (length, k, s, causal, tq, tk, kv_tile, qt)
-                complete = qt * tq + tq <= length
-                all_pairs = complete and all(keys <= keys_of[i] for i in queries)
-                assert (full_begin <= qt < full_end) == all_pairs, (
-                    length, k, s, causal, tq, tk, kv_tile, qt)
-            checked += 1
-    assert checked > 1000
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU: correctness sweeps
 

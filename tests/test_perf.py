@@ -142,6 +142,36 @@ def test_axis_tile_range_per_q_tile():
                                                                   tk, qt, kt)
 
 
+def test_axis_inverse_tile_range_per_kv_tile():
+    """The backward's key-side walk (tile_plan.h: axis_inverse_tile_range), per KV tile of one
+    group: every Q tile holding a query that attends a key of the KV tile is visited, and the
+    full sub-range is exactly the complete Q tiles every query of which attends every key of
+    the KV tile."""
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(400):
+        group_len = rng.randint(1, 40)
+        k = rng.randint(1, group_len)
+        s = rng.randint(1, k)
+        causal = rng.random() < 0.4
+        tq, tk = rng.choice([1, 2, 4, 8]), rng.choice([1, 2, 4, 8])
+        mask = reference.neighborhood_mask((group_len,), (k,), (s,), (1,), (causal,))
+        for kt in range(-(-group_len // tk)):
+            begin, end, full_begin, full_end = _C.tile_axis_inverse_range(
+                group_len, k, s, causal, tk, tq, kt)
+            assert begin <= full_begin <= full_end <= end
+            cols = mask[:, kt * tk:(kt + 1) * tk]
+            for qt in range(-(-group_len // tq)):
+                block = cols[qt * tq:(qt + 1) * tq]
+                if block.any():
+                    assert begin <= qt < end, (group_len, k, s, causal, tq, tk, kt, qt)
+                is_full = bool(block.all()) and (qt + 1) * tq <= group_len
+                assert (full_begin <= qt < full_end) == is_full, (group_len, k, s, causal, tq,
+                                                                  tk, kt, qt)
+            checked += 1
+    assert checked > 1000
+
+
 def test_locate_q_tile_enumerates_groups_in_order():
     for length, dilation, tq in [(10, 3, 2), (9, 3, 4), (7, 1, 3), (13, 4, 1), (5, 5, 2)]:
         expected = []
@@ -161,6 +191,8 @@ def test_tile_planner_rejects_bad_arguments():
         _C.tile_plan_summary([(8, 3, 1, 1, False)], [0], [2])
     with pytest.raises(ValueError, match="one extent per axis"):
         _C.tile_plan_summary([(8, 3, 1, 1, False)], [2, 2], [2])
+    with pytest.raises(ValueError, match="kv_tile 4 out of range"):
+        _C.tile_axis_inverse_range(8, 3, 1, False, 2, 2, 4)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -67,28 +67,56 @@ NATTN_HOST_DEVICE int64_t tile_count(int64_t length, int64_t tile) {
   return (length + tile - 1) / tile;
 }
 
-// The KV tiles that Q tile `q_tile` (group positions [q_tile*Tq, min(q_tile*Tq + Tq, L_g)))
-// visits along one axis, within a group of `group_len` tokens.
-NATTN_HOST_DEVICE AxisTileRange axis_tile_range(int64_t group_len, int64_t kernel_size,
-                                                int64_t stride, bool is_causal, int64_t q_tile_size,
-                                                int64_t kv_tile_size, int64_t q_tile) {
-  using detail::max64;
-  using detail::min64;
-  const int64_t a = q_tile * q_tile_size;
-  const int64_t b_last = min64(a + q_tile_size, group_len) - 1;
-  const Span first = window_in_group(group_len, kernel_size, stride, is_causal, a);
-  const Span last = window_in_group(group_len, kernel_size, stride, is_causal, b_last);
-  AxisTileRange r;
-  r.kv_begin = first.begin / kv_tile_size;
-  r.kv_end = (last.end - 1) / kv_tile_size + 1;
-  // Intersection [last.begin, first.end), with the group's end as a hard limit on complete tiles.
-  const int64_t lo = last.begin;
-  const int64_t hi = min64(first.end, group_len);
-  const int64_t fb = (lo + kv_tile_size - 1) / kv_tile_size;
-  const int64_t fe = hi >= 0 ? hi / kv_tile_size : 0;
+namespace detail {
+// Tiles of `tile` positions that overlap the union [u_begin, u_end) (empty when u_end <= u_begin)
+// and, among them, those inside the intersection [lo, min(hi, group_len)): a tile cut by the
+// group's end is never complete.
+NATTN_HOST_DEVICE AxisTileRange tile_range(int64_t u_begin, int64_t u_end, int64_t lo,
+                                           int64_t hi, int64_t group_len, int64_t tile) {
+  AxisTileRange r{0, 0, 0, 0};
+  if (u_end <= u_begin) return r;
+  r.kv_begin = u_begin / tile;
+  r.kv_end = (u_end - 1) / tile + 1;
+  hi = min64(hi, group_len);
+  const int64_t fb = (lo + tile - 1) / tile;
+  const int64_t fe = hi >= 0 ? hi / tile : 0;
   r.full_begin = min64(max64(fb, r.kv_begin), r.kv_end);
   r.full_end = max64(r.full_begin, min64(fe, r.kv_end));
   return r;
+}
+}  // namespace detail
+
+// The KV tiles that Q tile `q_tile` (group positions [q_tile*Tq, min(q_tile*Tq + Tq, L_g)))
+// visits along one axis, within a group of `group_len` tokens: window starts and ends are
+// non-decreasing in the query, so the tile's keys are the union [first.begin, last.end) and the
+// keys every query sees the intersection [last.begin, first.end).
+NATTN_HOST_DEVICE AxisTileRange axis_tile_range(int64_t group_len, int64_t kernel_size,
+                                                int64_t stride, bool is_causal, int64_t q_tile_size,
+                                                int64_t kv_tile_size, int64_t q_tile) {
+  const int64_t a = q_tile * q_tile_size;
+  const int64_t b_last = detail::min64(a + q_tile_size, group_len) - 1;
+  const Span first = window_in_group(group_len, kernel_size, stride, is_causal, a);
+  const Span last = window_in_group(group_len, kernel_size, stride, is_causal, b_last);
+  return detail::tile_range(first.begin, last.end, last.begin, first.end, group_len,
+                            kv_tile_size);
+}
+
+// The mirror for the backward's key-side walk: the Q tiles whose queries attend some key of KV
+// tile `kv_tile`, and the complete Q tiles every query of which attends every valid key of it.
+// Inverse windows (window.h) also have non-decreasing begin and end, so the union is
+// [inv(first).begin, inv(last).end) and the intersection [inv(last).begin, inv(first).end), with
+// `last` the tile's last key inside the group (rows past it are never stored, so they need no
+// mask). A Q tile cut by the group's end is never full: its missing queries are columns of the
+// backward's reductions and must be masked.
+NATTN_HOST_DEVICE AxisTileRange axis_inverse_tile_range(int64_t group_len, int64_t kernel_size,
+                                                        int64_t stride, bool is_causal,
+                                                        int64_t kv_tile_size,
+                                                        int64_t q_tile_size, int64_t kv_tile) {
+  const int64_t first = kv_tile * kv_tile_size;
+  const int64_t last = detail::min64(first + kv_tile_size, group_len) - 1;
+  const Span a = inverse_window_in_group(group_len, kernel_size, stride, is_causal, first);
+  const Span b = inverse_window_in_group(group_len, kernel_size, stride, is_causal, last);
+  return detail::tile_range(a.begin, b.end, b.begin, a.end, group_len, q_tile_size);
 }
 
 // Q tiles along one axis, all dilation groups: groups 0 .. (L mod d) - 1 hold ceil(L / d)

@@ -12,7 +12,7 @@
 // memory).
 //
 // The window math is window.h's; the walk of a row tile along one axis is tile_plan.h's
-// axis_tile_range (or, for the sm80 dK/dV pass, sm80_tiles.h's axis_inverse_tile_range).
+// axis_tile_range (or, for the sm80 dK/dV pass, axis_inverse_tile_range).
 #pragma once
 
 #include <cstdint>

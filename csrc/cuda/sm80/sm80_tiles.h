@@ -3,8 +3,8 @@
 // attend a KV tile) and the host-side choice of box shapes. Host + device, no CUDA headers.
 //
 // The register tile of a CTA is a box of 64 rows, a streamed tile one of 32 or 64 (sm80_config.h).
-// The backward walk is built from window.h's inverse_window_in_group the way tile_plan.h's
-// axis_tile_range builds the forward one from window_in_group.
+// The backward walk is built from tile_plan.h's axis_inverse_tile_range the way the forward one
+// is built from axis_tile_range.
 #pragma once
 
 #include <cstdint>
@@ -16,38 +16,6 @@
 #include "nattn/window.h"
 
 namespace nattn::cuda::sm80 {
-
-// The Q tiles (tiles of q_tile_size group positions) whose queries attend some key of KV tile
-// `kv_tile` along one axis, and the sub-range of complete Q tiles every query of which attends
-// every valid key of the KV tile (no mask needed along this axis). The mirror of tile_plan.h's
-// axis_tile_range: window.h's inverse windows have non-decreasing begin and end, so
-//   union over the tile's keys        [inv(first).begin, inv(last).end)
-//   intersection over the tile's keys [inv(last).begin, inv(first).end)
-// with `last` the tile's last key inside the group (the rows past it are never stored, so they
-// need no mask). A Q tile cut by the group's end is never full: its missing queries are columns
-// of the backward's reductions and must be masked.
-NATTN_HOST_DEVICE AxisTileRange axis_inverse_tile_range(int64_t group_len, int64_t kernel_size,
-                                                        int64_t stride, bool is_causal,
-                                                        int64_t kv_tile_size,
-                                                        int64_t q_tile_size, int64_t kv_tile) {
-  using detail::max64;
-  using detail::min64;
-  const int64_t first = kv_tile * kv_tile_size;
-  const int64_t last = min64(first + kv_tile_size, group_len) - 1;
-  const Span a = inverse_window_in_group(group_len, kernel_size, stride, is_causal, first);
-  const Span b = inverse_window_in_group(group_len, kernel_size, stride, is_causal, last);
-  AxisTileRange r{0, 0, 0, 0};
-  if (b.end <= a.begin) return r;
-  r.kv_begin = a.begin / q_tile_size;
-  r.kv_end = (b.end - 1) / q_tile_size + 1;
-  const int64_t lo = b.begin;
-  const int64_t hi = min64(a.end, group_len);
-  const int64_t fb = (lo + q_tile_size - 1) / q_tile_size;
-  const int64_t fe = hi >= 0 ? hi / q_tile_size : 0;
-  r.full_begin = min64(max64(fb, r.kv_begin), r.kv_end);
-  r.full_end = max64(r.full_begin, min64(fe, r.kv_end));
-  return r;
-}
 
 // Q tiles that attend the KV tile `kv` (dK/dV).
 NATTN_HOST_DEVICE TileWalk backward_walk(const AxisParams (&axes)[kMaxRank], const TileOrigin& kv,
