@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._native import IMPORT_ERROR, _C
+from .backends import Problem
 
 __all__ = [
     "Ceilings",
@@ -284,29 +285,15 @@ def stride_note(problem, counts: TileCounts) -> str:
             f"would leave {trial.masked_fraction:.0%} masked")
 
 
-@dataclass(frozen=True)
-class _Axes:
-    """A minimal problem-like record for trial strides (perf functions read attributes only)."""
-
-    batch: int
-    spatial_shape: Tuple[int, ...]
-    heads: int
-    kv_heads: int
-    head_dim: int
-    value_dim: int
-    kernel_size: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-    is_causal: Tuple[bool, ...]
-    num_additional: int
-    dtype: torch.dtype
-
-
-def _replace(problem, **changes) -> _Axes:
-    fields = {f: getattr(problem, f) for f in _Axes.__dataclass_fields__}
+def _replace(problem, **changes) -> Problem:
+    """``problem`` (a backends.Problem or a problems.NamedProblem, which has no device) as a
+    backends.Problem with some fields changed."""
+    fields = {f: getattr(problem, f, None) for f in Problem.__dataclass_fields__}
     fields["num_additional"] = int(getattr(problem, "num_additional", 0))
+    fields["device"] = getattr(problem, "device", None) or torch.device("cpu")
+    fields["requires_grad"] = bool(getattr(problem, "requires_grad", False))
     fields.update(changes)
-    return _Axes(**fields)
+    return Problem(**fields)
 
 
 @dataclass(frozen=True)
