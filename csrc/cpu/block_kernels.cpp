@@ -23,14 +23,14 @@ namespace nattn::cpu {
 namespace {
 
 // 64-byte vectors through GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones or
-// four SSE ones, whichever the clone being compiled has. kCols fp32 values are one such vector,
+// four SSE ones, whichever the level being compiled has. kCols fp32 values are one such vector,
 // kCols fp64 values two. Loads go through memcpy because the rows are not 64-byte aligned.
 template <typename A>
 struct Vec {
   using type __attribute__((vector_size(64))) = A;
   static constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
   static constexpr int kPerPanel = kCols / kLanes;  // vectors per kCols-wide panel
-  // By reference: passing a 64-byte vector by value has a different ABI per clone.
+  // By reference: passing a 64-byte vector by value has a different ABI at each level.
   static NATTN_INLINE void load(type& v, const A* p) { std::memcpy(&v, p, sizeof v); }
   static NATTN_INLINE void store(A* p, const type& v) { std::memcpy(p, &v, sizeof v); }
 };
@@ -184,8 +184,9 @@ using I16 = int32_t __attribute__((vector_size(64)));
 #define NATTN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
 
-// out = max(a, b) or a + b. Results through a reference: a 64-byte vector returned by value has
-// a different ABI per clone.
+// Vector results go out through references: a 64-byte vector returned by value has a different
+// ABI at each instruction-set level.
+
 // out = mask ? a : b lane by lane (mask lanes all ones or zero), as bit operations: GCC may
 // expand a vector ?: element by element.
 NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
@@ -196,6 +197,7 @@ NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) 
   std::memcpy(&out, &bits, sizeof out);
 }
 
+// out = max(a, b) or a + b.
 template <bool kMax>
 NATTN_INLINE void combine(F16& out, const F16& a, const F16& b) {
   if constexpr (kMax) {

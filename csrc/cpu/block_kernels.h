@@ -24,7 +24,7 @@ enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // Name of the level every kernel below runs at: the best this CPU supports, or the one the
 // environment variable NATTN_CPU_ISA (baseline, avx2, avx512) names, read once per process.
 // Throws std::runtime_error when NATTN_CPU_ISA names an unknown level or one the CPU lacks (and
-// so does every kernel call, until the process restarts with a valid value).
+// so does every CPU forward and backward call, until the process restarts with a valid value).
 const char* cpu_isa();
 
 // s[r * kCols + c] = sum_{i < depth} a[r * lda + i] * bt[i * ldb + c] for r < kRows, c < kCols.
