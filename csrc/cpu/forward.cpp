@@ -11,6 +11,9 @@
 namespace nattn::cpu {
 namespace {
 
+// Most memory the per-thread group storage of the grouped schedule may take (bytes, all threads).
+constexpr int64_t kGroupedStorageBudget = int64_t{1} << 30;
+
 // Packed keys of one (batch, kv head) group and per-thread scratch; reused across groups.
 template <typename A>
 struct ForwardStorage {
@@ -80,8 +83,13 @@ void forward_impl(const AttentionParams& p) {
   // work), each thread runs whole groups: one parallel region instead of three per group, whose
   // start-up dominates small problems (14 x 14 tokens, 8 heads, 2 threads: 0.60 ms -> 0.33 ms).
   // Every output row is computed the same way either way.
+  // Each thread then holds one group's packed keys and gathered values at a time; like the
+  // backward's fused schedule, this stays within a budget over all threads.
   const int64_t rounds = (groups + nt - 1) / nt;
-  if (nt > 1 && groups >= nt && 4 * rounds * nt <= 5 * groups) {
+  const int64_t per_group = static_cast<int64_t>(sizeof(A)) *
+                            (p.head_dim * geo.lines * geo.ld + p.value_dim * geo.tokens());
+  if (nt > 1 && groups >= nt && 4 * rounds * nt <= 5 * groups &&
+      per_group * nt <= kGroupedStorageBudget) {
     std::vector<ForwardStorage<A>> storage(static_cast<size_t>(nt));
     parallel_for(nt, groups, [&](int64_t g, int thread) {
       forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread]);
