@@ -227,18 +227,13 @@ class Backward {
       const Rows<A> v_rows =
           make_rows(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_rows_store);
       const ForwardKeys<A> keys{k_lines, v_rows, st.add_kt.data(), st.add_v_rows.data()};
-      parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
-        const int64_t h = kvh * hpk_ + item / per_head;
-        const AxisTile& tile = tiles_[item % n_tiles_];
-        const int64_t x01 = (item % per_head) / n_tiles_;
-        const int64_t x0 = x01 / geo_.len[1], x1 = x01 % geo_.len[1];
-        ForwardScratch<A>& s = st.fwd_scratch[thread];
-        load_tile(q, p_.q.stride, b, h, x0, x1, tile, geo_, D_, s.q.data());
-        A tile_lse[kRows];
-        forward_tile(p_, geo_, tile, x0, x1, keys, s, tile_lse);
-        A* dst = row_lse_.data() + stats_line(b, h, geo_.line(x0, x1, tile.group)) + tile.j0;
-        std::copy(tile_lse, tile_lse + tile.count, dst);
-      });
+      forward_tiles<T>(p_, geo_, tiles_, b, kvh, keys, st.fwd_scratch, nt,
+                       [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
+                           const ForwardScratch<A>&, const A* tile_lse) {
+                         A* dst = row_lse_.data() +
+                                  stats_line(b, h, geo_.line(x0, x1, tile.group)) + tile.j0;
+                         std::copy(tile_lse, tile_lse + tile.count, dst);
+                       });
     }
 
     // dk, dv are summed over the group's heads (head by head, in order) in compute-type

@@ -381,52 +381,35 @@ NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int
 // is picked once per process (block_kernels.h: cpu_isa).
 #define NATTN_LEVEL(NS, ATTR)                                                                  \
   namespace NS {                                                                               \
-  ATTR void dot_f(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,    \
-                  float* s) {                                                                  \
+  template <typename A>                                                                        \
+  ATTR void dot(const A* a, int64_t lda, const A* bt, int64_t ldb, int64_t depth, A* s) {      \
     block_dot_impl(a, lda, bt, ldb, depth, s);                                                 \
   }                                                                                            \
-  ATTR void dot_d(const double* a, int64_t lda, const double* bt, int64_t ldb, int64_t depth,  \
-                  double* s) {                                                                 \
-    block_dot_impl(a, lda, bt, ldb, depth, s);                                                 \
-  }                                                                                            \
-  ATTR void acc_f(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,       \
-                  float* o, int64_t ldo) {                                                     \
+  template <typename A>                                                                        \
+  ATTR void acc(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,           \
+                int64_t ldo) {                                                                 \
     block_accumulate_impl(p, n, b, ldb, width, o, ldo);                                        \
   }                                                                                            \
-  ATTR void acc_d(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,     \
-                  double* o, int64_t ldo) {                                                    \
-    block_accumulate_impl(p, n, b, ldb, width, o, ldo);                                        \
-  }                                                                                            \
-  ATTR void acc_t_f(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,     \
-                    float* o, int64_t ldo) {                                                   \
+  template <typename A>                                                                        \
+  ATTR void acc_t(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,         \
+                  int64_t ldo) {                                                               \
     block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);                             \
   }                                                                                            \
-  ATTR void acc_t_d(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,   \
-                    double* o, int64_t ldo) {                                                  \
-    block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);                             \
-  }                                                                                            \
-  ATTR void softmax_f(float* s, const int64_t* clo, const int64_t* chi, float scale, float* m, \
-                      float* l, float* corr) {                                                 \
+  template <typename A>                                                                        \
+  ATTR void softmax(A* s, const int64_t* clo, const int64_t* chi, A scale, A* m, A* l,         \
+                    A* corr) {                                                                 \
     block_online_softmax_impl(s, clo, chi, scale, m, l, corr);                                 \
   }                                                                                            \
-  ATTR void softmax_d(double* s, const int64_t* clo, const int64_t* chi, double scale,         \
-                      double* m, double* l, double* corr) {                                    \
-    block_online_softmax_impl(s, clo, chi, scale, m, l, corr);                                 \
-  }                                                                                            \
-  ATTR void probs_f(float* s, const float* dp, const int64_t* clo, const int64_t* chi,         \
-                    float scale, const float* row_lse, const float* col_lse,                   \
-                    const float* row_delta, const float* col_delta, float* ds) {               \
+  template <typename A>                                                                        \
+  ATTR void probs(A* s, const A* dp, const int64_t* clo, const int64_t* chi, A scale,          \
+                  const A* row_lse, const A* col_lse, const A* row_delta, const A* col_delta,  \
+                  A* ds) {                                                                     \
     block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta,  \
                               ds);                                                             \
   }                                                                                            \
-  ATTR void probs_d(double* s, const double* dp, const int64_t* clo, const int64_t* chi,       \
-                    double scale, const double* row_lse, const double* col_lse,                \
-                    const double* row_delta, const double* col_delta, double* ds) {            \
-    block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta,  \
-                              ds);                                                             \
-  }                                                                                            \
-  constexpr Kernels kKernels = {dot_f,     dot_d,     acc_f,   acc_d,  acc_t_f,                \
-                                acc_t_d,   softmax_f, softmax_d, probs_f, probs_d};            \
+  constexpr Kernels kKernels = {dot<float>,     dot<double>,     acc<float>,   acc<double>,    \
+                                acc_t<float>,   acc_t<double>,   softmax<float>,               \
+                                softmax<double>, probs<float>,   probs<double>};               \
   }
 
 struct Kernels {

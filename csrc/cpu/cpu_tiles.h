@@ -285,4 +285,28 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
   }
 }
 
+// forward_tile for every query tile of the query heads of kv head kvh of batch b, on nt threads
+// (items: head, x0, x1, last-axis tile, so consecutive items share most of their keys); each
+// result goes to done(h, x0, x1, tile, scratch, lse) with the output in scratch.o.
+template <typename T, typename A, typename F>
+void forward_tiles(const AttentionParams& p, const Geometry& geo,
+                   const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh,
+                   const ForwardKeys<A>& keys, std::vector<ForwardScratch<A>>& scratch, int nt,
+                   F&& done) {
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const int64_t per_head = geo.len[0] * geo.len[1] * n_tiles;
+  const T* q = static_cast<const T*>(p.q.data);
+  parallel_for(nt, p.heads_per_kv() * per_head, [&](int64_t item, int thread) {
+    const int64_t h = kvh * p.heads_per_kv() + item / per_head;
+    const AxisTile& tile = tiles[item % n_tiles];
+    const int64_t x01 = (item % per_head) / n_tiles;
+    const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
+    ForwardScratch<A>& s = scratch[thread];
+    load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, p.head_dim, s.q.data());
+    A tile_lse[kRows];
+    forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse);
+    done(h, x0, x1, tile, s, tile_lse);
+  });
+}
+
 }  // namespace nattn::cpu

@@ -31,9 +31,6 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
                    ForwardStorage<typename ComputeType<T>::type>& st) {
   using A = typename ComputeType<T>::type;
   const int64_t D = p.head_dim, Dv = p.value_dim;
-  const int64_t hpk = p.heads_per_kv();
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-  const T* q = static_cast<const T*>(p.q.data);
   T* out = static_cast<T*>(p.out.data);
   float* lse = static_cast<float*>(p.lse.data);
   if (st.scratch.size() < static_cast<size_t>(nt)) {
@@ -50,26 +47,18 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
                          p.num_additional, Dv, st.add_v);
   }
   const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data()};
-  // Items: (query head of this kv head, x0, x1, last-axis tile); consecutive items share most
-  // of their keys.
-  const int64_t per_head = geo.len[0] * geo.len[1] * n_tiles;
-  parallel_for(nt, hpk * per_head, [&](int64_t item, int thread) {
-    const int64_t h = kvh * hpk + item / per_head;
-    const AxisTile& tile = tiles[item % n_tiles];
-    const int64_t x01 = (item % per_head) / n_tiles;
-    const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
-    ForwardScratch<A>& s = st.scratch[thread];
-    load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, D, s.q.data());
-    A tile_lse[kRows];
-    forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse);
-    for (int64_t r = 0; r < tile.count; ++r) {
-      const int64_t x[3] = {x0, x1, tile.index(geo, r)};
-      store_row(s.o.data() + r * Dv, Dv,
-                out + token_offset(p.out.stride, b, x) + h * p.out.stride[4], p.out.stride[5]);
-      lse[token_offset(p.lse.stride, b, x) + h * p.lse.stride[4]] =
-          static_cast<float>(tile_lse[r]);
-    }
-  });
+  forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt,
+                   [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
+                       const ForwardScratch<A>& s, const A* tile_lse) {
+                     for (int64_t r = 0; r < tile.count; ++r) {
+                       const int64_t x[3] = {x0, x1, tile.index(geo, r)};
+                       store_row(s.o.data() + r * Dv, Dv,
+                                 out + token_offset(p.out.stride, b, x) + h * p.out.stride[4],
+                                 p.out.stride[5]);
+                       lse[token_offset(p.lse.stride, b, x) + h * p.lse.stride[4]] =
+                           static_cast<float>(tile_lse[r]);
+                     }
+                   });
 }
 
 template <typename T>
