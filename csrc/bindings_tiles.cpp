@@ -151,6 +151,21 @@ std::tuple<int64_t, int64_t, int64_t> flat_tile_counts(const std::vector<AxisTup
   return {num_q, visited, full};
 }
 
+// Arguments of the one-group tile walks: an undilated axis of group_len tokens, both tile sizes
+// valid, and tile index `tile` (of tiles of `tile_size`) inside the group.
+void check_group_tile(int64_t group_len, int64_t kernel_size, int64_t stride, int64_t q_tile_size,
+                      int64_t kv_tile_size, int64_t tile, int64_t tile_size, const char* name) {
+  check_tile(q_tile_size, "q_tile_size");
+  check_tile(kv_tile_size, "kv_tile_size");
+  if (group_len < kernel_size || kernel_size < 1 || stride < 1 || stride > kernel_size) {
+    throw std::invalid_argument("need 1 <= stride <= kernel_size <= group_len");
+  }
+  if (tile < 0 || tile >= nattn::tile_count(group_len, tile_size)) {
+    throw std::invalid_argument(std::string(name) + " " + std::to_string(tile) +
+                                " out of range");
+  }
+}
+
 }  // namespace
 
 void register_tile_planner(py::module_& m) {
@@ -158,14 +173,8 @@ void register_tile_planner(py::module_& m) {
       "tile_axis_range",
       [](int64_t group_len, int64_t kernel_size, int64_t stride, bool is_causal,
          int64_t q_tile_size, int64_t kv_tile_size, int64_t q_tile) {
-        check_tile(q_tile_size, "q_tile_size");
-        check_tile(kv_tile_size, "kv_tile_size");
-        if (group_len < kernel_size || kernel_size < 1 || stride < 1 || stride > kernel_size) {
-          throw std::invalid_argument("need 1 <= stride <= kernel_size <= group_len");
-        }
-        if (q_tile < 0 || q_tile >= nattn::tile_count(group_len, q_tile_size)) {
-          throw std::invalid_argument("q_tile " + std::to_string(q_tile) + " out of range");
-        }
+        check_group_tile(group_len, kernel_size, stride, q_tile_size, kv_tile_size, q_tile,
+                         q_tile_size, "q_tile");
         const nattn::AxisTileRange r = nattn::axis_tile_range(
             group_len, kernel_size, stride, is_causal, q_tile_size, kv_tile_size, q_tile);
         return std::make_tuple(r.kv_begin, r.kv_end, r.full_begin, r.full_end);
@@ -178,14 +187,8 @@ void register_tile_planner(py::module_& m) {
       "tile_axis_inverse_range",
       [](int64_t group_len, int64_t kernel_size, int64_t stride, bool is_causal,
          int64_t kv_tile_size, int64_t q_tile_size, int64_t kv_tile) {
-        check_tile(q_tile_size, "q_tile_size");
-        check_tile(kv_tile_size, "kv_tile_size");
-        if (group_len < kernel_size || kernel_size < 1 || stride < 1 || stride > kernel_size) {
-          throw std::invalid_argument("need 1 <= stride <= kernel_size <= group_len");
-        }
-        if (kv_tile < 0 || kv_tile >= nattn::tile_count(group_len, kv_tile_size)) {
-          throw std::invalid_argument("kv_tile " + std::to_string(kv_tile) + " out of range");
-        }
+        check_group_tile(group_len, kernel_size, stride, q_tile_size, kv_tile_size, kv_tile,
+                         kv_tile_size, "kv_tile");
         const nattn::AxisTileRange r = nattn::axis_inverse_tile_range(
             group_len, kernel_size, stride, is_causal, kv_tile_size, q_tile_size, kv_tile);
         return std::make_tuple(r.kv_begin, r.kv_end, r.full_begin, r.full_end);
