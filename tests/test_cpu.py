@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nattn
+from conftest import run_attention as run
 from nattn import _native
 
 
@@ -100,19 +101,6 @@ def make_inputs(c: Case, dtype=torch.float64, generator=None):
         av = torch.randn(c.batch, c.additional, c.kv_heads, c.dim_v, dtype=dtype,
                          generator=generator)
     return q, k, v, ak, av
-
-
-def run(fn, c: Case, inputs, grads):
-    """Forward + lse + gradients of (out . grad_out + lse . grad_lse) w.r.t. every input."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    q, k, v, ak, av = leaves
-    out, lse = fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
-                  is_causal=c.is_causal, additional_keys=ak, additional_values=av,
-                  return_lse=True)
-    g_out, g_lse = grads
-    loss = (out * g_out).sum() + (lse * g_lse).sum()
-    params = [t for t in leaves if t is not None]
-    return [out, lse] + list(torch.autograd.grad(loss, params))
 
 
 def cpu_fn(*args, **kwargs):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import nattn
+from conftest import run_attention as run
 from nattn import _native
 
 _C = _native._C
@@ -221,19 +222,6 @@ def make_inputs(c: Case, gen):
         ak = carve((c.batch, c.additional, c.kv_heads, c.dim), c.dtype, c.pad, gen)
         av = carve((c.batch, c.additional, c.kv_heads, c.dim_v), c.dtype, c.pad, gen)
     return [q, k, v, ak, av]
-
-
-def run(fn, c: Case, inputs, grads):
-    """Forward + lse + gradients of (out . g_out + lse . g_lse) with respect to every input."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    q, k, v, ak, av = leaves
-    out, lse = fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
-                  is_causal=c.is_causal, additional_keys=ak, additional_values=av,
-                  return_lse=True)
-    g_out, g_lse = grads
-    loss = (out * g_out).sum() + (lse * g_lse).sum()
-    params = [t for t in leaves if t is not None]
-    return [out, lse] + list(torch.autograd.grad(loss, params))
 
 
 def cuda_fn(*args, **kwargs):

@@ -118,30 +118,66 @@ NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const 
   }
 }
 
-// exp(x) for fp32 without a library call, so that the loop over a block vectorizes: x = n ln2 + r
-// with |r| <= ln2/2 (ln2 split in two for an exact n*ln2_hi), exp(r) by the Cephes degree-6
-// polynomial, 2^n built in the exponent bits.
-NATTN_INLINE float exp_fp32(float x) {
-  const float clamped = x < -88.0f ? -88.0f : (x > 88.0f ? 88.0f : x);
+// fp32 values in 64-byte vectors (one per kCols-wide row) and the matching lane masks.
+using F16 = Vec<float>::type;
+using I16 = int32_t __attribute__((vector_size(64)));
+
+// Vector results go out through references: a 64-byte vector returned by value has a different
+// ABI at each instruction-set level.
+
+// out = mask ? a : b lane by lane (mask lanes all ones or zero), as bit operations: GCC may
+// expand a vector ?: element by element.
+NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
+  I16 ia, ib;
+  std::memcpy(&ia, &a, sizeof ia);
+  std::memcpy(&ib, &b, sizeof ib);
+  const I16 bits = (ia & mask) | (ib & ~mask);
+  std::memcpy(&out, &bits, sizeof out);
+}
+
+NATTN_INLINE void select(float& out, bool mask, float a, float b) { out = mask ? a : b; }
+
+// out = 2^n for integral n in [-127, 128], built in the exponent bits.
+NATTN_INLINE void power_of_two(float& out, float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  std::memcpy(&out, &bits, sizeof out);
+}
+NATTN_INLINE void power_of_two(F16& out, const F16& n) {
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  std::memcpy(&out, &bits, sizeof out);
+}
+
+// out = exp(x) for fp32 (one value, or a vector lane by lane) without a library call, so that
+// block loops vectorize: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact
+// n*ln2_hi), exp(r) by the Cephes degree-6 polynomial, 2^n built in the exponent bits.
+template <typename V>
+NATTN_INLINE void exp_fp32(V& out, const V& x) {
+  const V lo = V{} - 88.0f, hi = V{} + 88.0f, magic = V{} + 12582912.0f;
+  V clamped;
+  select(clamped, x < lo, lo, x);
+  select(clamped, clamped > hi, hi, clamped);
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (|t| < 2^22).
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
+  const V n = (clamped * 1.44269504088896341f + magic) - magic;
+  const V r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  V poly = V{} + 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;
   poly = poly * r + 8.3334519073e-3f;
   poly = poly * r + 4.1665795894e-2f;
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
-  const float exp_r = poly * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
+  const V exp_r = poly * r * r + r + 1.0f;
+  V two_n;
+  power_of_two(two_n, n);
   // Below exp(-87) (about 1.6e-38) 2^n would leave the normal range; those weights are 0 to fp32
   // softmax precision, and masked scores (-inf) land here too.
-  return x < -87.0f ? 0.0f : exp_r * two_n;
+  select(out, x < V{} - 87.0f, V{}, exp_r * two_n);
 }
 
-NATTN_INLINE float exp_any(float x) { return exp_fp32(x); }
+NATTN_INLINE float exp_any(float x) {
+  float y;
+  exp_fp32(y, x);
+  return y;
+}
 NATTN_INLINE double exp_any(double x) { return std::exp(x); }
 
 // Row maxima / sums of a kRows x kCols block as fixed pairwise trees, all rows at once: the
@@ -176,26 +212,11 @@ NATTN_INLINE void row_sum(const A* x, A* out) {
 // rows x 4 -> 8 rows x 2 -> 8 results), 15 shuffles for the block instead of 4 per row. The
 // combination order is fixed, so results are deterministic.
 static_assert(kCols == 16 && kRows == 8, "the fp32 row tree is written for 8 x 16 blocks");
-using F16 = Vec<float>::type;
-using I16 = int32_t __attribute__((vector_size(64)));
 #if defined(__clang__)
 #define NATTN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define NATTN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, I16{__VA_ARGS__})
 #endif
-
-// Vector results go out through references: a 64-byte vector returned by value has a different
-// ABI at each instruction-set level.
-
-// out = mask ? a : b lane by lane (mask lanes all ones or zero), as bit operations: GCC may
-// expand a vector ?: element by element.
-NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
-  I16 ia, ib;
-  std::memcpy(&ia, &a, sizeof ia);
-  std::memcpy(&ib, &b, sizeof ib);
-  const I16 bits = (ia & mask) | (ib & ~mask);
-  std::memcpy(&out, &bits, sizeof out);
-}
 
 // out = max(a, b) or a + b.
 template <bool kMax>
@@ -239,27 +260,6 @@ NATTN_INLINE void row_reduce_fp32(const F16* v, float* out) {
   for (int r = 0; r < kRows; ++r) out[r] = d[r];
 }
 #undef NATTN_SHUFFLE
-
-// exp_fp32 on a whole vector (the same steps, lane by lane).
-NATTN_INLINE void exp_fp32(F16& out, const F16& x) {
-  const F16 lo = F16{} - 88.0f, hi = F16{} + 88.0f, magic = F16{} + 12582912.0f;
-  F16 clamped;
-  select(clamped, x < lo, lo, x);
-  select(clamped, clamped > hi, hi, clamped);
-  const F16 n = (clamped * 1.44269504088896341f + magic) - magic;
-  const F16 r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  F16 poly = F16{} + 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const F16 exp_r = poly * r * r + r + 1.0f;
-  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
-  F16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  select(out, x < F16{} - 87.0f, F16{}, exp_r * two_n);
-}
 
 // mask = all ones in the lanes c of a kCols-wide row with lo <= c < hi (0 <= lo, hi <= kCols),
 // else 0: kCols lanes of a ones-then-zeros table starting at kCols - hi have ones exactly where
@@ -342,7 +342,7 @@ NATTN_INLINE void block_online_softmax_impl(float* s, const int64_t* clo, const 
     // A row with nothing valid so far keeps m = -inf; shifting by 0 then keeps its entries at
     // exp(-inf) = 0 instead of NaN.
     shift[r] = m_new[r] == kNegInf ? 0.0f : m_new[r];
-    corr[r] = m[r] == m_new[r] ? 1.0f : exp_fp32(m[r] - m_new[r]);
+    corr[r] = m[r] == m_new[r] ? 1.0f : exp_any(m[r] - m_new[r]);
     m[r] = m_new[r];
   }
   for (int r = 0; r < kRows; ++r) {

@@ -308,15 +308,24 @@ class Ceilings:
     dtype: str = ""
 
 
-def _best_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls: a ceiling is what the device can do, and on a shared
-    machine the slower runs measure the neighbours, not the device."""
+def time_calls(fn, device: torch.device, warmup: int, repeats: int,
+               flush_bytes: int = 0) -> List[float]:
+    """Seconds per call of ``fn`` (CUDA events on GPU, perf_counter on CPU) over ``repeats``
+    calls after ``warmup`` untimed ones. On GPU with ``flush_bytes``, a buffer of that size is
+    overwritten before every timed call, outside the timed events, so each call starts with a
+    cold L2."""
     for _ in range(warmup):
         fn()
-    times = []
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device=device) \
+        if cuda and flush_bytes else None
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            if flush is not None:
+                flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -324,12 +333,17 @@ def _best_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeats):
+        else:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def _best_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls: a ceiling is what the device can do, and on a shared
+    machine the slower runs measure the neighbours, not the device."""
+    return min(time_calls(fn, device, warmup, repeats))
 
 
 def measure_ceilings(device, dtype: torch.dtype = torch.float32, quick: bool = True) -> Ceilings:

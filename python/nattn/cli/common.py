@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import reference
+from .. import perf, reference
 from ..problems import NamedProblem
 
 DTYPES = {
@@ -193,27 +193,7 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int,
     """Seconds per call of ``fn`` (CUDA events on GPU, perf_counter on CPU), after ``warmup``
     untimed calls. On GPU each timed call starts with a cold L2: a large buffer is overwritten
     just before it, outside the timed events."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) \
-        if device.type == "cuda" else None
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return perf.time_calls(fn, device, warmup, repeats, flush_bytes=L2_FLUSH_BYTES)
 
 
 def median(times: Sequence[float]) -> float:
