@@ -4,6 +4,9 @@ Environment variables:
   NATTN_CUDA=0|1      force the CUDA part off / on (default: on when nvcc is found)
   NATTN_CUDA_ARCH     CUDA targets, e.g. "80;90a" (default); setting it turns the CUDA part on
   NATTN_BUILD_JOBS    parallel compile jobs (default: CPU count)
+  NATTN_EMU=1         also build nattn._emu, the CUDA kernels under the functional emulator
+                      (backend cuda-emu; needs the CUDA headers and Boost.Context, no GPU)
+  NATTN_CUDA_INCLUDE  CUDA headers for the emulator build (default: the CUDA toolkit's)
 """
 
 import os
@@ -60,6 +63,10 @@ class CMakeBuild(build_ext):
             f"-DNATTN_CUDA={_cuda_mode()}",
             f"-DNATTN_CUTLASS_INCLUDE={_cutlass_include()}",
         ]
+        if os.environ.get("NATTN_EMU", "").strip().lower() in ("1", "on", "true", "yes"):
+            args.append("-DNATTN_EMU=ON")
+        if os.environ.get("NATTN_CUDA_INCLUDE"):
+            args.append(f"-DNATTN_CUDA_INCLUDE={os.environ['NATTN_CUDA_INCLUDE']}")
         if os.environ.get("NATTN_CUDA_ARCH"):
             args.append(f"-DNATTN_CUDA_ARCH={os.environ['NATTN_CUDA_ARCH']}")
         if shutil.which("nvcc") is None and Path("/usr/local/cuda/bin/nvcc").exists():

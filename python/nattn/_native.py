@@ -18,6 +18,15 @@ except ImportError as exc:  # a source checkout without a build, or a broken ins
     _C = None
     IMPORT_ERROR = f"the native module nattn._C could not be imported ({exc})"
 
+try:  # the CUDA kernels under the functional emulator: built only with NATTN_EMU=1
+    from . import _emu
+
+    EMU_IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:
+    _emu = None
+    EMU_IMPORT_ERROR = (f"nattn was built without the emulator module nattn._emu ({exc}); "
+                        "rebuild with NATTN_EMU=1 (docs/emulator.md)")
+
 
 # Tests set this to fill every output with NaN before a kernel runs, so that an element a kernel
 # fails to write shows up instead of passing with whatever the allocator left there.
@@ -47,13 +56,18 @@ class Window(NamedTuple):
     scale: float
 
 
-def _dtype_tag(dtype: torch.dtype):
+def _dtype_tag(dtype: torch.dtype, lib):
     return {
-        torch.float16: _C.DType.float16,
-        torch.bfloat16: _C.DType.bfloat16,
-        torch.float32: _C.DType.float32,
-        torch.float64: _C.DType.float64,
+        torch.float16: lib.DType.float16,
+        torch.bfloat16: lib.DType.bfloat16,
+        torch.float32: lib.DType.float32,
+        torch.float64: lib.DType.float64,
     }[dtype]
+
+
+def _library(kind: str):
+    """The native module that runs ``kind``: nattn._emu for "cuda-emu", else nattn._C."""
+    return _emu if kind == "cuda-emu" else _C
 
 
 def _token_strides(t: torch.Tensor, rank: int) -> list:
@@ -62,10 +76,11 @@ def _token_strides(t: torch.Tensor, rank: int) -> list:
     return [s[0]] + [0] * (3 - rank) + s[1 : 1 + rank] + s[1 + rank :]
 
 
-def _params(q, k, v, ak, av, window: Window):
+def _params(q, k, v, ak, av, window: Window, lib=None):
     rank = q.dim() - 3
-    p = _C.AttentionParams()
-    p.dtype = _dtype_tag(q.dtype)
+    lib = _C if lib is None else lib
+    p = lib.AttentionParams()
+    p.dtype = _dtype_tag(q.dtype, lib)
     p.batch = q.shape[0]
     p.heads = q.shape[-2]
     p.kv_heads = k.shape[-2]
@@ -100,10 +115,12 @@ def _launch(kind: str, device: torch.device, p):
 
 
 def forward(kind: str, q, k, v, ak, av, window: Window):
-    """Fused forward on ``kind`` ("cpu", "cuda" or "hopper"): returns (out [B, *spatial, H, Dv]
-    in q.dtype, lse [B, *spatial, H] fp32). "hopper" runs the sm_90a kernels when they accept
-    the call's layout and the portable CUDA kernels otherwise."""
-    p, rank = _params(q, k, v, ak, av, window)
+    """Fused forward on ``kind`` ("cpu", "cuda", "hopper" or "cuda-emu"): returns (out
+    [B, *spatial, H, Dv] in q.dtype, lse [B, *spatial, H] fp32). "hopper" runs the sm_90a
+    kernels when they accept the call's layout and the portable CUDA kernels otherwise;
+    "cuda-emu" runs the CUDA kernels on CPU tensors under the emulator."""
+    lib = _library(kind)
+    p, rank = _params(q, k, v, ak, av, window, lib)
     out = _empty(q.shape[:-1] + (v.shape[-1],), q)
     lse = _empty(q.shape[:-1], q, dtype=torch.float32)
     p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
@@ -111,8 +128,8 @@ def forward(kind: str, q, k, v, ak, av, window: Window):
     with _launch(kind, q.device, p):
         if kind == "hopper" and not _C.cuda_hopper_forward_reasons(p):
             _C.cuda_hopper_forward(p)
-        elif kind in ("cuda", "hopper"):
-            _C.cuda_forward(p)
+        elif kind in ("cuda", "hopper", "cuda-emu"):
+            lib.cuda_forward(p)
         else:
             _C.cpu_forward(p)
     return out, lse
@@ -122,7 +139,8 @@ def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: W
     """Fused backward on ``kind``: returns (dq, dk, dv, d_additional_keys,
     d_additional_values); the last two are None without additional tokens. Both kinds are
     atomic-free, so gradients are bit-identical from run to run."""
-    p, rank = _params(q, k, v, ak, av, window)
+    lib = _library(kind)
+    p, rank = _params(q, k, v, ak, av, window, lib)
     for name, t in (("out", out), ("d_out", grad_out)):
         p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
@@ -140,8 +158,8 @@ def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: W
         p.set_tensor("d_add_k", dak.data_ptr(), list(dak.stride()))
         p.set_tensor("d_add_v", dav.data_ptr(), list(dav.stride()))
     with _launch(kind, q.device, p):
-        if kind in ("cuda", "hopper"):  # no Hopper backward yet: the portable kernels
-            _C.cuda_backward(p, True)
+        if kind in ("cuda", "hopper", "cuda-emu"):  # no Hopper backward yet: portable kernels
+            lib.cuda_backward(p, True)
         else:
             _C.cpu_backward(p)
     return dq, dk, dv, dak, dav

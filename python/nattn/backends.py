@@ -69,6 +69,8 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    # Whether backend="auto" may pick it (False for verification-only backends).
+    auto: bool = True
 
     def not_supported_reasons(self, problem: Problem) -> List[str]:
         raise NotImplementedError
@@ -185,8 +187,36 @@ class HopperBackend(CudaBackend):
         return reasons
 
 
+class EmulatedCudaBackend(Backend):
+    name = "cuda-emu"
+    description = (
+        "the CUDA kernels of csrc/cuda (SM80 tensor cores, SIMT) run on CPU tensors under "
+        "nattn's functional emulator (csrc/emu), dispatched as on a GPU of compute capability "
+        "NATTN_EMU_ARCH (default 80); for verification only, slow, never chosen by 'auto'; "
+        "needs a build with NATTN_EMU=1"
+    )
+    auto = False
+
+    def not_supported_reasons(self, problem: Problem) -> List[str]:
+        if _native.EMU_IMPORT_ERROR is not None:
+            return [_native.EMU_IMPORT_ERROR]
+        if problem.device.type != "cpu":
+            return [f"runs on CPU tensors only (it emulates the GPU), got device {problem.device}"]
+        from . import emu
+
+        emu.configure_from_environment()
+        return []
+
+    def forward(self, q, k, v, ak, av, window: Window):
+        return _native.forward("cuda-emu", q, k, v, ak, av, window)
+
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+        return _native.backward("cuda-emu", grad_out, grad_lse, q, k, v, ak, av, out, lse,
+                                window)
+
+
 # Priority order: the first that can run a problem is what "auto" picks. The reference comes
-# last: it is always able, and always the slowest.
+# last of those: it is always able, and always the slowest. cuda-emu is never picked.
 _REGISTRY: Dict[str, Backend] = {}
 
 
@@ -199,6 +229,7 @@ register(HopperBackend())
 register(CudaBackend())
 register(CpuBackend())
 register(ReferenceBackend())
+register(EmulatedCudaBackend())
 
 
 def names() -> List[str]:
@@ -219,6 +250,8 @@ def choose(problem: Problem) -> Backend:
     """The backend ``auto`` picks for ``problem``; ``ValueError`` listing every reason if none."""
     reasons = {}
     for backend in _REGISTRY.values():
+        if not backend.auto:
+            continue
         why = backend.not_supported_reasons(problem)
         if not why:
             return backend

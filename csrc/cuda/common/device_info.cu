@@ -1,7 +1,6 @@
 // Device queries and a device-side evaluation of the window math (include/nattn/window.h).
-#include <cuda_runtime.h>
-
-#include "../cuda_api.h"
+#include "cuda/common/launch.h"
+#include "cuda/cuda_api.h"
 
 namespace nattn::cuda {
 
@@ -50,8 +49,8 @@ std::string axis_windows_on_device(const AxisParams& axis, std::vector<int64_t>*
   if (status != cudaSuccess) return cudaGetErrorString(status);
   const int threads = 128;
   const int blocks = static_cast<int>((axis.length + threads - 1) / threads);
-  axis_windows_kernel<<<blocks, threads>>>(axis, device_out);
-  status = cudaGetLastError();
+  status = launch_kernel(axis_windows_kernel, dim3(blocks), dim3(threads), 0, nullptr, axis,
+                         device_out);
   out->assign(4 * static_cast<size_t>(axis.length), 0);
   if (status == cudaSuccess) {
     status = cudaMemcpy(out->data(), device_out, bytes, cudaMemcpyDeviceToHost);

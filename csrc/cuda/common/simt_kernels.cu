@@ -8,12 +8,12 @@
 // paths.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 #include <string>
 
+#include "cuda/common/arch_ops.h"
 #include "cuda/common/launch.h"
 #include "cuda/common/simt_api.h"
 #include "nattn/params.h"
@@ -140,7 +140,7 @@ __device__ __forceinline__ void for_each_key_value(const AttentionParams& p, int
 template <class T>
 __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
   using A = typename AccOf<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  NATTN_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   A* sq = reinterpret_cast<A*>(smem_raw) + warp * (p.head_dim + p.value_dim);
   A* so = sq + p.head_dim;
@@ -173,11 +173,11 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
     for_each_key_value<T>(p, b, x, hk, visit);
     T* orow = static_cast<T*>(p.out.data) + token_offset(p.out, b, x, h);
     for (int64_t d = lane; d < Dv; d += 32) {
-      orow[d * p.out.stride[5]] = from_acc<T, A>(so[d] / row_sum);
+      ops::store_global(orow + d * p.out.stride[5], from_acc<T, A>(so[d] / row_sum));
     }
     if (lane == 0) {
-      static_cast<float*>(p.lse.data)[token_offset(p.lse, b, x, h)] =
-          static_cast<float>(row_max + log_acc(row_sum));
+      ops::store_global(static_cast<float*>(p.lse.data) + token_offset(p.lse, b, x, h),
+                        static_cast<float>(row_max + log_acc(row_sum)));
     }
     __syncwarp();
   }
@@ -206,7 +206,7 @@ __global__ void delta_kernel(const __grid_constant__ AttentionParams p) {
       if (p.d_lse.data != nullptr) {
         delta -= static_cast<const float*>(p.d_lse.data)[token_offset(p.d_lse, b, x, h)];
       }
-      static_cast<float*>(p.delta.data)[token_offset(p.delta, b, x, h)] = delta;
+      ops::store_global(static_cast<float*>(p.delta.data) + token_offset(p.delta, b, x, h), delta);
     }
   }
 }
@@ -215,7 +215,7 @@ __global__ void delta_kernel(const __grid_constant__ AttentionParams p) {
 template <class T>
 __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
   using A = typename AccOf<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  NATTN_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t D = p.head_dim, Dv = p.value_dim, tokens = p.tokens();
   A* sq = reinterpret_cast<A*>(smem_raw) + warp * (2 * D + Dv);
@@ -246,7 +246,9 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
     };
     for_each_key_value<T>(p, b, x, hk, visit);
     T* dqrow = static_cast<T*>(p.dq.data) + token_offset(p.dq, b, x, h);
-    for (int64_t d = lane; d < D; d += 32) dqrow[d * p.dq.stride[5]] = from_acc<T, A>(sdq[d] * scale);
+    for (int64_t d = lane; d < D; d += 32) {
+      ops::store_global(dqrow + d * p.dq.stride[5], from_acc<T, A>(sdq[d] * scale));
+    }
     __syncwarp();
   }
 }
@@ -257,7 +259,7 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
 template <class T>
 __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
   using A = typename AccOf<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  NATTN_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t D = p.head_dim, Dv = p.value_dim, tokens = p.tokens();
   A* sk = reinterpret_cast<A*>(smem_raw) + warp * (2 * D + 2 * Dv);
@@ -336,8 +338,12 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
       k_step = p.dk.stride[5];
       v_step = p.dv.stride[5];
     }
-    for (int64_t d = lane; d < D; d += 32) dkrow[d * k_step] = from_acc<T, A>(sdk[d] * scale);
-    for (int64_t d = lane; d < Dv; d += 32) dvrow[d * v_step] = from_acc<T, A>(sdv[d]);
+    for (int64_t d = lane; d < D; d += 32) {
+      ops::store_global(dkrow + d * k_step, from_acc<T, A>(sdk[d] * scale));
+    }
+    for (int64_t d = lane; d < Dv; d += 32) {
+      ops::store_global(dvrow + d * v_step, from_acc<T, A>(sdv[d]));
+    }
     __syncwarp();
   }
 }

@@ -4,10 +4,9 @@
 // lanes).
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cute/numeric/numeric_types.hpp>
 
+#include "cuda/common/arch_ops.h"
 #include "nattn/params.h"
 
 namespace nattn::cuda {

@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   using Rows = ThreadRows<Traits>;
   constexpr int kSlots = Rows::kSlots;
 
-  extern __shared__ cute::uint128_t smem_raw[];
+  NATTN_DYNAMIC_SHARED(cute::uint128_t, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
   Tensor sdO = make_tensor(make_smem_ptr(smem + Traits::kTileElemsM), typename Traits::SmemLayoutM{});
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                 q_rows, tid);
     WalkCursor cur = WalkCursor::begin(walk);
     if (!cur.done()) load_kv(cur, 0);
-    cute::cp_async_fence();
+    ops::cp_async_fence();
 
     Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kM>, Int<kD>>{});
     clear(acc_dq);
@@ -81,10 +81,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     auto step = [&](const auto& mask) {
       WalkCursor next = cur;
       next.advance(walk);
-      cute::cp_async_wait<0>();
+      ops::cp_async_wait<0>();
       __syncthreads();
       if (!next.done()) load_kv(next, buf ^ 1);
-      cute::cp_async_fence();
+      ops::cp_async_fence();
 
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_s);
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   using Rows = ThreadRows<Traits>;
   constexpr int kSlots = Rows::kSlots;
 
-  extern __shared__ cute::uint128_t smem_raw[];
+  NATTN_DYNAMIC_SHARED(cute::uint128_t, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
   Tensor sV = make_tensor(make_smem_ptr(smem + Traits::kTileElemsM), typename Traits::SmemLayoutM{});
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                   kv_rows, tid);
     }
     if (!cur.walk.done()) load_q(cur, 0);
-    cute::cp_async_fence();
+    ops::cp_async_fence();
 
     Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kM>, Int<kD>>{});
     Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kM>, Int<kD>>{});
@@ -240,10 +240,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     auto step = [&](const auto& mask) {
       Cursor next = cur;
       advance(next);
-      cute::cp_async_wait<0>();
+      ops::cp_async_wait<0>();
       __syncthreads();
       if (!next.walk.done()) load_q(next, buf ^ 1);
-      cute::cp_async_fence();
+      ops::cp_async_fence();
 
       const float* lse_log2 = smem_rowterms + buf * 2 * kN;
       const float* delta = lse_log2 + kN;

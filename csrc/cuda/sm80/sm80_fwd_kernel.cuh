@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   using Rows = ThreadRows<Traits>;
   constexpr int kSlots = Rows::kSlots;
 
-  extern __shared__ cute::uint128_t smem_raw[];
+  NATTN_DYNAMIC_SHARED(cute::uint128_t, smem_raw);
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutM{});
   const StreamedTiles<Traits> streamed{smem + Traits::kTileElemsM};  // [buffer][K, V]
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                 tid);
     WalkCursor cur = WalkCursor::begin(walk);
     if (!cur.done()) load_kv(cur, 0);
-    cute::cp_async_fence();
+    ops::cp_async_fence();
 
     Tensor acc_o = partition_fragment_C(mma, Shape<Int<kM>, Int<kD>>{});
     clear(acc_o);
@@ -96,10 +96,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     auto step = [&](const auto& mask) {
       WalkCursor next = cur;
       next.advance(walk);
-      cute::cp_async_wait<0>();
+      ops::cp_async_wait<0>();
       __syncthreads();
       if (!next.done()) load_kv(next, buf ^ 1);
-      cute::cp_async_fence();
+      ops::cp_async_fence();
 
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kM>, Int<kN>>{});
       clear(acc_s);
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       if (!q_rows.token(rows.row[slot], &p.out.stride[1], out_off)) continue;
       q_rows.token(rows.row[slot], &p.lse.stride[1], lse_off);
       store_row(out_base + out_off, p.out.stride[5], acc_o, o_coords, slot, 1.f);
-      if (tid % 4 == 0) lse_base[lse_off] = lse[slot];
+      if (tid % 4 == 0) ops::store_global(lse_base + lse_off, lse[slot]);
     }
   }
 }

@@ -15,6 +15,7 @@
 #include <cute/tensor.hpp>
 
 #include "cuda/common/tensor_core.cuh"
+#include "cuda/sm80/sm80_arch_ops.h"
 #include "cuda/sm80/sm80_tiles.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
@@ -41,9 +42,8 @@ struct KernelTraits {
   static_assert(std::is_same_v<Element, cute::half_t> || std::is_same_v<Element, cute::bfloat16_t>,
                 "tensor-core path is fp16/bf16 only");
 
-  using MmaOp = std::conditional_t<std::is_same_v<Element, cute::half_t>,
-                                   cute::SM80_16x8x16_F32F16F16F32_TN,
-                                   cute::SM80_16x8x16_F32BF16BF16F32_TN>;
+  using MmaOp =
+      std::conditional_t<std::is_same_v<Element, cute::half_t>, ops::MmaF16, ops::MmaBF16>;
   // Warps tile M; the N extent 16 (two 8-wide atoms) lets one ldmatrix.x4 feed a B k-step.
   using TiledMma =
       cute::TiledMMA<cute::MMA_Atom<MmaOp>, cute::Layout<cute::Shape<cute::Int<kWarps>, cute::_1,
@@ -70,8 +70,8 @@ struct KernelTraits {
       SmemLayoutN{}, cute::make_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>>{},
                                        cute::LayoutRight{})));
 
-  using LdsmRows = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
-  using LdsmCols = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
+  using LdsmRows = cute::Copy_Atom<ops::LdsmRows, Element>;
+  using LdsmCols = cute::Copy_Atom<ops::LdsmCols, Element>;
 
   static constexpr int kTileElemsM = kBlockM * kHeadDim;
   static constexpr int kTileElemsN = kBlockN * kHeadDim;
@@ -144,7 +144,7 @@ __device__ __forceinline__ void load_rows_async(SmemTensor& s, const typename Tr
     const bool ok = rows.token(r, axis_stride, off);
     const auto* src = reinterpret_cast<const cute::uint128_t*>(ok ? base + off + chunk * 8 : base);
     auto* dst = reinterpret_cast<cute::uint128_t*>(&s(r, chunk * 8));
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*src, *dst, ok);
+    ops::CpAsyncZfill<cute::uint128_t>::copy(*src, *dst, ok);
   }
 }
 
@@ -498,7 +498,7 @@ __device__ __forceinline__ void store_row(Element* dst, int64_t col_stride, cons
     CUTE_UNROLL
     for (int c = 0; c < 2; ++c) {
       const int col = get<1>(o_coords(2 * half + c, m, n));
-      dst[col * col_stride] = Element(acc(2 * half + c, m, n) * scale);
+      ops::store_global(dst + col * col_stride, Element(acc(2 * half + c, m, n) * scale));
     }
   }
 }

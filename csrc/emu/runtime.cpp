@@ -1,0 +1,734 @@
+// The emulator's execution model (runtime.h): grids, CTAs of fibers, barriers, warp rendezvous,
+// cp.async visibility, launch checks, and the subset of the CUDA runtime API the host code of
+// csrc/cuda calls.
+//
+// Fibers: Boost.Context (boost::context::fiber). Chosen over ucontext because a switch costs
+// about 7 ns against 245 ns for swapcontext on the 2-core CI machine (swapcontext saves the
+// signal mask with a system call on every switch), and a warp collective is 32 switches: the
+// emulated GPU sweep spends most of its time there. Boost.Context is a well-kept, widely used
+// library, in Debian as libboost-context-dev, and linked statically into nattn._emu.
+#include "emu/runtime.h"
+
+#include <dlfcn.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/context/fiber.hpp>
+#include <boost/context/stack_context.hpp>
+#include <cxxabi.h>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+
+namespace nattn::emu {
+namespace ctx = boost::context;
+
+namespace {
+
+// Stacks of 256 KiB with a guard page below, kept in a pool across CTAs (an mmap per fiber per
+// CTA would cost more than many small kernels). An overflow hits the guard page and crashes
+// loudly instead of corrupting a neighbour.
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct StackPool {
+  std::vector<void*> free;  // base of each mapping (guard page first)
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  ~StackPool() {
+    for (void* p : free) munmap(p, kStackBytes + page);
+  }
+  void* take() {
+    if (!free.empty()) {
+      void* p = free.back();
+      free.pop_back();
+      return p;
+    }
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    mprotect(p, page, PROT_NONE);
+    return p;
+  }
+};
+thread_local StackPool t_stacks;
+
+struct PooledStack {
+  ctx::stack_context allocate() {
+    void* base = t_stacks.take();
+    ctx::stack_context sc;
+    sc.size = kStackBytes;
+    sc.sp = static_cast<char*>(base) + t_stacks.page + kStackBytes;
+    return sc;
+  }
+  void deallocate(ctx::stack_context& sc) noexcept {
+    t_stacks.free.push_back(static_cast<char*>(sc.sp) - kStackBytes - t_stacks.page);
+  }
+};
+
+// Thrown inside a fiber to unwind it when its launch is aborted.
+struct Abort {};
+
+enum class Status { kRunnable, kBlocked, kDone };
+
+struct Slot {
+  Thread thread;
+  ctx::fiber fiber;      // the thread's fiber while it is suspended
+  ctx::fiber scheduler;  // the scheduler's continuation while the thread runs
+  Status status = Status::kRunnable;
+  std::string waiting;   // what a blocked thread waits for (messages)
+};
+
+struct PendingRendezvous {
+  Rendezvous r;
+  unsigned arrived = 0;
+};
+
+struct BarrierState {
+  int count = 0;
+  int arrived = 0;
+  std::vector<int> waiters;
+};
+
+}  // namespace
+
+struct Cta {
+  std::string kernel;
+  LaunchRecord* record = nullptr;
+  uint3 block_idx{0, 0, 0};
+  dim3 block_dim{1, 1, 1};
+  dim3 grid_dim{1, 1, 1};
+  std::vector<unsigned char>* shared = nullptr;
+  std::vector<uint16_t>* shared_pending = nullptr;  // per byte: copies not yet waited for
+  int64_t shared_bytes = 0;
+  std::vector<std::unique_ptr<Slot>> slots;
+  std::vector<unsigned> exited;  // per warp, lanes that have exited
+  std::vector<std::vector<PendingRendezvous>> rendezvous;  // per warp
+  std::map<int, BarrierState> barriers;
+  std::string error;
+  bool aborting = false;
+  Slot* running = nullptr;
+
+  int threads() const { return static_cast<int>(slots.size()); }
+  unsigned lanes_of(int warp) const {
+    const int n = std::min(32, threads() - 32 * warp);
+    return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+  }
+};
+
+namespace {
+
+thread_local Cta* t_cta = nullptr;
+thread_local std::string t_last_failure;
+thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local cudaError_t t_last_failure_code = cudaSuccess;
+thread_local int t_device = 0;
+
+std::mutex g_attr_mutex;
+std::map<const void*, int> g_max_dynamic_shared;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+std::string hex(unsigned x) {
+  std::ostringstream s;
+  s << "0x" << std::hex << x;
+  return s.str();
+}
+
+// "0-15" / "3" / "0-3, 8" for a set of lane or thread indices.
+std::string ranges(const std::vector<int>& ids) {
+  std::ostringstream s;
+  for (size_t i = 0; i < ids.size();) {
+    size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (i) s << ", ";
+    s << ids[i];
+    if (j > i) s << "-" << ids[j];
+    i = j + 1;
+  }
+  return s.str();
+}
+std::string lanes(unsigned mask) {
+  std::vector<int> ids;
+  for (int l = 0; l < 32; ++l) {
+    if (mask & (1u << l)) ids.push_back(l);
+  }
+  return ranges(ids);
+}
+
+Cta& cta() {
+  if (t_cta == nullptr || t_cta->running == nullptr) {
+    throw std::logic_error("nattn emulator: a device function was called outside a kernel");
+  }
+  return *t_cta;
+}
+
+void record_error(Cta& c, const std::string& message) {
+  if (!c.error.empty()) return;
+  std::ostringstream s;
+  s << "emulated kernel " << c.kernel << ", block (" << c.block_idx.x << ", " << c.block_idx.y
+    << ", " << c.block_idx.z << "): " << message;
+  c.error = s.str();
+  c.aborting = true;
+}
+
+// Suspends the running thread until the scheduler resumes it; unwinds it if the launch aborts.
+void block(const std::string& what) {
+  Cta& c = cta();
+  Slot* s = c.running;
+  s->status = Status::kBlocked;
+  s->waiting = what;
+  s->scheduler = std::move(s->scheduler).resume();
+  t_cta = &c;
+  c.running = s;
+  if (c.aborting) throw Abort{};
+}
+
+void wake(Cta& c, int thread) {
+  Slot& s = *c.slots[thread];
+  if (s.status == Status::kBlocked) s.status = Status::kRunnable;
+}
+
+void land(Cta& c, Thread::PendingCopy& copy) {
+  std::memcpy(copy.dst, copy.data, copy.bytes);
+  const size_t offset = copy.dst - c.shared->data();
+  for (int i = 0; i < copy.bytes; ++i) --(*c.shared_pending)[offset + i];
+}
+
+void thread_exit(Cta& c, Slot& s) {
+  // Copies never waited for land at exit (the CTA's shared memory is gone afterwards anyway).
+  for (auto& copy : s.thread.copies) land(c, copy);
+  s.thread.copies.clear();
+  const int warp = s.thread.linear / 32, lane = s.thread.linear % 32;
+  c.exited[warp] |= 1u << lane;
+  for (const PendingRendezvous& p : c.rendezvous[warp]) {
+    if (p.r.mask & (1u << lane)) {
+      record_error(c, "lane " + std::to_string(lane) + " of warp " + std::to_string(warp) +
+                          " exited while lanes " + lanes(p.arrived) + " wait for it at " +
+                          p.r.kind->name + " (membermask " + hex(p.r.mask) + ")");
+    }
+  }
+}
+
+// Why a CTA whose live threads all wait can never continue.
+std::string deadlock_report(Cta& c) {
+  std::map<std::string, std::vector<int>> by_state;
+  for (const auto& s : c.slots) {
+    by_state[s->status == Status::kDone ? std::string("exited") : s->waiting].push_back(
+        s->thread.linear);
+  }
+  std::ostringstream out;
+  bool barrier = false;
+  for (const auto& [id, b] : c.barriers) barrier = barrier || b.arrived > 0;
+  out << (barrier ? "a barrier not reached by every thread (deadlock): "
+                  : "deadlock, every live thread waits: ");
+  bool first = true;
+  for (const auto& [state, ids] : by_state) {
+    out << (first ? "" : "; ") << "threads " << ranges(ids) << ": " << state;
+    first = false;
+  }
+  return out.str();
+}
+
+std::string demangle(const char* name) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+  std::string out = status == 0 && d ? d : name;
+  std::free(d);
+  return out;
+}
+
+void set_failure(cudaError_t code, const std::string& detail) {
+  t_last_error = code;
+  t_last_failure_code = code;
+  t_last_failure = detail;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+Settings& settings() {
+  static Settings s;
+  return s;
+}
+
+std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+
+ArchLimits arch_limits(int arch) {
+  ArchLimits l;
+  // Opt-in shared memory per block (CUDA programming guide, compute capability table).
+  l.max_shared_optin = arch >= 90 ? 227 * 1024 : arch == 80 ? 163 * 1024 : 99 * 1024;
+  return l;
+}
+
+Thread& self() { return cta().running->thread; }
+uint3 block_index() { return cta().block_idx; }
+dim3 block_dim() { return cta().block_dim; }
+dim3 grid_dim() { return cta().grid_dim; }
+int lane_id() { return self().linear % 32; }
+
+void fail(const std::string& message) {
+  Cta& c = cta();
+  record_error(c, "thread " + std::to_string(c.running->thread.linear) + ": " + message);
+  throw Abort{};
+}
+
+void* dynamic_shared(const char* name) {
+  Cta& c = cta();
+  if (name != nullptr && c.kernel.find('(') == std::string::npos) c.kernel = name;
+  return c.shared->data();
+}
+int64_t dynamic_shared_bytes() { return cta().shared_bytes; }
+
+bool in_shared(const void* p, size_t bytes) {
+  Cta& c = cta();
+  const auto* b = static_cast<const unsigned char*>(p);
+  return b >= c.shared->data() && b + bytes <= c.shared->data() + c.shared_bytes;
+}
+
+void barrier_sync(int id, int count) {
+  Cta& c = cta();
+  if (count <= 0 || count > c.threads() || (count % 32 != 0 && count != c.threads())) {
+    fail("bar.sync " + std::to_string(id) + " with thread count " + std::to_string(count) +
+         " (must be a multiple of 32, at most the CTA's " + std::to_string(c.threads()) + ")");
+  }
+  BarrierState& b = c.barriers[id];
+  if (b.arrived > 0 && b.count != count) {
+    fail("bar.sync " + std::to_string(id) + " with thread count " + std::to_string(count) +
+         " while " + std::to_string(b.arrived) + " threads wait there with count " +
+         std::to_string(b.count));
+  }
+  b.count = count;
+  if (++b.arrived == count) {
+    for (int t : b.waiters) wake(c, t);
+    b.waiters.clear();
+    b.arrived = 0;
+    return;
+  }
+  b.waiters.push_back(c.running->thread.linear);
+  block("bar.sync " + std::to_string(id) + " (" + std::to_string(count) + " threads expected)");
+}
+
+void collective(const CollectiveKind& kind, unsigned mask, const void* in, void* out) {
+  Cta& c = cta();
+  const int linear = c.running->thread.linear;
+  const int warp = linear / 32, lane = linear % 32;
+  const unsigned exists = c.lanes_of(warp);
+  const std::string what = std::string(kind.name) + " (membermask " + hex(mask) + ")";
+  if (!(mask & (1u << lane))) fail(what + ": the executing lane " + std::to_string(lane) +
+                                   " is not in the membermask");
+  if (mask & ~exists) {
+    fail(what + " names lanes " + lanes(mask & ~exists) + ", which this partial warp of " +
+         std::to_string(__builtin_popcount(exists)) + " threads does not have");
+  }
+  if (kind.aligned && mask != 0xffffffffu) {
+    fail(what + ": an .aligned instruction needs all 32 lanes of a full warp");
+  }
+  if (mask & c.exited[warp]) {
+    fail(what + " names lanes " + lanes(mask & c.exited[warp]) + ", which have exited");
+  }
+  auto& pending = c.rendezvous[warp];
+  PendingRendezvous* p = nullptr;
+  for (auto& q : pending) {
+    if (!(q.r.mask & mask)) continue;
+    if (q.r.mask != mask) {
+      fail("lane " + std::to_string(lane) + " arrives at " + what + " while lanes " +
+           lanes(q.arrived) + " wait at " + q.r.kind->name + " with membermask " +
+           hex(q.r.mask) + ": the lanes disagree on the membermask");
+    }
+    if (q.r.kind != &kind) {
+      fail("divergent warp collective in warp " + std::to_string(warp) + ": lanes " +
+           lanes(q.arrived) + " wait at " + q.r.kind->name + ", lane " + std::to_string(lane) +
+           " arrives at " + kind.name + " (membermask " + hex(mask) + ")");
+    }
+    p = &q;
+  }
+  if (p == nullptr) {
+    pending.emplace_back();
+    p = &pending.back();
+    p->r.kind = &kind;
+    p->r.mask = mask;
+    p->r.warp = warp;
+  }
+  p->r.in[lane] = in;
+  p->r.out[lane] = out;
+  p->arrived |= 1u << lane;
+  if (p->arrived == mask) {
+    Rendezvous r = p->r;
+    pending.erase(pending.begin() + (p - pending.data()));
+    kind.exec(r);
+    for (int l = 0; l < 32; ++l) {
+      if ((mask & (1u << l)) && l != lane) wake(c, 32 * warp + l);
+    }
+    return;
+  }
+  block(what + " in warp " + std::to_string(warp));
+}
+
+void count_global_store(size_t bytes) {
+  cta().record->global_store_bytes += static_cast<int64_t>(bytes);
+}
+void count_mma() { ++cta().record->mma; }
+void count_ldmatrix() { ++cta().record->ldmatrix; }
+void count_cp_async(int64_t bytes) { cta().record->cp_async_bytes += bytes; }
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  Cta& c = cta();
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async of " + std::to_string(bytes) +
+                                                    " bytes (4, 8 or 16)");
+  if (!in_shared(dst, bytes) || reinterpret_cast<uintptr_t>(dst) % bytes != 0) {
+    fail("cp.async destination is not " + std::to_string(bytes) +
+         "-byte aligned shared memory of this CTA");
+  }
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async src-size out of range");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    fail("cp.async source is not " + std::to_string(bytes) + "-byte aligned");
+  }
+  Thread::PendingCopy copy{static_cast<unsigned char*>(dst), {}, bytes, -1};
+  std::memcpy(copy.data, src, src_bytes);  // global memory does not change during a kernel
+  std::memset(copy.data + src_bytes, 0, bytes - src_bytes);
+  std::memset(dst, 0xff, bytes);  // not visible before its wait: a read sees the NaN pattern
+  const size_t offset = copy.dst - c.shared->data();
+  for (int i = 0; i < bytes; ++i) ++(*c.shared_pending)[offset + i];
+  c.running->thread.copies.push_back(copy);
+  count_cp_async(bytes);
+}
+
+void cp_async_commit() {
+  Thread& t = self();
+  for (auto& copy : t.copies) {
+    if (copy.group < 0) copy.group = t.committed_groups;
+  }
+  ++t.committed_groups;
+}
+
+void cp_async_wait(int pending_groups) {
+  Cta& c = cta();
+  Thread& t = c.running->thread;
+  const int64_t done_below = t.committed_groups - pending_groups;
+  auto keep = t.copies.begin();
+  for (auto it = t.copies.begin(); it != t.copies.end(); ++it) {
+    if (it->group >= 0 && it->group < done_below) {
+      land(c, *it);
+    } else {
+      *keep++ = *it;
+    }
+  }
+  t.copies.erase(keep, t.copies.end());
+}
+
+bool shared_pending(const void* p, size_t bytes) {
+  Cta& c = cta();
+  const size_t offset = static_cast<const unsigned char*>(p) - c.shared->data();
+  for (size_t i = 0; i < bytes; ++i) {
+    if ((*c.shared_pending)[offset + i]) return true;
+  }
+  return false;
+}
+
+namespace {
+struct ShflIn {
+  uint64_t bits;
+  int operand;
+  int width;
+  ShflMode mode;
+};
+
+// PTX ISA, shfl.sync: lane i reads lane j (idx: the segment's lane b; up: i - b; down: i + b;
+// bfly: i ^ b) within its segment of `width` lanes; a j outside the segment reads lane i itself.
+void shfl_exec(Rendezvous& r) {
+  for (int i = 0; i < 32; ++i) {
+    if (!(r.mask & (1u << i))) continue;
+    const ShflIn& a = *static_cast<const ShflIn*>(r.in[i]);
+    const int w = a.width;
+    if (w < 1 || w > 32 || (w & (w - 1))) fail("shuffle width " + std::to_string(w));
+    const int lo = i & ~(w - 1), hi = lo + w;
+    int j = i;
+    switch (a.mode) {
+      case ShflMode::kIdx: j = lo + (a.operand & (w - 1)); break;
+      case ShflMode::kUp: j = i - a.operand >= lo ? i - a.operand : i; break;
+      case ShflMode::kDown: j = i + a.operand < hi ? i + a.operand : i; break;
+      case ShflMode::kBfly: j = (i ^ a.operand) < hi ? (i ^ a.operand) : i; break;
+    }
+    if (j < 0 || j > 31 || !(r.mask & (1u << j))) {
+      fail("lane " + std::to_string(i) + " shuffles from lane " + std::to_string(j) +
+           ", which is not in the membermask " + hex(r.mask));
+    }
+    *static_cast<uint64_t*>(r.out[i]) = static_cast<const ShflIn*>(r.in[j])->bits;
+  }
+}
+
+// One kind per mode: lanes of one mask at different shuffle modes are divergent.
+const CollectiveKind kShfl[4] = {{"shfl.sync.idx", false, shfl_exec},
+                                 {"shfl.sync.up", false, shfl_exec},
+                                 {"shfl.sync.down", false, shfl_exec},
+                                 {"shfl.sync.bfly", false, shfl_exec}};
+}  // namespace
+
+uint64_t shfl_bits(ShflMode mode, unsigned mask, uint64_t bits, int operand, int width) {
+  const ShflIn in{bits, operand, width, mode};
+  uint64_t out = 0;
+  collective(kShfl[static_cast<int>(mode)], mask, &in, &out);
+  return out;
+}
+
+std::string kernel_symbol(const void* kernel) {
+  Dl_info info;
+  if (dladdr(kernel, &info) && info.dli_sname) return demangle(info.dli_sname);
+  std::ostringstream s;
+  s << "kernel@" << kernel;
+  return s.str();
+}
+
+const std::string& last_failure() { return t_last_failure; }
+
+cudaError_t run_grid(const void* kernel, const std::string& name, dim3 grid, dim3 block,
+                     size_t shared_bytes, void (*body)(void*), void* context) {
+  const Settings& set = settings();
+  const ArchLimits lim = arch_limits(set.arch);
+  auto reject = [&](cudaError_t code, const std::string& why) {
+    set_failure(code, "launch of " + name + " rejected: " + why);
+    return code;
+  };
+  const int64_t threads = int64_t{block.x} * block.y * block.z;
+  if (threads < 1 || threads > lim.max_threads_per_block || block.z > 64) {
+    return reject(cudaErrorInvalidConfiguration,
+                  std::to_string(threads) + " threads per block (limit " +
+                      std::to_string(lim.max_threads_per_block) + ")");
+  }
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > lim.max_grid_x ||
+      grid.y > lim.max_grid_yz || grid.z > lim.max_grid_yz) {
+    return reject(cudaErrorInvalidConfiguration,
+                  "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                      std::to_string(grid.z) + ") is outside x <= 2^31 - 1, y, z <= 65535");
+  }
+  int64_t allowed = lim.default_shared;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mutex);
+    auto it = g_max_dynamic_shared.find(kernel);
+    if (it != g_max_dynamic_shared.end()) allowed = it->second;
+  }
+  if (static_cast<int64_t>(shared_bytes) > allowed) {
+    return reject(cudaErrorInvalidValue,
+                  std::to_string(shared_bytes) + " bytes of dynamic shared memory, over the " +
+                      std::to_string(allowed) +
+                      " allowed (above 48 KiB needs cudaFuncSetAttribute("
+                      "cudaFuncAttributeMaxDynamicSharedMemorySize) first)");
+  }
+
+  launch_log().emplace_back();
+  LaunchRecord& rec = launch_log().back();
+  rec.kernel = name;
+  rec.grid[0] = grid.x, rec.grid[1] = grid.y, rec.grid[2] = grid.z;
+  rec.block[0] = block.x, rec.block[1] = block.y, rec.block[2] = block.z;
+  rec.shared_bytes = static_cast<int64_t>(shared_bytes);
+
+  const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
+  std::vector<int64_t> order(static_cast<size_t>(ctas));
+  for (int64_t i = 0; i < ctas; ++i) order[i] = i;
+  std::mt19937_64 rng(set.seed);
+  if (set.order == Order::kReverse) std::reverse(order.begin(), order.end());
+  if (set.order == Order::kRandom) std::shuffle(order.begin(), order.end(), rng);
+
+  std::vector<unsigned char> shared(std::max<size_t>(shared_bytes, 16));
+  std::vector<uint16_t> pending(shared.size());
+  Cta* outer = t_cta;
+  std::vector<int> runnable;
+  for (int64_t linear_cta : order) {
+    Cta c;
+    c.kernel = name;
+    c.record = &rec;
+    c.block_idx = uint3{static_cast<unsigned>(linear_cta % grid.x),
+                        static_cast<unsigned>(linear_cta / grid.x % grid.y),
+                        static_cast<unsigned>(linear_cta / (int64_t{grid.x} * grid.y))};
+    c.block_dim = block;
+    c.grid_dim = grid;
+    std::fill(shared.begin(), shared.end(), 0xff);
+    std::fill(pending.begin(), pending.end(), 0);
+    c.shared = &shared;
+    c.shared_pending = &pending;
+    c.shared_bytes = static_cast<int64_t>(shared_bytes);
+    const int n = static_cast<int>(threads);
+    c.exited.assign((n + 31) / 32, 0u);
+    c.rendezvous.resize((n + 31) / 32);
+    c.slots.reserve(n);
+    for (int t = 0; t < n; ++t) {
+      auto slot = std::make_unique<Slot>();
+      Slot* s = slot.get();
+      s->thread.cta = &c;
+      s->thread.linear = t;
+      s->thread.thread_idx = uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+      s->fiber = ctx::fiber(std::allocator_arg, PooledStack{},
+                            [s, &c, body, context](ctx::fiber&& scheduler) {
+                              s->scheduler = std::move(scheduler);
+                              t_cta = &c;
+                              c.running = s;
+                              try {
+                                if (!c.aborting) body(context);
+                              } catch (const Abort&) {
+                              } catch (const std::exception& e) {
+                                record_error(c, std::string("exception: ") + e.what());
+                              }
+                              s->status = Status::kDone;
+                              if (!c.aborting) thread_exit(c, *s);
+                              return std::move(s->scheduler);
+                            });
+      c.slots.push_back(std::move(slot));
+    }
+    // Rounds: run every runnable thread, in the order of the settings, until it blocks.
+    int live = n;
+    while (live > 0) {
+      runnable.clear();
+      for (int t = 0; t < n; ++t) {
+        if (c.slots[t]->status == Status::kRunnable) runnable.push_back(t);
+      }
+      if (runnable.empty()) {
+        record_error(c, deadlock_report(c));
+        for (int t = 0; t < n; ++t) {
+          if (c.slots[t]->status == Status::kBlocked) runnable.push_back(t);
+        }
+      }
+      if (set.order == Order::kReverse) std::reverse(runnable.begin(), runnable.end());
+      if (set.order == Order::kRandom) std::shuffle(runnable.begin(), runnable.end(), rng);
+      for (int t : runnable) {
+        Slot& s = *c.slots[t];
+        if (s.status == Status::kDone) continue;
+        if (s.status == Status::kBlocked && !c.aborting) continue;
+        s.status = Status::kRunnable;
+        t_cta = &c;
+        c.running = &s;
+        s.fiber = std::move(s.fiber).resume();
+        c.running = nullptr;
+        if (s.status == Status::kDone) --live;
+      }
+      if (c.aborting) {
+        // Unwind every suspended thread (each throws Abort where it waits), then stop.
+        for (int t = 0; t < n; ++t) {
+          Slot& s = *c.slots[t];
+          while (s.status != Status::kDone) {
+            t_cta = &c;
+            c.running = &s;
+            s.fiber = std::move(s.fiber).resume();
+            c.running = nullptr;
+          }
+        }
+        live = 0;
+      }
+    }
+    t_cta = outer;
+    if (!c.error.empty()) {
+      set_failure(cudaErrorLaunchFailure, c.error);
+      return cudaErrorLaunchFailure;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace nattn::emu
+
+using nattn::emu::settings;
+
+void __syncwarp(unsigned mask) {
+  static const nattn::emu::CollectiveKind kind{"bar.warp.sync", false,
+                                               [](nattn::emu::Rendezvous&) {}};
+  nattn::emu::collective(kind, mask, nullptr, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA runtime API as the host code of csrc/cuda uses it, on one emulated device whose
+// compute capability is settings().arch.
+
+extern "C" {
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = nattn::emu::t_device;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) {
+  if (device != 0) return nattn::emu::t_last_error = cudaErrorInvalidDevice;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return nattn::emu::t_last_error = cudaErrorInvalidDevice;
+  const int arch = settings().arch;
+  const auto lim = nattn::emu::arch_limits(arch);
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = arch / 10; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = arch % 10; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(lim.max_shared_optin); break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(lim.default_shared); break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = static_cast<int>(lim.max_threads_per_block); break;
+    case cudaDevAttrMultiProcessorCount: *value = arch >= 90 ? 132 : 108; break;
+    case cudaDevAttrWarpSize: *value = 32; break;
+    default: return nattn::emu::t_last_error = cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = nattn::emu::t_last_error;
+  nattn::emu::t_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return nattn::emu::t_last_error; }
+const char* cudaGetErrorString(cudaError_t error) {
+  if (error == nattn::emu::t_last_failure_code && !nattn::emu::t_last_failure.empty()) {
+    return nattn::emu::t_last_failure.c_str();
+  }
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    default: return "emulator: unknown error";
+  }
+}
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  const auto lim = nattn::emu::arch_limits(settings().arch);
+  if (value < 0 || value > lim.max_shared_optin) {
+    nattn::emu::set_failure(cudaErrorInvalidValue,
+                            "cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
+                                std::to_string(value) + "): over the " +
+                                std::to_string(lim.max_shared_optin) + " bytes sm_" +
+                                std::to_string(settings().arch) + " allows");
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(nattn::emu::g_attr_mutex);
+  nattn::emu::g_max_dynamic_shared[func] = value;
+  return cudaSuccess;
+}
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
+  std::memset(attr, 0, sizeof(*attr));
+  const auto lim = nattn::emu::arch_limits(settings().arch);
+  attr->maxThreadsPerBlock = static_cast<int>(lim.max_threads_per_block);
+  attr->binaryVersion = attr->ptxVersion = settings().arch;
+  std::lock_guard<std::mutex> lock(nattn::emu::g_attr_mutex);
+  auto it = nattn::emu::g_max_dynamic_shared.find(func);
+  attr->maxDynamicSharedSizeBytes =
+      it == nattn::emu::g_max_dynamic_shared.end() ? static_cast<int>(lim.default_shared)
+                                                   : it->second;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** ptr, size_t size) {
+  *ptr = std::malloc(size == 0 ? 1 : size);
+  return *ptr ? cudaSuccess : (nattn::emu::t_last_error = cudaErrorMemoryAllocation);
+}
+cudaError_t cudaFree(void* ptr) {
+  std::free(ptr);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind) {
+  std::memcpy(dst, src, count);
+  return cudaSuccess;
+}
+
+}  // extern "C"
