@@ -91,6 +91,9 @@ void register_cuda(py::module_& m) {
       "cuda_backward",
       [](const nattn::AttentionParams& p, bool deterministic) {
         check_common(p, true);
+        if (p.dtype == nattn::DType::kFloat64 && p.lse_fp64.data == nullptr) {
+          throw std::invalid_argument("tensor 'lse_fp64' not set (float64 CUDA backward)");
+        }
         std::string err;
         {
           py::gil_scoped_release release;

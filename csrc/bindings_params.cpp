@@ -56,6 +56,7 @@ void set_tensor(AttentionParams& p, const std::string& name, uintptr_t ptr,
   if (name == "lse") return set_ref(p.lse, "lse", ptr, strides);
   if (name == "delta") return set_ref(p.delta, "delta", ptr, strides);
   if (name == "d_lse") return set_ref(p.d_lse, "d_lse", ptr, strides);
+  if (name == "lse_fp64") return set_ref(p.lse_fp64, "lse_fp64", ptr, strides);
   if (name == "add_k") return set_ref(p.add_k, "add_k", ptr, strides);
   if (name == "add_v") return set_ref(p.add_v, "add_v", ptr, strides);
   if (name == "d_add_k") return set_ref(p.d_add_k, "d_add_k", ptr, strides);

@@ -4,11 +4,15 @@ Two kinds of tests:
 - dispatch and tile planning (host code of the CUDA build, no device needed): which kernels a
   call goes to and why, and the backward's inverse tile ranges against brute force. They need a
   nattn._C built with the CUDA part and are skipped otherwise.
-- GPU tests (marked ``gpu``, skipped without a device): forward, lse and every gradient against
-  nattn.reference in float32 with the error-ratio rule of DESIGN.md section 5 on a seeded sweep of
-  over 100 configurations across ranks, windows, GQA, additional tokens and dtypes; inputs carved
-  out of NaN-filled storage (an out-of-bounds read shows as NaN); outputs poisoned before every
-  call; a bit-identical backward over 20 runs; the device build of window.h against the host.
+- kernel tests, run twice: on a GPU (``gpu`` ids, skipped without a device) and on CPU tensors
+  under the functional emulator (``emu`` ids, backend cuda-emu, skipped without a NATTN_EMU=1
+  build; docs/emulator.md). Forward, lse and every gradient against nattn.reference with the
+  error-ratio rule of DESIGN.md section 5 on a seeded sweep of over 100 configurations across
+  ranks, windows, GQA, additional tokens and dtypes; inputs carved out of NaN-filled storage (an
+  out-of-bounds read shows as NaN); outputs poisoned before every call; a bit-identical backward
+  over repeated runs; the device build of window.h against the host. Under the emulator every
+  call also runs a second time in a seeded random order of CTAs and fibers, with the grid capped
+  so that the grid-stride loops iterate, and must give the same bits (the race check).
 """
 
 import random
@@ -20,7 +24,7 @@ import torch
 
 import nattn
 from conftest import run_attention as run
-from nattn import _native
+from nattn import _native, emu
 
 _C = _native._C
 with_cuda_build = pytest.mark.skipif(
@@ -132,7 +136,16 @@ def test_box_tiles(shape, kernel_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: correctness sweeps
+# Kernels: correctness sweeps, on a GPU and under the emulator
+
+emulated = pytest.mark.skipif(_native._emu is None, reason=str(_native.EMU_IMPORT_ERROR))
+TARGETS = [pytest.param("cuda", marks=gpu, id="gpu"),
+           pytest.param("cuda-emu", marks=emulated, id="emu")]
+
+
+def _device(target):
+    return "cuda" if target == "cuda" else "cpu"
+
 
 @dataclass
 class Case:
@@ -204,46 +217,70 @@ EDGE_CASES = [
 ]
 
 
-def carve(shape, dtype, pad, gen):
+def carve(shape, dtype, pad, gen, device):
     """A tensor of `shape` with fresh random values, viewed out of NaN-filled storage that is
     `pad` elements wider in the last dim, so that any read past a row shows up as NaN."""
-    storage = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype, device="cuda")
+    storage = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype, device=device)
     view = storage[..., : shape[-1]]
-    view.copy_(torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(dtype))
+    view.copy_(torch.randn(shape, generator=gen, dtype=torch.float32, device=device).to(dtype))
     return view
 
 
-def make_inputs(c: Case, gen):
-    q = carve((c.batch, *c.shape, c.heads, c.dim), c.dtype, c.pad, gen)
-    k = carve((c.batch, *c.shape, c.kv_heads, c.dim), c.dtype, c.pad, gen)
-    v = carve((c.batch, *c.shape, c.kv_heads, c.dim_v), c.dtype, c.pad, gen)
+def make_inputs(c: Case, gen, device):
+    q = carve((c.batch, *c.shape, c.heads, c.dim), c.dtype, c.pad, gen, device)
+    k = carve((c.batch, *c.shape, c.kv_heads, c.dim), c.dtype, c.pad, gen, device)
+    v = carve((c.batch, *c.shape, c.kv_heads, c.dim_v), c.dtype, c.pad, gen, device)
     ak = av = None
     if c.additional:
-        ak = carve((c.batch, c.additional, c.kv_heads, c.dim), c.dtype, c.pad, gen)
-        av = carve((c.batch, c.additional, c.kv_heads, c.dim_v), c.dtype, c.pad, gen)
+        ak = carve((c.batch, c.additional, c.kv_heads, c.dim), c.dtype, c.pad, gen, device)
+        av = carve((c.batch, c.additional, c.kv_heads, c.dim_v), c.dtype, c.pad, gen, device)
     return [q, k, v, ak, av]
 
 
-def cuda_fn(*args, **kwargs):
-    return nattn.neighborhood_attention(*args, backend="cuda", **kwargs)
+def kernel_fn(target):
+    def fn(*args, **kwargs):
+        return nattn.neighborhood_attention(*args, backend=target, **kwargs)
+    return fn
+
+
+def run_kernels(target, c, inputs, grads, seed=0):
+    """[out, lse, *grads] from the kernels of `target`. Under the emulator: run in index order,
+    then again in a random order of CTAs and fibers (seeded) with the grid capped at 3 CTAs, and
+    require the same bits: a result that depends on the schedule is a race."""
+    if target != "cuda-emu":
+        return run(kernel_fn(target), c, inputs, grads)
+    emu.configure(order="forward")
+    first = run(kernel_fn(target), c, inputs, grads)
+    emu.configure(order="random", seed=seed, grid_cap=3)
+    try:
+        second = run(kernel_fn(target), c, inputs, grads)
+    finally:
+        emu.configure(order="forward")
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (
+            f"{name}: the emulated kernels give different bits in another order of CTAs and "
+            f"fibers (a race: shared memory read before the barrier or wait that orders it) {c}")
+    return first
 
 
 NAMES = ["out", "lse", "dq", "dk", "dv", "d_add_k", "d_add_v"]
 FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2, torch.float32: 2e-5, torch.float64: 1e-10}
 
 
-def check_case(c: Case, seed: int):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    low = make_inputs(c, gen)
+def check_case(c: Case, seed: int, target: str):
+    device = _device(target)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    low = make_inputs(c, gen, device)
     shape = (c.batch, *c.shape, c.heads)
-    g_out = torch.randn(*shape, c.dim_v, generator=gen, device="cuda").to(c.dtype)
-    g_lse = torch.randn(*shape, generator=gen, device="cuda") * 0.5
-    exact_dtype = torch.float64 if c.dtype == torch.float64 else torch.float32
+    g_out = torch.randn(*shape, c.dim_v, generator=gen, device=device).to(c.dtype)
+    g_lse = torch.randn(*shape, generator=gen, device=device) * 0.5
+    # The exact reference: fp64 on the CPU, fp32 on a GPU (DESIGN.md section 5).
+    exact_dtype = torch.float64 if c.dtype == torch.float64 or device == "cpu" else torch.float32
     exact_in = [None if t is None else t.to(exact_dtype) for t in low]
     exact = run(nattn.reference.neighborhood_attention, c, exact_in,
-                (g_out.to(exact_dtype), g_lse))
+                (g_out.to(exact_dtype), g_lse.to(exact_dtype)))
     torch_low = run(nattn.reference.neighborhood_attention, c, low, (g_out, g_lse))
-    kernel = run(cuda_fn, c, low, (g_out, g_lse))
+    kernel = run_kernels(target, c, low, (g_out, g_lse), seed)
     for n, (e, t, k) in enumerate(zip(exact, torch_low, kernel)):
         name = NAMES[n]
         assert not torch.isnan(k).any(), (name, c)
@@ -260,56 +297,77 @@ def _sweep():
     return EDGE_CASES + [random_case(rng) for _ in range(110)]
 
 
-@gpu
-def test_cuda_sweep_against_reference():
-    cases = _sweep()
-    assert len(cases) >= 100
-    for i, c in enumerate(cases):
-        check_case(c, seed=i)
+SWEEP = _sweep()
 
 
-@gpu
-def test_tensor_core_path_is_taken():
+def test_sweep_size():
+    assert len(SWEEP) >= 100
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("index", range(len(SWEEP)))
+def test_sweep_against_reference(target, index):
+    check_case(SWEEP[index], seed=index, target=target)
+
+
+def _kernel_params(c: Case, target):
+    device = _device(target)
+    q = torch.empty(c.batch, *c.shape, c.heads, c.dim, dtype=c.dtype, device=device)
+    k = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim, dtype=c.dtype, device=device)
+    v = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim_v, dtype=c.dtype, device=device)
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.1)
+    return _native._params(q, k, v, None, None, window, _native._library(target))[0]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_tensor_core_path_is_taken(target):
     """The sweep is only meaningful if the fast path actually runs: check the plan on this
-    device for the edge cases meant for tensor cores."""
+    (or the emulated) device for the edge cases meant for tensor cores."""
     for c in EDGE_CASES[:4]:
-        q = torch.empty(c.batch, *c.shape, c.heads, c.dim, dtype=c.dtype, device="cuda")
-        k = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim, dtype=c.dtype, device="cuda")
-        v = torch.empty(c.batch, *c.shape, c.kv_heads, c.dim_v, dtype=c.dtype, device="cuda")
-        window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.1)
-        p, _ = _native._params(q, k, v, None, None, window)
-        assert _C.cuda_plan(p, False)["path"] == "tensor_core", c
+        lib = _native._library(target)
+        assert lib.cuda_plan(_kernel_params(c, target), False)["path"] == "tensor_core", c
 
 
-@gpu
-def test_backward_bit_identical_over_20_runs():
+@pytest.mark.parametrize("target", TARGETS)
+def test_backward_bit_identical_over_repeated_runs(target):
     c = Case(2, (20, 20), 4, 2, 64, 64, (7, 5), (1, 2), (2, 1), (False, True), 3,
              torch.float16, 0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    inputs = make_inputs(c, gen)
+    device = _device(target)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = make_inputs(c, gen, device)
     shape = (c.batch, *c.shape, c.heads)
-    grads = (torch.randn(*shape, c.dim_v, generator=gen, device="cuda").half(),
-             torch.randn(*shape, generator=gen, device="cuda"))
-    first = run(cuda_fn, c, inputs, grads)
-    for _ in range(20):
-        again = run(cuda_fn, c, inputs, grads)
+    grads = (torch.randn(*shape, c.dim_v, generator=gen, device=device).half(),
+             torch.randn(*shape, generator=gen, device=device))
+    first = run_kernels(target, c, inputs, grads)
+    for i in range(20 if target == "cuda" else 2):
+        again = run_kernels(target, c, inputs, grads, seed=i + 1)
         for name, a, b in zip(NAMES, first, again):
             assert torch.equal(a, b), name
 
 
-@gpu
-def test_many_batch_heads():
-    """batch x heads x tiles beyond a 65535 grid dimension: the grid is 1-D and CTAs loop."""
-    c = Case(4096, (16,), 24, 24, 32, 32, (5,), (1,), (1,), (False,), 0, torch.float16, 0)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v, _, _ = make_inputs(c, gen)
-    out = cuda_fn(q, k, v, c.kernel_size)
+@pytest.mark.parametrize("target", TARGETS)
+def test_many_batch_heads(target):
+    """batch x heads x tiles beyond a 65535 grid dimension on a GPU (the grid is 1-D and CTAs
+    loop); under the emulator, as many work items as the CPU carries, over a capped grid."""
+    batch = 4096 if target == "cuda" else 96
+    c = Case(batch, (16,), 24, 24, 32, 32, (5,), (1,), (1,), (False,), 0, torch.float16, 0)
+    device = _device(target)
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v, _, _ = make_inputs(c, gen, device)
+    if target == "cuda-emu":
+        emu.configure(grid_cap=1000)
+    try:
+        out = kernel_fn(target)(q, k, v, c.kernel_size)
+    finally:
+        if target == "cuda-emu":
+            emu.configure()
     want = nattn.reference.neighborhood_attention(q.float(), k.float(), v.float(), c.kernel_size)
     assert (out.float() - want).abs().max().item() < 1e-2
 
 
-@gpu
-def test_device_window_math_matches_host():
+@pytest.mark.parametrize("target", TARGETS)
+def test_device_window_math_matches_host(target):
+    lib = _native._library(target)
     rng = random.Random(11)
     for _ in range(300):
         length = rng.randint(1, 80)
@@ -318,4 +376,4 @@ def test_device_window_math_matches_host():
         s = rng.randint(1, k)
         causal = rng.random() < 0.4
         host = [x for row in _C.axis_windows(length, k, s, d, causal) for x in row]
-        assert _C.cuda_axis_windows(length, k, s, d, causal) == host
+        assert lib.cuda_axis_windows(length, k, s, d, causal) == host

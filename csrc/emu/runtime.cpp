@@ -77,7 +77,11 @@ struct Slot {
   ctx::fiber fiber;      // the thread's fiber while it is suspended
   ctx::fiber scheduler;  // the scheduler's continuation while the thread runs
   Status status = Status::kRunnable;
-  std::string waiting;   // what a blocked thread waits for (messages)
+  // What a blocked thread waits for (for messages only): a collective or a barrier.
+  const CollectiveKind* waiting_kind = nullptr;
+  unsigned waiting_mask = 0;
+  int waiting_barrier = -1;
+  int waiting_count = 0;
 };
 
 struct PendingRendezvous {
@@ -171,12 +175,20 @@ void record_error(Cta& c, const std::string& message) {
   c.aborting = true;
 }
 
+std::string waiting(const Slot& s) {
+  if (s.waiting_kind) {
+    return std::string(s.waiting_kind->name) + " (membermask " + hex(s.waiting_mask) +
+           ") in warp " + std::to_string(s.thread.linear / 32);
+  }
+  return "bar.sync " + std::to_string(s.waiting_barrier) + " (" +
+         std::to_string(s.waiting_count) + " threads expected)";
+}
+
 // Suspends the running thread until the scheduler resumes it; unwinds it if the launch aborts.
-void block(const std::string& what) {
+void block() {
   Cta& c = cta();
   Slot* s = c.running;
   s->status = Status::kBlocked;
-  s->waiting = what;
   s->scheduler = std::move(s->scheduler).resume();
   t_cta = &c;
   c.running = s;
@@ -213,7 +225,7 @@ void thread_exit(Cta& c, Slot& s) {
 std::string deadlock_report(Cta& c) {
   std::map<std::string, std::vector<int>> by_state;
   for (const auto& s : c.slots) {
-    by_state[s->status == Status::kDone ? std::string("exited") : s->waiting].push_back(
+    by_state[s->status == Status::kDone ? std::string("exited") : waiting(*s)].push_back(
         s->thread.linear);
   }
   std::ostringstream out;
@@ -309,7 +321,10 @@ void barrier_sync(int id, int count) {
     return;
   }
   b.waiters.push_back(c.running->thread.linear);
-  block("bar.sync " + std::to_string(id) + " (" + std::to_string(count) + " threads expected)");
+  c.running->waiting_kind = nullptr;
+  c.running->waiting_barrier = id;
+  c.running->waiting_count = count;
+  block();
 }
 
 void collective(const CollectiveKind& kind, unsigned mask, const void* in, void* out) {
@@ -317,25 +332,25 @@ void collective(const CollectiveKind& kind, unsigned mask, const void* in, void*
   const int linear = c.running->thread.linear;
   const int warp = linear / 32, lane = linear % 32;
   const unsigned exists = c.lanes_of(warp);
-  const std::string what = std::string(kind.name) + " (membermask " + hex(mask) + ")";
-  if (!(mask & (1u << lane))) fail(what + ": the executing lane " + std::to_string(lane) +
+  auto what = [&] { return std::string(kind.name) + " (membermask " + hex(mask) + ")"; };
+  if (!(mask & (1u << lane))) fail(what() + ": the executing lane " + std::to_string(lane) +
                                    " is not in the membermask");
   if (mask & ~exists) {
-    fail(what + " names lanes " + lanes(mask & ~exists) + ", which this partial warp of " +
+    fail(what() + " names lanes " + lanes(mask & ~exists) + ", which this partial warp of " +
          std::to_string(__builtin_popcount(exists)) + " threads does not have");
   }
   if (kind.aligned && mask != 0xffffffffu) {
-    fail(what + ": an .aligned instruction needs all 32 lanes of a full warp");
+    fail(what() + ": an .aligned instruction needs all 32 lanes of a full warp");
   }
   if (mask & c.exited[warp]) {
-    fail(what + " names lanes " + lanes(mask & c.exited[warp]) + ", which have exited");
+    fail(what() + " names lanes " + lanes(mask & c.exited[warp]) + ", which have exited");
   }
   auto& pending = c.rendezvous[warp];
   PendingRendezvous* p = nullptr;
   for (auto& q : pending) {
     if (!(q.r.mask & mask)) continue;
     if (q.r.mask != mask) {
-      fail("lane " + std::to_string(lane) + " arrives at " + what + " while lanes " +
+      fail("lane " + std::to_string(lane) + " arrives at " + what() + " while lanes " +
            lanes(q.arrived) + " wait at " + q.r.kind->name + " with membermask " +
            hex(q.r.mask) + ": the lanes disagree on the membermask");
     }
@@ -365,7 +380,9 @@ void collective(const CollectiveKind& kind, unsigned mask, const void* in, void*
     }
     return;
   }
-  block(what + " in warp " + std::to_string(warp));
+  c.running->waiting_kind = &kind;
+  c.running->waiting_mask = mask;
+  block();
 }
 
 void count_global_store(size_t bytes) {

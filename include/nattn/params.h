@@ -5,7 +5,8 @@
 //   q, out, d_out, dq : [batch, x0, x1, x2, heads,    head_dim]
 //   k, dk             : [batch, x0, x1, x2, kv_heads, head_dim]
 //   v, dv             : [batch, x0, x1, x2, kv_heads, value_dim]
-//   lse, d_lse, delta : [batch, x0, x1, x2, heads]                 (fp32)
+//   lse, d_lse, delta : [batch, x0, x1, x2, heads]                 (fp32; delta fp64 below)
+//   lse_fp64          : [batch, x0, x1, x2, heads]                 (fp64, CUDA backward only)
 //   add_k, d_add_k    : [batch, num_additional, kv_heads, head_dim]
 //   add_v, d_add_v    : [batch, num_additional, kv_heads, value_dim]
 // Strides are in elements and may be anything (heads-first views, slices); int64 throughout so
@@ -45,6 +46,10 @@ struct AttentionParams {
   // Optional gradient of the lse output (null when lse is not differentiated): the backward's
   // row term becomes delta = rowsum(d_out * out) - d_lse, since d lse_i / d s_ij = P_ij.
   TensorRef<5> d_lse;
+  // CUDA backward of float64 problems: the delta workspace is fp64, and the delta pass recomputes
+  // the lse in fp64 into lse_fp64 (the fp32 lse output would limit fp64 gradients to fp32
+  // accuracy, about 1e-7). Unused otherwise.
+  TensorRef<5> lse_fp64;
   TensorRef<4> add_k, add_v, d_add_k, d_add_v;
 
   void* stream = nullptr;  // cudaStream_t for CUDA kernels

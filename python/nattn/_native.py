@@ -146,9 +146,15 @@ def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: W
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
     if grad_lse is not None:
         p.set_tensor("d_lse", grad_lse.data_ptr(), _token_strides(grad_lse, rank))
-    # Workspace: rowsum(d_out * out) - d_lse per query row, filled by the kernel.
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    # Workspace: rowsum(d_out * out) - d_lse per query row, filled by the kernel. The CUDA
+    # kernels keep float64 problems' row terms in fp64, the lse recomputed (params.h).
+    wide = kind != "cpu" and q.dtype == torch.float64
+    delta = torch.empty(lse.shape, dtype=torch.float64 if wide else torch.float32,
+                        device=lse.device)
     p.set_tensor("delta", delta.data_ptr(), _token_strides(delta, rank))
+    if wide:
+        lse_fp64 = torch.empty(lse.shape, dtype=torch.float64, device=lse.device)
+        p.set_tensor("lse_fp64", lse_fp64.data_ptr(), _token_strides(lse_fp64, rank))
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))

@@ -11,7 +11,8 @@ namespace nattn::cuda::simt {
 // Forward: writes p.out and p.lse. Any dtype, head dims, strides. Returns "" or the CUDA error.
 std::string forward(const AttentionParams& p);
 
-// delta = rowsum(d_out * out) - d_lse (d_lse optional) into p.delta (fp32). Both paths use it.
+// delta = rowsum(d_out * out) - d_lse (d_lse optional) into p.delta (fp32; fp64 with the fp64
+// lse in p.lse_fp64 for float64 problems). Both paths use it.
 std::string delta(const AttentionParams& p);
 
 // Backward after delta: dq, then dk/dv and the additional tokens' gradients. No atomics.

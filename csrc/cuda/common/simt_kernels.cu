@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/common/arch_ops.h"
 #include "cuda/common/launch.h"
@@ -183,7 +184,25 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
   }
 }
 
-// delta = rowsum(dO * O) - d_lse: warp per (token, head, batch).
+// The backward's row terms of query row (b, x, h), in the accumulation type A: the fp32 lse
+// output and fp32 delta, or for float64 problems the fp64 lse and delta of the delta pass.
+template <class A>
+__device__ __forceinline__ A row_lse(const AttentionParams& p, int64_t b, const int64_t (&x)[3],
+                                     int64_t h) {
+  if constexpr (std::is_same_v<A, double>) {
+    return static_cast<const double*>(p.lse_fp64.data)[token_offset(p.lse_fp64, b, x, h)];
+  } else {
+    return static_cast<const float*>(p.lse.data)[token_offset(p.lse, b, x, h)];
+  }
+}
+template <class A>
+__device__ __forceinline__ A row_delta(const AttentionParams& p, int64_t b,
+                                       const int64_t (&x)[3], int64_t h) {
+  return static_cast<const A*>(p.delta.data)[token_offset(p.delta, b, x, h)];
+}
+
+// delta = rowsum(dO * O) - d_lse: warp per (token, head, batch), in the accumulation type. For
+// float64 problems also the lse, recomputed in fp64 (online, over the row's keys).
 template <class T>
 __global__ void delta_kernel(const __grid_constant__ AttentionParams p) {
   using A = typename AccOf<T>::type;
@@ -202,11 +221,30 @@ __global__ void delta_kernel(const __grid_constant__ AttentionParams p) {
     }
     acc = warp_sum(acc);
     if (lane == 0) {
-      float delta = static_cast<float>(acc);
+      A delta = acc;
       if (p.d_lse.data != nullptr) {
         delta -= static_cast<const float*>(p.d_lse.data)[token_offset(p.d_lse, b, x, h)];
       }
-      ops::store_global(static_cast<float*>(p.delta.data) + token_offset(p.delta, b, x, h), delta);
+      ops::store_global(static_cast<A*>(p.delta.data) + token_offset(p.delta, b, x, h), delta);
+    }
+    if constexpr (std::is_same_v<A, double>) {
+      const T* qrow = static_cast<const T*>(p.q.data) + token_offset(p.q, b, x, h);
+      A row_max = -INFINITY, row_sum = 0;
+      for_each_key_value<T>(p, b, x, h / p.heads_per_kv(),
+                            [&](const T* krow, int64_t k_step, const T*, int64_t) {
+                              A s = 0;
+                              for (int64_t d = lane; d < p.head_dim; d += 32) {
+                                s += to_acc(qrow[d * p.q.stride[5]]) * to_acc(krow[d * k_step]);
+                              }
+                              s = warp_sum(s) * static_cast<A>(p.scale);
+                              const A m = s > row_max ? s : row_max;
+                              row_sum = row_sum * exp_acc(row_max - m) + exp_acc(s - m);
+                              row_max = m;
+                            });
+      if (lane == 0) {
+        ops::store_global(static_cast<A*>(p.lse_fp64.data) + token_offset(p.lse_fp64, b, x, h),
+                          row_max + log_acc(row_sum));
+      }
     }
   }
 }
@@ -237,8 +275,8 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
     }
     for (int64_t d = lane; d < Dv; d += 32) sdo[d] = to_acc(grow[d * p.d_out.stride[5]]);
     __syncwarp();
-    const A lse = static_cast<const float*>(p.lse.data)[token_offset(p.lse, b, x, h)];
-    const A delta = static_cast<const float*>(p.delta.data)[token_offset(p.delta, b, x, h)];
+    const A lse = row_lse<A>(p, b, x, h);
+    const A delta = row_delta<A>(p, b, x, h);
     auto visit = [&](const T* krow, int64_t k_step, const T* vrow, int64_t v_step) {
       const A prob = exp_acc(dot(sq, krow, k_step, D, lane) - lse);
       const A ds = prob * (dot(sdo, vrow, v_step, Dv, lane) - delta);
@@ -271,8 +309,6 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
   const A scale = static_cast<A>(p.scale);
   const T* q = static_cast<const T*>(p.q.data);
   const T* g = static_cast<const T*>(p.d_out.data);
-  const float* lse = static_cast<const float*>(p.lse.data);
-  const float* delta = static_cast<const float*>(p.delta.data);
   for (int64_t row = blockIdx.x * int64_t{kWarpsPerBlock} + warp; row < rows;
        row += int64_t{gridDim.x} * kWarpsPerBlock) {
     const int64_t t = row % keys, hk = (row / keys) % p.kv_heads, b = row / (keys * p.kv_heads);
@@ -306,10 +342,9 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
       auto visit = [&](const int64_t(&qx)[3]) {
         const T* qrow = q + token_offset(p.q, b, qx, h);
         const T* grow = g + token_offset(p.d_out, b, qx, h);
-        const A prob = exp_acc(dot(sk, qrow, p.q.stride[5], D, lane) -
-                               static_cast<A>(lse[token_offset(p.lse, b, qx, h)]));
+        const A prob = exp_acc(dot(sk, qrow, p.q.stride[5], D, lane) - row_lse<A>(p, b, qx, h));
         const A ds = prob * (dot(sv, grow, p.d_out.stride[5], Dv, lane) -
-                             static_cast<A>(delta[token_offset(p.delta, b, qx, h)]));
+                             row_delta<A>(p, b, qx, h));
         for (int64_t d = lane; d < D; d += 32) sdk[d] += ds * to_acc(qrow[d * p.q.stride[5]]);
         for (int64_t d = lane; d < Dv; d += 32) {
           sdv[d] += prob * to_acc(grow[d * p.d_out.stride[5]]);
