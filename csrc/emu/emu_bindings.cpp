@@ -132,6 +132,15 @@ PYBIND11_MODULE(_emu, m) {
       py::arg("grid_cap") = 0,
       "Emulated compute capability, order of CTAs and fibers ('forward', 'reverse', 'random' "
       "with `seed`), and a cap on the CTAs of grid-stride launches (0: none).");
+  m.def("build_info", []() {
+    py::dict d;
+    d["cuda_include"] = NATTN_EMU_CUDA_INCLUDE_DIR;
+    d["cutlass_include"] = NATTN_EMU_CUTLASS_INCLUDE_DIR;
+    d["boost_include"] = NATTN_EMU_BOOST_INCLUDE_DIR;
+    d["boost_context_library"] = NATTN_EMU_BOOST_CONTEXT_LIBRARY;
+    return d;
+  }, "Where the emulator's dependencies were found at build time (for tests that build kernels "
+     "against it).");
   m.def("clear_launches", []() { nattn::emu::launch_log().clear(); });
   m.def(
       "launches",

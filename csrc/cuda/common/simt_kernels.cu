@@ -21,7 +21,8 @@
 #include "nattn/window.h"
 
 namespace nattn::cuda::simt {
-namespace {
+// Named (not anonymous) so that the emulator can name the kernels in its messages.
+namespace detail {
 
 constexpr int kWarpsPerBlock = 4;
 
@@ -430,7 +431,8 @@ std::string with_type(DType dtype, Fn&& fn) {
   return "unknown dtype";
 }
 
-}  // namespace
+}  // namespace detail
+using namespace detail;
 
 int64_t shared_bytes(const AttentionParams& p, bool backward) {
   const int64_t acc = p.dtype == DType::kFloat64 ? 8 : 4;
