@@ -232,9 +232,11 @@ register(ReferenceBackend())
 register(EmulatedCudaBackend())
 
 
-def names() -> List[str]:
-    """Registered backend names, in the priority order ``auto`` uses."""
-    return list(_REGISTRY)
+def names(benchmarked_only: bool = False) -> List[str]:
+    """Registered backend names, in the priority order ``auto`` uses. ``benchmarked_only``
+    leaves out the verification-only backends (``cuda-emu``), which the benchmark and
+    ``profile --backend all`` do not time."""
+    return [n for n, b in _REGISTRY.items() if b.auto or not benchmarked_only]
 
 
 def get(name: str) -> Backend:

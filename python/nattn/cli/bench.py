@@ -181,7 +181,7 @@ def _finish(res: Dict, ceilings: Dict[str, perf.Ceilings], backward: bool,
 def _backend_names() -> List[str]:
     from nattn import backends
 
-    return backends.names()
+    return backends.names(benchmarked_only=True)
 
 
 def _pct(x: Optional[float]) -> str:

@@ -301,7 +301,7 @@ def nattn_impls(problem: NamedProblem, inputs: Inputs, device: torch.device,
         is_causal=problem.is_causal, num_additional=problem.num_additional, dtype=dtype,
         device=device, requires_grad=False)
     impls = []
-    for name in backend_names or backends.names():
+    for name in backend_names or backends.names(benchmarked_only=True):
         impl = Impl(name=f"nattn:{name}", kind="nattn")
         reasons = backends.get(name).not_supported_reasons(bproblem)
         if name == "reference" and not reasons:
