@@ -58,7 +58,10 @@ void register_cuda(py::module_& m) {
         if (!max_smem.is_none()) device.max_smem_optin = max_smem.cast<int64_t>();
         const nattn::cuda::Plan plan = nattn::cuda::plan(p, backward, device);
         py::dict d;
-        d["path"] = plan.tensor_core ? "tensor_core" : "simt";
+        d["path"] = !plan.unsupported.empty() ? "none"
+                    : plan.tensor_core        ? "tensor_core"
+                                              : "simt";
+        d["unsupported"] = plan.unsupported;
         d["reasons"] = plan.tensor_core_reasons;
         d["block_m"] = plan.block_m;
         d["block_n"] = plan.block_n;
@@ -71,8 +74,8 @@ void register_cuda(py::module_& m) {
       },
       py::arg("params"), py::arg("backward") = false, py::arg("capability") = py::none(),
       py::arg("max_smem") = py::none(),
-      "Which CUDA kernels would serve a call: {'path': 'tensor_core' | 'simt', 'reasons': why "
-      "not tensor cores, 'block_m', 'block_n', 'q_box', 'kv_box' (rank-3 extents), 'q_tiles', "
+      "Which CUDA kernels would serve a call: {'path': 'tensor_core' | 'simt' | 'none', "
+      "'unsupported': why neither can (path 'none'), 'reasons': why not tensor cores, 'block_m', 'block_n', 'q_box', 'kv_box' (rank-3 extents), 'q_tiles', "
       "'kv_tiles', 'shared_bytes'}. Host-only when capability and max_smem are given.");
   m.def(
       "cuda_forward",

@@ -174,6 +174,17 @@ def test_emulated_arch_sets_the_shared_memory_limit():
         emu.configure(order="sideways")
 
 
+def test_simt_shared_memory_limit_is_a_reason():
+    """A head dim whose SIMT accumulators exceed the CTA's shared memory gets a reason from
+    cuda_plan and a clear error, not a failed launch."""
+    q = torch.randn(1, 6, 1, 12000)
+    window = _native.Window((3,), (1,), (1,), (False,), 0.1)
+    plan = E.cuda_plan(_native._params(q, q, q, None, None, window, E)[0], False)
+    assert plan["path"] == "none" and "too large for the SIMT kernels" in plan["unsupported"]
+    with pytest.raises(RuntimeError, match="bytes of shared memory per CTA, the device allows"):
+        nattn.na1d(q, q, q, 3, backend="cuda-emu")
+
+
 def test_auto_never_picks_the_emulator():
     q = torch.randn(1, 8, 2, 32)
     assert "cuda-emu" in nattn.backends.names()

@@ -49,6 +49,7 @@ struct Plan {
   int64_t q_tiles = 0;             // Q tiles per (batch, head)
   int64_t kv_tiles = 0;            // KV tiles per (batch, kv head)
   int64_t shared_bytes = 0;        // dynamic shared memory of the largest kernel of the call
+  std::string unsupported;         // non-empty: neither path can run the call, and why
 };
 Plan plan(const AttentionParams& p, bool backward, const DeviceFacts& device);
 

@@ -190,6 +190,14 @@ Plan plan(const AttentionParams& p, bool backward, const DeviceFacts& device) {
   out.tensor_core = out.tensor_core_reasons.empty();
   if (!out.tensor_core) {
     out.shared_bytes = simt::shared_bytes(p, backward);
+    // The SIMT kernels keep head_dim + value_dim accumulators per warp in shared memory.
+    if (device.max_smem_optin > 0 && out.shared_bytes > device.max_smem_optin) {
+      out.unsupported = "head_dim " + std::to_string(p.head_dim) + " + value_dim " +
+                        std::to_string(p.value_dim) + " is too large for the SIMT kernels: " +
+                        (backward ? "the backward" : "the forward") + " needs " +
+                        std::to_string(out.shared_bytes) + " bytes of shared memory per CTA, " +
+                        "the device allows " + std::to_string(device.max_smem_optin);
+    }
     return out;
   }
   const sm80::BoxPair boxes =
@@ -212,7 +220,9 @@ std::string forward(const AttentionParams& p) {
   std::string error;
   const DeviceFacts device = current_device(&error);
   if (device.capability < 0) return error;
-  if (!plan(p, false, device).tensor_core) return simt::forward(p);
+  const Plan forward_plan = plan(p, false, device);
+  if (!forward_plan.unsupported.empty()) return forward_plan.unsupported;
+  if (!forward_plan.tensor_core) return simt::forward(p);
   return with_tensor_core_dtype(p.dtype, [&](auto dtype) {
     return with_head_dim<32, 64, 128, 256>(p.head_dim, [&](auto head_dim) {
       return sm80::forward<decltype(dtype)::value, decltype(head_dim)::value>(p);
@@ -225,9 +235,11 @@ std::string backward(const AttentionParams& p, bool deterministic) {
   std::string error;
   const DeviceFacts device = current_device(&error);
   if (device.capability < 0) return error;
+  const Plan backward_plan = plan(p, true, device);
+  if (!backward_plan.unsupported.empty()) return backward_plan.unsupported;
   error = simt::delta(p);
   if (!error.empty()) return error;
-  if (!plan(p, true, device).tensor_core) return simt::backward(p);
+  if (!backward_plan.tensor_core) return simt::backward(p);
   return with_tensor_core_dtype(p.dtype, [&](auto dtype) {
     return with_head_dim<32, 64, 128>(p.head_dim, [&](auto head_dim) {
       return sm80::backward<decltype(dtype)::value, decltype(head_dim)::value>(p);
