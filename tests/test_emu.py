@@ -27,6 +27,7 @@ import torch
 
 import nattn
 from nattn import _native, emu
+from conftest import cutlass_include
 from test_cuda import Case, check_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,9 +224,12 @@ def defects_binary(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler")
     info = E.build_info()
+    # The CuTe headers of the test environment (the build's may have been in pip's deleted
+    # isolated environment); the CUDA headers and Boost are the build's.
+    cutlass = cutlass_include() or info["cutlass_include"]
     exe = tmp_path_factory.mktemp("emu") / "defects"
     cmd = [cxx, "-std=c++17", "-O1", "-DNATTN_EMU", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'include'}",
-           "-isystem", info["cutlass_include"], "-isystem", info["cuda_include"],
+           "-isystem", cutlass, "-isystem", info["cuda_include"],
            "-isystem", str(Path(info["cuda_include"]) / "cccl")]
     if info["boost_include"] not in ("/usr/include", "/usr/local/include"):
         cmd += ["-isystem", info["boost_include"]]  # (a system directory must stay last)
