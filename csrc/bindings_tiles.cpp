@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings_common.h"
 #include "cpu/block_kernels.h"
 #include "nattn/tile_plan.h"
 #include "nattn/window.h"
@@ -23,14 +24,7 @@ using AxisTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, bool>;
 
 AxisParams checked_axis(const AxisTuple& t) {
   const auto& [length, kernel_size, stride, dilation, is_causal] = t;
-  AxisParams a{length, kernel_size, stride, dilation, is_causal};
-  if (const char* err = nattn::axis_params_error(a)) {
-    throw std::invalid_argument(
-        "invalid axis (length=" + std::to_string(length) + ", kernel_size=" +
-        std::to_string(kernel_size) + ", stride=" + std::to_string(stride) + ", dilation=" +
-        std::to_string(dilation) + "): " + err);
-  }
-  return a;
+  return make_axis(length, kernel_size, stride, dilation, is_causal);
 }
 
 void check_tile(int64_t size, const char* name) {

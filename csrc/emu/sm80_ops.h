@@ -33,7 +33,9 @@ void mma_fragment_coord(char operand, int lane, int i, int& row, int& col);
 // (row, col) of matrix r as stored in memory (rows are the addresses lanes supply).
 void ldmatrix_fragment_coord(bool trans, int lane, int h, int& row, int& col);
 
-struct SM80_16x8x16_F32F16F16F32_TN {
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, CuTe's register interface.
+template <bool kBf16>
+struct Mma16816 {
   using DRegisters = float[4];
   using ARegisters = uint32_t[4];
   using BRegisters = uint32_t[2];
@@ -43,24 +45,12 @@ struct SM80_16x8x16_F32F16F16F32_TN {
                   uint32_t const& b1, float const& c0, float const& c1, float const& c2,
                   float const& c3) {
     float d[4];
-    mma_m16n8k16(false, d, {a0, a1, a2, a3}, {b0, b1}, {c0, c1, c2, c3});
+    mma_m16n8k16(kBf16, d, {a0, a1, a2, a3}, {b0, b1}, {c0, c1, c2, c3});
     d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
   }
 };
-struct SM80_16x8x16_F32BF16BF16F32_TN {
-  using DRegisters = float[4];
-  using ARegisters = uint32_t[4];
-  using BRegisters = uint32_t[2];
-  using CRegisters = float[4];
-  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0,
-                  uint32_t const& a1, uint32_t const& a2, uint32_t const& a3, uint32_t const& b0,
-                  uint32_t const& b1, float const& c0, float const& c1, float const& c2,
-                  float const& c3) {
-    float d[4];
-    mma_m16n8k16(true, d, {a0, a1, a2, a3}, {b0, b1}, {c0, c1, c2, c3});
-    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
-  }
-};
+struct SM80_16x8x16_F32F16F16F32_TN : Mma16816<false> {};
+struct SM80_16x8x16_F32BF16BF16F32_TN : Mma16816<true> {};
 
 template <int kMatrices, bool kTrans>
 struct Ldsm {
