@@ -7,7 +7,7 @@ PyTorch, over 1-D, 2-D and 3-D token layouts.
 See ``nattn.neighborhood_attention`` for the arguments and docs/ for the semantics.
 """
 
-from . import backends, reference
+from . import backends, distributed, reference
 from .functional import na1d, na2d, na3d, neighborhood_attention
 from .modules import (
     NeighborhoodAttention,
@@ -28,5 +28,6 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "backends",
+    "distributed",
     "reference",
 ]
