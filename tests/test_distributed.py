@@ -52,11 +52,24 @@ def _check_plan_exact(lengths, k, s, d, causal):
         assert a <= lo <= o0 < o1 <= hi <= b
         assert a % (d * s) == 0 and (b == length or b % (d * s) == 0)
         assert b - a >= k * d
-        local = _C.axis_windows(b - a, k, s, d, causal)
         for i in range(o0, o1):
             kf, kc = glob[i][:2]
-            assert (local[i - a][0] + a, local[i - a][1]) == (kf, kc), (lengths, k, s, d, causal, i)
             assert lo <= kf and kf + d * (kc - 1) < hi
+        # the pieces (one slab, or edge / interior / edge) cover the own queries in order, and
+        # each gives its queries their global windows; an interior piece reads own rows only
+        assert sl.pieces[0].queries[0] == o0 and sl.pieces[-1].queries[1] == o1
+        assert all(p.queries[1] == n.queries[0] for p, n in zip(sl.pieces, sl.pieces[1:]))
+        for piece in sl.pieces:
+            (p0, p1), (pa, pb) = piece.queries, piece.slab
+            assert a <= pa <= p0 < p1 <= pb <= b
+            assert pa % (d * s) == 0 and (pb == length or pb % (d * s) == 0)
+            assert pb - pa >= k * d
+            if piece.interior:
+                assert o0 <= pa and pb <= o1
+            local = _C.axis_windows(pb - pa, k, s, d, causal)
+            for i in range(p0, p1):
+                got = (local[i - pa][0] + pa, local[i - pa][1])
+                assert got == tuple(glob[i][:2]), (lengths, k, s, d, causal, i, piece)
         # the received rows are exactly the needed rows this rank does not own, each once
         got = sorted((t.begin, t.end) for t in plan.transfers if t.dst == sl.rank)
         rows = [r for t0, t1 in got for r in range(t0, t1)]
@@ -79,6 +92,22 @@ def test_halo_plan_gives_every_own_query_its_global_window():
             _check_plan_exact(_random_split(rng, length, parts), k, s, d, causal)
             checked += 1
     assert checked > 5000
+
+
+def test_long_slabs_with_small_windows_overlap_the_halo():
+    """Interior pieces exist where the windows are small against the slab, and are exact (the
+    sweep above covers them too); large windows keep one slab."""
+    rng = random.Random(1)
+    overlapped = 0
+    for k, s, d, causal in [(3, 1, 1, False), (4, 2, 1, False), (3, 1, 2, True), (5, 5, 1, False),
+                            (2, 1, 3, False), (7, 3, 1, True)]:
+        for parts in (2, 3, 4):
+            lengths = _random_split(rng, 120, parts)
+            _check_plan_exact(lengths, k, s, d, causal)
+            plan = _plan.halo_plan(lengths, k, s, d, causal)
+            overlapped += sum(sl.overlapped for sl in plan.slabs)
+    assert overlapped >= 30
+    assert not any(sl.overlapped for sl in _plan.halo_plan([8, 8, 7, 7], 18, 16, 1, False).slabs)
 
 
 @pytest.mark.parametrize("lengths,k,s,d,causal", [
@@ -130,9 +159,12 @@ def _random_config(rng, world, index):
     rank = rng.choice((1, 2, 3))
     axis = (0, rank - 1)[index % 2] if rank > 1 else 0  # first and last axis alternately
     spatial, ks, st, dl, causal = [], [], [], [], []
+    long_axis = rng.random() < 0.35  # small windows on long slabs: the overlapped halo path
     for a in range(rank):
         length = rng.randint(max(world, 3), 16 if a == axis else (24 if rank == 1 else 6))
-        k = rng.randint(1, min(length, 7))
+        if long_axis and a == axis:
+            length = rng.randint(10 * world, 14 * world)
+        k = rng.randint(1, min(length, 3 if long_axis and a == axis else 7))
         d = rng.randint(1, max(1, min(3, length // k)))
         s = rng.randint(1, k)
         spatial.append(length)
@@ -235,6 +267,8 @@ def _error_cases(world):
         ("additional on one rank", "additional", ValueError,
          r"rank 1: additional_keys is given here but not on rank 0"),
         ("not a tensor", "type", TypeError, r"rank 1: key must be a torch.Tensor, got list"),
+        ("grad on one rank", "grad", ValueError,
+         r"rank 1: query requires grad here but does not on rank 0"),
     ]
 
 
@@ -263,6 +297,8 @@ def _run_error_case(change, rank, nd):
         kw["additional_values"] = torch.randn(1, 2, 2, 4, dtype=torch.float64)
     if change == "type" and me:
         k = [1.0]
+    if change == "grad" and me:
+        q.requires_grad_()
     nd.neighborhood_attention(q, k, v, **kw)
 
 
@@ -347,6 +383,12 @@ def test_spawned_world_is_exact_and_counts_bytes(tmp_path, world):
     rng = random.Random(1000 + world)
     configs = [_random_config(rng, world, i) for i in range(CONFIGS_PER_WORLD[world])]
     do_errors = world == 3
+    overlapped = sum(
+        sl.overlapped for c in configs
+        for sl in _plan.halo_plan(c["lengths"], c["kernel_size"][c["axis"]],
+                                  c["stride"][c["axis"]], c["dilation"][c["axis"]],
+                                  c["is_causal"][c["axis"]]).slabs)
+    assert overlapped >= world, "the overlapped halo path must run in every world"
     results = _spawn_world(tmp_path, world, configs, do_errors)
     # every rank made the same automatic choice
     assert all(res["strategies"] == results[0]["strategies"] for res in results)

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from .. import modules as _modules
 from ..functional import neighborhood_attention as _local_attention
 from ._checks import check_call
-from ._comm import ByteCount, HaloGather, HeadsToSeq, Replicated, SeqToHeads, count_bytes
+from ._comm import (ByteCount, HaloGather, HeadsToSeq, KeepInGraph, Replicated, SeqToHeads,
+                    count_bytes, start_halo)
 from ._plan import Layout, Plan, halo_plan, make_plan, slab_bounds
 
 __all__ = [
@@ -126,6 +127,9 @@ def neighborhood_attention(
     if lay.num_additional == 0:
         additional_keys = additional_values = None
     elif lay.world_size > 1:
+        # Created before every other communicating node of the call, so its backward (an
+        # all-reduce) runs after theirs on every rank: autograd runs ready nodes latest-created
+        # first, and the ranks' graphs may differ (halo pieces), so this fixes one order.
         additional_keys, additional_values = Replicated.apply(group, additional_keys,
                                                               additional_values)
     window = dict(kernel_size=na_args.kernel_size, stride=na_args.stride,
@@ -147,18 +151,36 @@ def _halo(the_plan, rank, group, query, key, value, ak, av, return_lse, window):
     dim = lay.axis + 1
     me = the_plan.halo.slabs[rank]
     (own0, own1), (a, b) = me.own, me.slab
-    k_ext, v_ext = HaloGather.apply(key, value, the_plan.halo, rank, dim, group)
+    pending = start_halo(key, value, the_plan.halo, rank, dim, group)
+
+    def attend(q_rows, k_rows, v_rows, piece, slab_start):
+        # the piece's slab out of tensors that start at global row slab_start; keep its queries
+        (p0, p1), (s0, s1) = piece.queries, piece.slab
+        out, lse = _local_attention(
+            q_rows.narrow(dim, s0 - slab_start, s1 - s0),
+            k_rows.narrow(dim, s0 - slab_start, s1 - s0),
+            v_rows.narrow(dim, s0 - slab_start, s1 - s0),
+            additional_keys=ak, additional_values=av, return_lse=True, **window)
+        return out.narrow(dim, p0 - s0, p1 - p0), lse.narrow(dim, p0 - s0, p1 - p0)
+
+    # The interior reads own rows only: computed while the halo is in flight.
+    results = {p: attend(query, key, value, p, own0) for p in me.pieces if p.interior}
+    k_ext, v_ext = HaloGather.apply(key, value, the_plan.halo, rank, dim, group, pending)
     # Query rows outside the own slab are computed and thrown away: zeros, never sent.
-    q_shape = list(query.shape)
-    before, after = list(q_shape), list(q_shape)
+    before, after = list(query.shape), list(query.shape)
     before[dim], after[dim] = own0 - a, b - own1
     q_ext = torch.cat([query.new_zeros(before), query, query.new_zeros(after)], dim=dim)
-    out, lse = _local_attention(q_ext, k_ext, v_ext, additional_keys=ak, additional_values=av,
-                                return_lse=True, **window)
-    out = out.narrow(dim, own0 - a, own1 - own0)
+    for p in me.pieces:
+        if not p.interior:
+            results[p] = attend(q_ext, k_ext, v_ext, p, a)
+    parts = [results[p] for p in me.pieces]
+    out = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], dim=dim)
+    if all(p.interior for p in me.pieces) and torch.is_grad_enabled() and k_ext.requires_grad:
+        out = KeepInGraph.apply(out, k_ext, v_ext)
     if not return_lse:
         return out
-    return out, lse.narrow(dim, own0 - a, own1 - own0)
+    lse = parts[0][1] if len(parts) == 1 else torch.cat([l for _, l in parts], dim=dim)
+    return out, lse
 
 
 def _ulysses(the_plan, rank, group, query, key, value, ak, av, return_lse, window):

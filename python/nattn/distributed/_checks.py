@@ -24,13 +24,15 @@ _ARGS = ("kernel_size", "stride", "dilation", "is_causal", "scale", "return_lse"
 
 def _describe(tensors: Dict[str, object], args: Dict[str, object]) -> Dict:
     desc = {"tensors": {}, "args": {name: repr(value) for name, value in args.items()},
-            "requires_grad": False}
+            "requires_grad": False, "grad": {}}
     for name, t in tensors.items():
         if t is None:
             desc["tensors"][name] = None
         elif isinstance(t, torch.Tensor):
             desc["tensors"][name] = (tuple(t.shape), str(t.dtype), t.device.type)
-            desc["requires_grad"] |= bool(torch.is_grad_enabled() and t.requires_grad)
+            grad = bool(torch.is_grad_enabled() and t.requires_grad)
+            desc["requires_grad"] = desc["requires_grad"] or grad
+            desc["grad"][name] = grad
         else:
             desc["tensors"][name] = type(t).__name__
     return desc
@@ -79,6 +81,12 @@ def _evaluate(gathered, kernel_size, stride, dilation, is_causal, scale, additio
             if desc["args"][name] != first["args"][name]:
                 _raise(ValueError, r, f"{name}={desc['args'][name]} differs from rank 0's "
                        f"{name}={first['args'][name]}: every rank must pass the same arguments")
+    for r, desc in enumerate(gathered):
+        for name, grad in desc["grad"].items():
+            if grad != first["grad"].get(name, grad):
+                _raise(ValueError, r, f"{name} {'requires' if grad else 'does not require'} grad "
+                       f"here but {'does' if first['grad'][name] else 'does not'} on rank 0: the "
+                       "backward is collective, so every rank or none must differentiate it")
     if strategy not in STRATEGIES:
         _raise(ValueError, None, f"strategy={strategy!r} must be one of {', '.join(STRATEGIES)}")
     if not isinstance(return_lse, bool):

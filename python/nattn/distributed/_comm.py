@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ._plan import HaloPlan
 
-__all__ = ["ByteCount", "count_bytes", "HaloGather", "SeqToHeads", "HeadsToSeq", "Replicated"]
+__all__ = ["ByteCount", "count_bytes", "start_halo", "PendingHalo", "HaloGather", "KeepInGraph", "SeqToHeads", "HeadsToSeq", "Replicated"]
 
 
 @dataclass
@@ -73,50 +73,74 @@ def _peer(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def _p2p(sends, recvs, group) -> None:
-    """Post every send and receive at once and wait for all: no ordering can deadlock."""
+def _p2p_start(sends, recvs, group) -> list:
+    """Post every send and receive at once (no ordering can deadlock); returns the requests."""
     ops = [dist.P2POp(dist.isend, t, _peer(group, r), group) for r, t in sends]
     ops += [dist.P2POp(dist.irecv, t, _peer(group, r), group) for r, t in recvs]
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _p2p(sends, recvs, group) -> None:
+    for req in _p2p_start(sends, recvs, group):
+        req.wait()
 
 
 def _flat(*pieces: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in pieces])
 
 
-class HaloGather(torch.autograd.Function):
-    """``(key, value)`` own slabs -> the local slabs ``[A, B)`` of ``plan.slabs[rank]`` along
-    tensor dim ``dim``: own rows in place, halo rows received, every other row zero."""
+class PendingHalo:
+    """A halo exchange posted by ``start_halo`` and not yet waited for; the send buffers live
+    here until ``HaloGather`` waits."""
 
-    @staticmethod
-    def forward(ctx, key, value, plan: HaloPlan, rank: int, dim: int, group):
-        ctx.plan, ctx.rank, ctx.dim, ctx.group = plan, rank, dim, group
-        me = plan.slabs[rank]
-        own0, own1 = me.own
-        a, b = me.slab
-        sends, recvs, pieces = [], [], []
+    def __init__(self, requests, sends, recvs, pieces):
+        self.requests, self.sends, self.recvs, self.pieces = requests, sends, recvs, pieces
+
+
+def start_halo(key, value, plan: HaloPlan, rank: int, dim: int, group) -> PendingHalo:
+    """Post this rank's halo sends and receives (the forward of ``HaloGather``) and return at
+    once, so that compute on own rows can run while the rows travel."""
+    own0 = plan.slabs[rank].own[0]
+    sends, recvs, pieces = [], [], []
+    with torch.no_grad():
         for t in plan.transfers:
             if t.src == rank:
                 start = t.begin - own0
                 sends.append((t.dst, _flat(key.narrow(dim, start, t.rows),
                                            value.narrow(dim, start, t.rows))))
             elif t.dst == rank:
-                kshape = list(key.shape)
-                vshape = list(value.shape)
+                kshape, vshape = list(key.shape), list(value.shape)
                 kshape[dim] = vshape[dim] = t.rows
                 buf = key.new_empty(_numel(kshape) + _numel(vshape))
                 recvs.append((t.src, buf))
                 pieces.append((t, kshape, vshape, buf))
-        _p2p(sends, recvs, group)
-        _count("forward", sum(_nbytes(x) for _, x in sends), sum(_nbytes(x) for _, x in recvs))
+    return PendingHalo(_p2p_start(sends, recvs, group), sends, recvs, pieces)
+
+
+class HaloGather(torch.autograd.Function):
+    """``(key, value)`` own slabs -> the local slabs ``[A, B)`` of ``plan.slabs[rank]`` along
+    tensor dim ``dim``: own rows in place, halo rows received, every other row zero. ``pending``:
+    the exchange already posted by ``start_halo`` (else it is posted here)."""
+
+    @staticmethod
+    def forward(ctx, key, value, plan: HaloPlan, rank: int, dim: int, group,
+                pending: Optional[PendingHalo] = None):
+        ctx.plan, ctx.rank, ctx.dim, ctx.group = plan, rank, dim, group
+        if pending is None:
+            pending = start_halo(key, value, plan, rank, dim, group)
+        for req in pending.requests:
+            req.wait()
+        _count("forward", sum(_nbytes(x) for _, x in pending.sends),
+               sum(_nbytes(x) for _, x in pending.recvs))
+        me = plan.slabs[rank]
+        own0, own1 = me.own
+        a, b = me.slab
         kshape, vshape = list(key.shape), list(value.shape)
         kshape[dim] = vshape[dim] = b - a
         k_ext, v_ext = key.new_zeros(kshape), value.new_zeros(vshape)
         k_ext.narrow(dim, own0 - a, own1 - own0).copy_(key)
         v_ext.narrow(dim, own0 - a, own1 - own0).copy_(value)
-        for t, ks, vs, buf in pieces:
+        for t, ks, vs, buf in pending.pieces:
             nk = _numel(ks)
             k_ext.narrow(dim, t.begin - a, t.rows).copy_(buf[:nk].view(ks))
             v_ext.narrow(dim, t.begin - a, t.rows).copy_(buf[nk:].view(vs))
@@ -147,7 +171,7 @@ class HaloGather(torch.autograd.Function):
             nk = _numel(ks)
             dk.narrow(dim, t.begin - own0, t.rows).add_(buf[:nk].view(ks))
             dv.narrow(dim, t.begin - own0, t.rows).add_(buf[nk:].view(vs))
-        return dk, dv, None, None, None, None
+        return dk, dv, None, None, None, None, None
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -246,3 +270,19 @@ class Replicated(torch.autograd.Function):
         _count("backward", _nbytes(flat), _nbytes(flat))
         out = [c.view(s) for c, s in zip(flat.split([_numel(s) for s in ctx.shapes]), ctx.shapes)]
         return (None,) + tuple(out)
+
+
+class KeepInGraph(torch.autograd.Function):
+    """``out`` unchanged; its backward hands zero gradients to ``anchors``, so that the nodes
+    producing them run their backward on this rank too. A rank whose every query is interior
+    never reads its gathered slab, yet must take part in the reverse halo exchange (it receives
+    the gradients of the rows it sent)."""
+
+    @staticmethod
+    def forward(ctx, out, *anchors):
+        ctx.anchors = [(a.shape, a.dtype, a.device) for a in anchors]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad,) + tuple(torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.anchors)

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .._native import IMPORT_ERROR, _C
 
 __all__ = [
-    "STRATEGIES", "slab_bounds", "RankSlab", "Transfer", "HaloPlan", "halo_plan", "Layout",
+    "STRATEGIES", "slab_bounds", "Piece", "RankSlab", "Transfer", "HaloPlan", "halo_plan", "Layout",
     "StrategyCost", "Plan", "make_plan",
 ]
 
@@ -47,6 +47,20 @@ def slab_bounds(lengths: Sequence[int]) -> List[Tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One local operator call of a rank: queries ``[q0, q1)`` computed on the slab ``[A, B)``.
+    An ``interior`` piece reads own rows only, so it runs while the halo is in flight."""
+
+    queries: Tuple[int, int]
+    slab: Tuple[int, int]
+    interior: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.slab[1] - self.slab[0]
+
+
+@dataclass(frozen=True)
 class RankSlab:
     """What one rank computes along the sharded axis (global indices, half-open)."""
 
@@ -54,6 +68,9 @@ class RankSlab:
     own: Tuple[int, int]
     needed: Tuple[int, int]
     slab: Tuple[int, int]
+    # The local operator calls, in row order: ``(own, slab)`` alone, or, when the halo can be
+    # overlapped, a left edge, the interior and a right edge (each present if non-empty).
+    pieces: Tuple[Piece, ...] = ()
 
     @property
     def halo_rows(self) -> int:
@@ -66,9 +83,18 @@ class RankSlab:
         return (self.slab[1] - self.slab[0]) - (self.needed[1] - self.needed[0])
 
     @property
+    def computed_rows(self) -> int:
+        """Query rows the local operator calls compute (own rows included)."""
+        return sum(p.rows for p in self.pieces)
+
+    @property
     def wasted_query_rows(self) -> int:
         """Query rows the local operator computes and throws away."""
-        return (self.slab[1] - self.slab[0]) - (self.own[1] - self.own[0])
+        return self.computed_rows - (self.own[1] - self.own[0])
+
+    @property
+    def overlapped(self) -> bool:
+        return any(p.interior for p in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -107,31 +133,90 @@ def _require_native() -> None:
         raise RuntimeError(f"nattn.distributed needs the native module: {IMPORT_ERROR}")
 
 
+# Overlap only when the split costs little extra compute: the edge pieces together may add at
+# most this fraction of the single slab's rows (small windows on long slabs: a few percent).
+OVERLAP_MAX_EXTRA = 0.25
+
+
+def _hull(windows, d: int, q0: int, q1: int) -> Tuple[int, int]:
+    """The hull ``[lo, hi)`` of the keys of queries ``[q0, q1)`` (axis_windows rows)."""
+    lo = min(windows[i][0] for i in range(q0, q1))
+    hi = max(windows[i][0] + d * (windows[i][1] - 1) + 1 for i in range(q0, q1))
+    return lo, hi
+
+
+def _aligned(lo: int, hi: int, k: int, d: int, s: int, floor: int, ceil: int,
+             length: int) -> Tuple[int, int]:
+    """The slab for keys ``[lo, hi)``: ends on multiples of ``d * s`` (or at 0 / L), widened by
+    whole blocks, right first, within ``[floor, ceil)`` (themselves aligned) until
+    ``kernel_size * dilation`` rows fit (docs/distributed.md, conditions 1-4)."""
+    block = d * s
+    begin = (lo // block) * block
+    end = min(length, -(-hi // block) * block)
+    while end - begin < k * d:
+        if end < ceil:
+            end = min(ceil, end + block)
+        elif begin > floor:
+            begin = max(floor, begin - block)
+        else:
+            raise AssertionError("an aligned slab of at least kernel_size * dilation rows exists")
+    return begin, end
+
+
+def _split(windows, k, s, d, length, own, needed, slab) -> Tuple[Piece, ...]:
+    """Pieces of an overlapped rank: the longest run of own queries whose keys lie in the own
+    rows' aligned core (the core: own rows shrunk to multiples of d*s, or to 0 / L), computed
+    on that core, plus the edge queries on their own aligned slabs within ``slab``."""
+    (o0, o1), block = own, d * s
+    core0 = o0 if o0 == 0 else -(-o0 // block) * block
+    core1 = o1 if o1 == length else (o1 // block) * block
+    single = (Piece(own, slab),)
+    if core1 - core0 < k * d:
+        return single
+    best, run = (0, 0), None
+    for i in range(core0, core1 + 1):
+        inside = i < core1 and core0 <= windows[i][0] and \
+            windows[i][0] + d * (windows[i][1] - 1) < core1
+        if inside and run is None:
+            run = i
+        elif not inside and run is not None:
+            if i - run > best[1] - best[0]:
+                best = (run, i)
+            run = None
+    q0, q1 = best
+    if q1 <= q0:
+        return single
+    pieces = []
+    if q0 > o0:
+        lo, hi = _hull(windows, d, o0, q0)
+        pieces.append(Piece((o0, q0), _aligned(lo, hi, k, d, s, slab[0], slab[1], length)))
+    pieces.append(Piece((q0, q1), (core0, core1), interior=True))
+    if o1 > q1:
+        lo, hi = _hull(windows, d, q1, o1)
+        pieces.append(Piece((q1, o1), _aligned(lo, hi, k, d, s, slab[0], slab[1], length)))
+    if sum(p.rows for p in pieces) > (1 + OVERLAP_MAX_EXTRA) * (slab[1] - slab[0]):
+        return single
+    return tuple(pieces)
+
+
 def halo_plan(lengths: Sequence[int], kernel_size: int, stride: int, dilation: int,
-              is_causal: bool) -> HaloPlan:
+              is_causal: bool, overlap: bool = True) -> HaloPlan:
     """The halo plan of one sharded axis (module docstring). ``lengths``: slab length per rank,
     each >= 1; their sum is the global length L, and the window parameters must be valid for L
-    (``kernel_size * dilation <= L``, ``stride <= kernel_size``)."""
+    (``kernel_size * dilation <= L``, ``stride <= kernel_size``). With ``overlap``, a rank whose
+    slab has an interior that needs no halo computes it while the halo is in flight."""
     _require_native()
     bounds = slab_bounds(lengths)
     length = bounds[-1][1]
     k, s, d = int(kernel_size), int(stride), int(dilation)
     windows = _C.axis_windows(length, k, s, d, bool(is_causal))
-    block = d * s
     slabs = []
-    for rank, (own_begin, own_end) in enumerate(bounds):
-        lo = min(windows[i][0] for i in range(own_begin, own_end))
-        hi = max(windows[i][0] + d * (windows[i][1] - 1) + 1 for i in range(own_begin, own_end))
-        begin = (lo // block) * block
-        end = min(length, -(-hi // block) * block)
-        # The local operator needs kernel_size * dilation <= its length: widen by whole blocks,
-        # to the right first (towards L), then to the left (towards 0); L itself is long enough.
-        while end - begin < k * d:
-            if end < length:
-                end = min(length, end + block)
-            else:
-                begin = max(0, begin - block)
-        slabs.append(RankSlab(rank, (own_begin, own_end), (lo, hi), (begin, end)))
+    for rank, own in enumerate(bounds):
+        lo, hi = _hull(windows, d, *own)
+        slab = _aligned(lo, hi, k, d, s, 0, length, length)
+        pieces = _split(windows, k, s, d, length, own, (lo, hi), slab) if overlap \
+            else (Piece(own, slab),)
+        slabs.append(RankSlab(rank, own, (lo, hi), slab, pieces))
     transfers = []
     for dst in slabs:
         for src, (b, e) in enumerate(bounds):
@@ -223,7 +308,7 @@ def halo_cost(lay: Layout, plan: HaloPlan) -> StrategyCost:
         "halo", True, "",
         forward_sent=sent, forward_received=received,
         backward_sent=[b + extra for b in received], backward_received=[b + extra for b in sent],
-        computed_rows=[s.slab[1] - s.slab[0] for s in plan.slabs], computed_heads=lay.heads)
+        computed_rows=[s.computed_rows for s in plan.slabs], computed_heads=lay.heads)
 
 
 def ulysses_infeasible(lay: Layout) -> Optional[str]:
@@ -298,6 +383,10 @@ class Plan:
         waste = max(s.wasted_query_rows for s in self.halo.slabs)
         lines.append(f"  halo slabs: {[s.slab for s in self.halo.slabs]} "
                      f"(up to {waste} query rows per rank computed and discarded)")
+        over = [s.rank for s in self.halo.slabs if s.overlapped]
+        if over:
+            lines.append(f"  halo overlap: ranks {over} compute their interior while the halo is "
+                         "in flight")
         if self.requested == "auto":
             lines.append(f"auto chose {self.strategy}: fewest bytes per rank among the possible "
                          "strategies (halo on a tie; all-gather is shown for comparison only)")
