@@ -13,7 +13,10 @@ Halo (docs/distributed.md proves the exactness):
   L), and further by whole such blocks until ``kernel_size * dilation <= B - A``. Running the
   local operator on ``[A, B)`` gives every own query its global window, shifted by A. Rows of
   the slab outside ``needed_r`` are never attended by an own query, so they are zeros, not
-  received; query rows outside the own slab are zeros too (only keys and values travel).
+  received; query rows outside the own slab are zeros too (only keys and values travel);
+* ``pieces``: the local operator calls. With small windows on a long slab, the interior (own
+  queries whose keys lie in the own rows' aligned core) runs on that core while the halo is in
+  flight, and the edge queries afterwards on their own aligned slabs.
 
 Bytes are counted per rank per call, as a payload (``numel * element_size`` of what this rank
 hands to the communication library and gets back from it; the library's own framing and, for
