@@ -217,40 +217,40 @@ def _heads_to_seq(y, lengths, rank, seq_dim, head_dim, group, phase):
                      dim=head_dim)
 
 
-class SeqToHeads(torch.autograd.Function):
+class _Swap(torch.autograd.Function):
+    """Ulysses' swap of tensors between sequence and head sharding; ``dims``: one
+    (seq_dim, head_dim) per tensor. Its backward is the swap the other way."""
+
+    @staticmethod
+    def forward(ctx, to_heads, lengths, rank, dims, group, *tensors):
+        ctx.args = (to_heads, lengths, rank, dims, group)
+        swap = _seq_to_heads if to_heads else _heads_to_seq
+        return tuple(swap(t, lengths, rank, sd, hd, group, "forward")
+                     for t, (sd, hd) in zip(tensors, dims))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        to_heads, lengths, rank, dims, group = ctx.args
+        swap = _heads_to_seq if to_heads else _seq_to_heads
+        return (None,) * 5 + tuple(swap(g, lengths, rank, sd, hd, group, "backward")
+                                   for g, (sd, hd) in zip(grads, dims))
+
+
+class SeqToHeads:
     """Tensors sharded along ``seq_dim`` (slab lengths ``lengths``) with all heads -> the whole
-    sequence with head chunk ``rank`` of ``P`` along ``head_dim``. ``dims``: one
-    (seq_dim, head_dim) per tensor."""
+    sequence with head chunk ``rank`` of ``P`` along ``head_dim``; differentiable."""
 
     @staticmethod
-    def forward(ctx, lengths, rank, dims, group, *tensors):
-        ctx.args = (lengths, rank, dims, group)
-        return tuple(_seq_to_heads(t, lengths, rank, sd, hd, group, "forward")
-                     for t, (sd, hd) in zip(tensors, dims))
+    def apply(lengths, rank, dims, group, *tensors):
+        return _Swap.apply(True, lengths, rank, dims, group, *tensors)
+
+
+class HeadsToSeq:
+    """The inverse of ``SeqToHeads``; differentiable."""
 
     @staticmethod
-    def backward(ctx, *grads):
-        lengths, rank, dims, group = ctx.args
-        return (None, None, None, None) + tuple(
-            _heads_to_seq(g, lengths, rank, sd, hd, group, "backward")
-            for g, (sd, hd) in zip(grads, dims))
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """The inverse of ``SeqToHeads``."""
-
-    @staticmethod
-    def forward(ctx, lengths, rank, dims, group, *tensors):
-        ctx.args = (lengths, rank, dims, group)
-        return tuple(_heads_to_seq(t, lengths, rank, sd, hd, group, "forward")
-                     for t, (sd, hd) in zip(tensors, dims))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        lengths, rank, dims, group = ctx.args
-        return (None, None, None, None) + tuple(
-            _seq_to_heads(g, lengths, rank, sd, hd, group, "backward")
-            for g, (sd, hd) in zip(grads, dims))
+    def apply(lengths, rank, dims, group, *tensors):
+        return _Swap.apply(False, lengths, rank, dims, group, *tensors)
 
 
 class Replicated(torch.autograd.Function):
