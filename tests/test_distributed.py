@@ -327,6 +327,29 @@ def _module_check(rank, world, nd, nattn):
         assert (g - q.grad).abs().max().item() <= TOL, f"module grad {name}"
 
 
+def _lse_only_check(rank, world, nd, nattn):
+    """A causal axis where rank 0's queries are all interior (it only sends halo rows) and the
+    loss reads lse alone: rank 0 must still receive its rows' key gradients."""
+    kw = dict(kernel_size=3, is_causal=True)
+    lengths = [12] * world
+    plan = nd.halo_plan(lengths, 3, 1, 1, True)
+    assert all(p.interior for p in plan.slabs[0].pieces) and plan.sent_rows(0) > 0
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, sum(lengths), world, 4, generator=g, dtype=torch.float64)
+               for _ in range(3))
+    grads = []
+    for fn, sl in ((nattn.neighborhood_attention, slice(None)),
+                   (nd.neighborhood_attention, slice(12 * rank, 12 * rank + 12))):
+        leaves = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+        extra = {} if fn is nattn.neighborhood_attention else {"strategy": "halo"}
+        _, lse = fn(*leaves, return_lse=True, **kw, **extra)
+        lse.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, want, got in zip("qkv", grads[0], grads[1]):
+        err = (want[:, 12 * rank:12 * rank + 12] - got).abs().max().item()
+        assert err <= TOL, f"lse-only loss: d{name} error {err}"
+
+
 def _worker(rank, world, init_file, configs, out_dir, do_errors):
     import torch.distributed as dist
 
@@ -349,6 +372,7 @@ def _worker(rank, world, init_file, configs, out_dir, do_errors):
                 except Exception as exc:  # noqa: BLE001 - recorded and checked by the parent
                     result["errors"][name] = [type(exc).__name__, str(exc)]
             _module_check(rank, world, nd, nattn)
+            _lse_only_check(rank, world, nd, nattn)
             result["module"] = "ok"
         dist.barrier()
         dist.destroy_process_group()

@@ -175,12 +175,12 @@ def _halo(the_plan, rank, group, query, key, value, ak, av, return_lse, window):
             results[p] = attend(q_ext, k_ext, v_ext, p, a)
     parts = [results[p] for p in me.pieces]
     out = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], dim=dim)
+    lse = parts[0][1] if len(parts) == 1 else torch.cat([s for _, s in parts], dim=dim)
     if all(p.interior for p in me.pieces) and torch.is_grad_enabled() and k_ext.requires_grad:
+        # whichever result the loss uses, the reverse exchange runs on this rank
         out = KeepInGraph.apply(out, k_ext, v_ext)
-    if not return_lse:
-        return out
-    lse = parts[0][1] if len(parts) == 1 else torch.cat([l for _, l in parts], dim=dim)
-    return out, lse
+        lse = KeepInGraph.apply(lse, k_ext, v_ext)
+    return (out, lse) if return_lse else out
 
 
 def _ulysses(the_plan, rank, group, query, key, value, ak, av, return_lse, window):
