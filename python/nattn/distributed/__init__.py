@@ -207,7 +207,9 @@ class NeighborhoodAttention(_modules.NeighborhoodAttention):
     projections are per token, so only the attention communicates.
 
     Args: those of ``nattn.NeighborhoodAttention``, plus ``axis``, ``group`` and ``strategy`` of
-    ``nattn.distributed.neighborhood_attention``. Raises what both raise.
+    ``nattn.distributed.neighborhood_attention``. Raises what both raise; an ``x`` of the wrong
+    rank or channel count raises on its own rank before the collective check (the projection
+    runs first), so that error alone is not raised on every rank.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, rank: int = 2, *,
