@@ -140,3 +140,21 @@ def test_timing_is_interleaved():
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "c"]
     assert rows[0]["status"] == "ok" and len(rows[0]["fwd_times"]) == 3
     assert rows[1]["status"] == "error" and "boom" in rows[1]["reason"] and "fwd_s" not in rows[1]
+
+
+def test_inmodel_runs_both_environments(tmp_path):
+    """The in-model benchmark's plumbing (no timing asserted): children in both environments,
+    both threading modes, every sequence."""
+    import json
+
+    from nattn.__main__ import main
+
+    out = tmp_path / "inmodel.json"
+    assert main(["inmodel", "-i", "12", "12", "-w", "3", "-n", "2", "-d", "8", "--rounds", "1",
+                 "--repeats", "1", "--threads", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["samples"]) == {"default", "passive"}
+    keys = {r["sequence"] for r in doc["rows"]}
+    assert keys == {"alone", "alone-fwd-bwd", "after-matmul", "after-linear", "nat-block-na",
+                    "nat-block"}
+    assert all(r["default_s"] and r["passive_s"] and r["pool_default_s"] for r in doc["rows"])
