@@ -12,6 +12,7 @@
 #include "bindings_common.h"
 #include "cpu/block_kernels.h"
 #include "cpu/cpu_kernels.h"
+#include "cpu/threads.h"
 #include "nattn/params.h"
 #include "nattn/window.h"
 
@@ -81,6 +82,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("params"));
   m.def("cpu_default_num_threads", &nattn::cpu::default_num_threads);
+  m.def(
+      "cpu_threading",
+      [](const std::string& mode) {
+        using nattn::cpu::Threading;
+        if (mode == "auto") {
+          nattn::cpu::set_threading(Threading::kAuto);
+        } else if (mode == "openmp") {
+          nattn::cpu::set_threading(Threading::kOpenMP);
+        } else if (mode == "pool") {
+          nattn::cpu::set_threading(Threading::kPool);
+        } else if (!mode.empty()) {
+          throw py::value_error("cpu_threading: mode must be 'auto', 'openmp' or 'pool', got '" +
+                                mode + "'");
+        }
+        return std::string(nattn::cpu::threading_runtime());
+      },
+      py::arg("mode") = "",
+      "Selects the runtime of the CPU kernels' parallel regions ('auto': the OpenMP runtime the "
+      "process has loaded, else nattn's pool; 'pool': always the pool; '' keeps the choice) and "
+      "returns the one now in use: 'openmp:<library path>' or 'pool'.");
   m.def("cpu_isa", &nattn::cpu::cpu_isa,
         "Instruction-set level of the CPU kernels: baseline, avx2 or avx512 (the best this CPU "
         "has, or NATTN_CPU_ISA's choice, read once per process). Raises RuntimeError when "

@@ -1,11 +1,18 @@
-// The CPU kernels' worker threads: a small persistent pool whose idle workers block on a
-// condition variable instead of spinning.
+// The CPU kernels' parallel regions.
 //
-// Why not OpenMP: torch ships its own libgomp, and its intra-op threads (and ours, when both
-// spin-wait between regions) fight over the cores. On the 2-core CI machine with any other load,
-// a 14x14-token forward took 15 ms under OpenMP's default wait policy and 0.7 ms with
-// OMP_WAIT_POLICY=passive; a pool that never spins gets the passive behaviour without asking the
-// user to set anything, and follows torch.get_num_threads() through AttentionParams.
+// A parallel region runs on the OpenMP runtime the process has already loaded (torch's libgomp,
+// or an Intel/LLVM runtime with the GOMP entry points), found through the dynamic loader: the
+// native library links no OpenMP of its own and stays torch-free. When no runtime is loaded, a
+// small persistent pool whose idle workers block on a condition variable runs the region.
+//
+// Why the process's own OpenMP team: right after a torch op, torch's OpenMP workers spin-wait
+// for their next region (libgomp's default wait policy). A second pool then competes with them
+// for the same cores, and a nattn call after a torch matmul took 1.7-2.3x its stand-alone time
+// on the 2-core CI machine. Entering a region of that same team hands the work to the very
+// threads that are spinning, as a torch op would (docs/performance.md, "Inside a model").
+//
+// The thread count is the caller's (AttentionParams::num_threads, which the Python layer sets
+// from torch.get_num_threads(), itself set by torch.set_num_threads or OMP_NUM_THREADS).
 #pragma once
 
 #include <cstdint>
@@ -27,8 +34,9 @@ class ItemFn {
 
 // Runs fn(i, thread) for every i in [0, n) on up to nt threads (thread ids 0 .. nt-1; the
 // calling thread is 0), handing out items one at a time so that cheap border tiles and expensive
-// interior tiles even out. Returns when every item is done. Calls from inside a pool worker, or
-// with nt <= 1, run inline; concurrent calls from several host threads take turns.
+// interior tiles even out. Returns when every item is done; an exception thrown by fn is
+// rethrown on the calling thread after the region. Calls from inside a parallel region, or with
+// nt <= 1, run inline.
 void run_parallel(int nt, int64_t n, const ItemFn& fn);
 
 template <typename F>
@@ -36,5 +44,16 @@ void parallel_for(int nt, int64_t n, F&& f) {
   ItemFn fn(f);
   run_parallel(nt, n, fn);
 }
+
+// Which runtime runs the parallel regions.
+enum class Threading : int {
+  kAuto = 0,    // the loaded OpenMP runtime if there is one, else the pool (default)
+  kOpenMP = 1,  // the loaded OpenMP runtime; falls back to the pool when none is loaded
+  kPool = 2,    // nattn's own blocking pool (for comparisons)
+};
+void set_threading(Threading mode);
+Threading threading();
+// The runtime a region started now would use: "openmp:<path of the library>" or "pool".
+const char* threading_runtime();
 
 }  // namespace nattn::cpu

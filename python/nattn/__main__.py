@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import bench, profile, sol
+    from .cli import bench, inmodel, profile, sol
 
     parser = argparse.ArgumentParser(
         prog="nattn", description="nattn profiler, benchmarks and speed-of-light model")
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_parser(sub)
     bench.add_parser(sub)
     sol.add_parser(sub)
+    inmodel.add_parser(sub)
     return parser
 
 

@@ -16,10 +16,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import perf, problems
-from . import common
+from . import common, peers
 from .output import console
 
-ALTERNATIVES = ("reference", "sdpa", "flex")
+ALTERNATIVES = ("reference", "sdpa", "flex", "natten")
 REGRESSION_THRESHOLD = 1.10  # --compare flags rows more than 10% slower than the baseline
 
 
@@ -153,12 +153,16 @@ def _run_problem(problem, label: str, factor: float, args, device, ceilings: _Ce
     if "sdpa" not in args.skip:
         impls.append(common.sdpa_impl(problem, inputs, device, dtype))
     if "flex" not in args.skip:
-        progress.update(task, description=f"{label}: flex (compiling)")
-        impls.append(common.flex_impl(problem, inputs, device, dtype))
-    rows = []
-    for impl in impls:
-        progress.update(task, description=f"{label}: {impl.name}")
-        rows.append(common.measure(impl, device, warmup, repeats, args.backward))
+        progress.update(task, description=f"{label}: flex (compiling {len(peers.FLEX_FORMS)} "
+                                          "mask forms)")
+        impls += peers.flex_impls(problem, inputs, device, dtype)
+    if "natten" not in args.skip:
+        progress.update(task, description=f"{label}: natten")
+        impls.append(peers.natten_impl(problem, inputs, device, dtype))
+    progress.update(task, description=f"{label}: timing {len(impls)} implementations, "
+                                      "interleaved")
+    rows = peers.best_forms(peers.measure_interleaved(impls, device, warmup, repeats,
+                                                      args.backward))
     progress.advance(task)
     if not progress.console.is_terminal:
         # no live bar in logs and pipes: one line per finished problem instead
@@ -212,7 +216,7 @@ def _table(results: List[Dict], device, backward: bool, title: str) -> Table:
         for r in res["rows"]:
             label = f"{res['name']} (x{res['scale']:g})" if first else ""
             first = False
-            name = r["impl"] + (" (auto)" if r.get("auto") else "")
+            name = peers.describe_form(r) + (" (auto)" if r.get("auto") else "")
             cells = [label, name]
             for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
                 t = r.get(f"{key}_s")
@@ -223,7 +227,9 @@ def _table(results: List[Dict], device, backward: bool, title: str) -> Table:
                           _pct(r.get(f"{key}_frac_bound")),
                           _speedup(r.get(f"{key}_nattn_speedup"))]
             note = r.get("reason") or r.get("fwd_bwd_reason") or "; ".join(r.get("notes", []))
-            if r["status"] == "skipped":
+            if r["status"] == "absent":
+                pass  # the reason already says "absent: ..."
+            elif r["status"] == "skipped":
                 note = f"skipped: {note}"
             elif r["status"] == "error":
                 note = f"error: {note}"

@@ -443,11 +443,12 @@ def neighborhood_mask_mod(problem: NamedProblem):
 
 
 def flex_impl(problem: NamedProblem, inputs: Inputs, device: torch.device,
-              dtype: torch.dtype) -> Impl:
+              dtype: torch.dtype, form: str = "arith", mask_mod=None) -> Impl:
     """FlexAttention (``torch.compile``d) with a block mask built by ``create_block_mask`` from
-    ``neighborhood_mask_mod`` (mask building: ``setup_s``; the first, compiling call is in the
-    warm-up)."""
-    impl = Impl(name="flex-attention", kind="flex")
+    ``mask_mod`` (default ``neighborhood_mask_mod``; ``form`` names it, ``cli/peers.py`` has the
+    other forms). Mask building is ``setup_s``; the first, compiling call is in the warm-up."""
+    impl = Impl(name=f"flex:{form}", kind="flex")
+    mask_mod = mask_mod or neighborhood_mask_mod(problem)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:
@@ -463,7 +464,7 @@ def flex_impl(problem: NamedProblem, inputs: Inputs, device: torch.device,
         t0 = time.perf_counter()
         # On GPU the mask is built compiled (torch's _compile knob), which evaluates it block by
         # block instead of materializing N x (N + M) booleans: 13 GB at hunyuan-video's size.
-        block_mask = create_block_mask(neighborhood_mask_mod(problem), None, None, n,
+        block_mask = create_block_mask(mask_mod, None, None, n,
                                        n + problem.num_additional, device=str(device),
                                        _compile=device.type == "cuda")
         synchronize(device)

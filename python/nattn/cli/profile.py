@@ -9,7 +9,7 @@ import torch
 from rich.table import Table
 
 from .. import perf
-from . import common
+from . import common, peers
 from .output import console
 
 
@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="timed calls, median reported (default 10 CPU, 50 GPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    p.add_argument("--natten", action="store_true",
+                   help="also time NATTEN's public API with its defaults, as a peer (optional: "
+                        "pip install 'nattn[peers]'; reported as absent when not installed)")
     p.set_defaults(run=run)
 
 
@@ -67,6 +70,8 @@ def run(args) -> int:
         impls = common.nattn_impls(problem, inputs, device, dtype, names)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.natten:
+        impls.append(peers.natten_impl(problem, inputs, device, dtype))
     fwd_flops = perf.needed_flops(problem)
     bwd_flops = perf.needed_flops(problem, backward=True)
     div, unit = common.flops_rate_unit(device)
@@ -82,7 +87,7 @@ def run(args) -> int:
         "analytic: tensors the call allocates (outputs, lse; grads, delta)"
     rows = []
     for impl in impls:
-        name = impl.name.split(":", 1)[1]
+        name = impl.name.split(":", 1)[-1]
         if impl.skip:
             table.add_row(name, f"skipped: {impl.skip}", "", "", "", "", "", "")
             rows.append({"backend": name, "status": "skipped", "reason": impl.skip})
@@ -92,13 +97,17 @@ def run(args) -> int:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         row["fwd_s"] = common.median(common.time_calls(impl.forward, device, warmup, repeats))
-        if args.backward:
+        if args.backward and impl.backward_only is None:
+            row["bwd_reason"] = impl.bwd_skip or "no backward"
+        elif args.backward:
             call = impl.backward_only()
             row["bwd_s"] = common.median(common.time_calls(call, device, warmup, repeats))
         if cuda:
             row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        else:
+        elif impl.kind == "nattn":
             row["peak_bytes"] = _analytic_bytes(problem, dtype, args.backward, name)
+        else:
+            row["peak_bytes"] = None  # the analytic count describes nattn's fused calls only
         row["peak_source"] = mem_source
         rows.append(row)
         bwd = row.get("bwd_s")
