@@ -5,6 +5,7 @@ current API's keywords, merge_attentions and install_as_natten. No real NATTEN i
 
 from __future__ import annotations
 
+import importlib.machinery
 import inspect
 import math
 import os
@@ -505,12 +506,27 @@ SCRIPTS = Path(__file__).parent / "compat_scripts"
 @pytest.mark.parametrize("script, version", [("natten_021_user.py", "0.21.7"),
                                              ("natten_017_user.py", "0.17.5")])
 def test_install_as_natten_runs_natten_user_scripts_unchanged(script, version):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(nattn.__file__).parents[1])] + sys.path))
+    env = _subprocess_env()
     code = ("import runpy, nattn.compat as c; c.install_as_natten(%r); "
             "runpy.run_path(%r, run_name='__main__')" % (version, str(SCRIPTS / script)))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK" in res.stdout
+
+
+def _subprocess_env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(nattn.__file__).parents[1])] + sys.path))
+
+
+REAL_NATTEN = importlib.machinery.PathFinder.find_spec("natten") is not None
+
+
+@pytest.mark.skipif(not REAL_NATTEN, reason="no real NATTEN installed (CI does not install it)")
+def test_against_a_real_natten_when_installed():
+    res = subprocess.run([sys.executable, str(SCRIPTS / "against_real_natten.py")],
+                         env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
 

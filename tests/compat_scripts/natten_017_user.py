@@ -20,6 +20,10 @@ attn = natten2dqkrpb(q * D ** -0.5, k, rpb, K, 2).softmax(dim=-1)
 out = natten2dav(attn, v, K, 2)
 attn2 = na2d_qk(q * D ** -0.5, k, kernel_size=K, dilation=2, rpb=rpb).softmax(dim=-1)
 assert torch.allclose(na2d_av(attn2, v, kernel_size=K, dilation=2), out)
+# 0.17's fused na2d: heads-last, (kernel_size, dilation, is_causal, rpb, scale).
+heads_last = [t.permute(0, 2, 3, 1, 4) for t in (q, k, v)]
+fused = na2d(*heads_last, K, 2, False, rpb, D ** -0.5)
+assert torch.allclose(fused, out.permute(0, 2, 3, 1, 4))
 
 natten.use_fused_na(False)
 layer = NeighborhoodAttention2D(dim=64, num_heads=4, kernel_size=7, dilation=2)

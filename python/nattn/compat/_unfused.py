@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .. import _checks, _native
 
-__all__ = ["qk", "av", "num_slots"]
+__all__ = ["qk", "av"]
 
 
 def _axis_tables(length: int, kernel: int, dilation: int, causal: bool):
@@ -68,10 +68,6 @@ def _tables(spatial: Tuple[int, ...], kernel: Tuple[int, ...], dilation: Tuple[i
     if valid is not None:
         valid = valid.expand(*spatial, *kernel).reshape(*spatial, math.prod(kernel)).to(device)
     return tuple(keys), tuple(biases), valid
-
-
-def num_slots(kernel_size: Sequence[int]) -> int:
-    return math.prod(kernel_size)
 
 
 def _window_args(name_rank, spatial, kernel_size, dilation, is_causal):

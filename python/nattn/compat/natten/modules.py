@@ -7,7 +7,7 @@ names and shapes (so NATTEN checkpoints load with ``strict=True``):
 - 0.17 and earlier (``LegacyNeighborhoodAttention1D/2D/3D``, exposed as
   ``nattn.compat.natten.legacy.NeighborhoodAttention*D``): ``(dim, num_heads, kernel_size,
   dilation=1, bias=True, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0)`` as in
-  NATTEN <= 0.14 (``bias`` is the relative positional bias), with 0.15-0.17's
+  NATTEN <= 0.15 (``bias`` is the relative positional bias), with 0.17's
   ``rel_pos_bias`` and ``is_causal`` as keywords; parameters ``qkv``, ``rpb``
   ``[num_heads, 2K-1 per axis]`` (None without bias) and ``proj``.
 """
@@ -80,23 +80,23 @@ class LegacyNeighborhoodAttention(nn.Module):
 
     ``x [B, *spatial, dim]`` -> qkv -> per head ``softmax(scale * q . k + rpb) v`` over each
     query's window -> proj -> dropout. Inputs shorter than ``kernel_size * dilation`` on an axis
-    are zero-padded at the end of that axis and the output cropped, as NATTEN 0.14 did.
+    are zero-padded at the end of that axis and the output cropped, as NATTEN <= 0.15 did.
 
     Two paths compute the same function: the fused op (``nattn.neighborhood_attention`` with
     ``rpb``), the default, and NATTEN's unfused ``na*d_qk`` -> softmax -> dropout -> ``na*d_av``,
     taken when ``context.use_fused_na(False)`` was called, or while training with
     ``attn_drop > 0`` (the fused op has no attention dropout, so the unfused path keeps it).
 
-    Args (positional order of NATTEN <= 0.14):
+    Args (positional order of NATTEN <= 0.15):
         dim: channels; divisible by ``num_heads``.
         num_heads, kernel_size (int or per axis), dilation (int or per axis).
         bias: learn a relative positional bias ``rpb [num_heads, 2K-1 per axis]``
-            (truncated normal, std 0.02). Default True, as in NATTEN <= 0.14.
+            (truncated normal, std 0.02). Default True, as in NATTEN <= 0.15.
         qkv_bias: bias of the qkv projection. qk_scale: softmax scale (falsy: head_dim**-0.5).
         attn_drop, proj_drop: dropout on the attention weights / the output.
-        is_causal: keyword (0.15+), bool or per axis; None: False. RPB composes with it here
+        is_causal: keyword (0.17), bool or per axis; None: False. RPB composes with it here
             (NATTEN rejected the combination).
-        rel_pos_bias: keyword (0.15-0.17's name of ``bias``); overrides ``bias`` when given.
+        rel_pos_bias: keyword (0.17's name of ``bias``); overrides ``bias`` when given.
         use_experimental_ops: accepted (0.17) and ignored: nattn's ops compile.
 
     Raises: ValueError (``dim`` not a multiple of ``num_heads``, bad window arguments),
