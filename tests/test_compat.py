@@ -399,6 +399,19 @@ def test_legacy_module_unfused_path_matches_fused_without_rpb():
     torch.testing.assert_close(m(x), unfused, rtol=0, atol=1e-12)
 
 
+def test_legacy_module_keeps_attention_dropout_in_training():
+    m = nt.legacy.NeighborhoodAttention1D(8, 2, 3, attn_drop=0.5).to(F64)
+    x = torch.randn(1, 9, 8, dtype=F64)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    assert not torch.allclose(a, m(x))  # dropout on the weights: the unfused path ran
+    with pytest.raises(ValueError, match="x.shape"):
+        m(torch.randn(1, 9, 9, 8, dtype=F64))
+
+
 def test_legacy_module_pads_small_inputs_like_natten_014():
     m = nt.legacy.NeighborhoodAttention2D(8, 2, 5, 2, bias=False).to(F64)
     x = torch.randn(1, 6, 12, 8, dtype=F64)

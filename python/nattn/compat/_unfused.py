@@ -138,19 +138,13 @@ def qk(op: str, rank: int, query, key, kernel_size, dilation, additional_keys=No
     keys, biases, valid = _tables(spatial, ks, ds, cs, query.device)
     attn = torch.matmul(_gather(key, keys, rank), query.unsqueeze(-1)).squeeze(-1)
     if rpb is not None:
-        heads = query.shape[1]
-        want = (heads,) + tuple(2 * k - 1 for k in ks)
         if not isinstance(rpb, torch.Tensor):
             raise TypeError(f"{op}: rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
-        if tuple(rpb.shape) != want:
-            raise ValueError(
-                f"{op}: rpb.shape={tuple(rpb.shape)} must be [heads, 2*K-1 per axis] = {want} "
-                f"for kernel_size={ks}"
-            )
-        if rpb.device != query.device:
-            raise ValueError(f"{op}: rpb is on {rpb.device}, query on {query.device}")
+        # NATTEN casts the bias to the inputs' dtype; the shape and device rules are the fused
+        # op's (checked on a heads-last view of the query, no copy).
+        rpb = _checks.check_rpb(rpb.to(query.dtype), query.movedim(1, -2), ks)
         bias = rpb[(slice(None),) + biases].flatten(1 + rank, 2 * rank)  # [H, *spatial, K]
-        attn = attn + bias.to(attn.dtype)
+        attn = attn + bias
     if valid is not None:
         attn = attn.masked_fill(~valid, float("-inf"))
     if additional_keys is not None:
