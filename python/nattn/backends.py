@@ -151,8 +151,6 @@ class CudaBackend(Backend):
             return [f"runs on CUDA tensors only, got device {problem.device}"]
         if not torch.cuda.is_available():
             return ["torch reports no usable CUDA device"]
-        if problem.has_rpb:
-            return ["relative positional bias (rpb) is not in the CUDA kernels yet"]
         index = problem.device.index
         if index is None:
             index = torch.cuda.current_device()
@@ -217,8 +215,6 @@ class EmulatedCudaBackend(Backend):
             return [_native.EMU_IMPORT_ERROR]
         if problem.device.type != "cpu":
             return [f"runs on CPU tensors only (it emulates the GPU), got device {problem.device}"]
-        if problem.has_rpb:
-            return ["relative positional bias (rpb) is not in the CUDA kernels yet"]
         from . import emu
 
         emu.configure_from_environment()
