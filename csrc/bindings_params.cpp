@@ -61,6 +61,8 @@ void set_tensor(AttentionParams& p, const std::string& name, uintptr_t ptr,
   if (name == "add_v") return set_ref(p.add_v, "add_v", ptr, strides);
   if (name == "d_add_k") return set_ref(p.d_add_k, "d_add_k", ptr, strides);
   if (name == "d_add_v") return set_ref(p.d_add_v, "d_add_v", ptr, strides);
+  if (name == "rpb") return set_ref(p.rpb, "rpb", ptr, strides);
+  if (name == "d_rpb") return set_ref(p.d_rpb, "d_rpb", ptr, strides);
   throw std::invalid_argument("unknown tensor name '" + name + "'");
 }
 
@@ -112,6 +114,7 @@ void check_common(const AttentionParams& p, bool backward) {
       need(p.d_add_k.data, "d_add_k");
       need(p.d_add_v.data, "d_add_v");
     }
+    if (p.has_rpb()) need(p.d_rpb.data, "d_rpb");
   }
 }
 

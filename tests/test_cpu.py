@@ -242,3 +242,19 @@ def test_low_precision_error_ratio(dtype):
             k_err = (k.double() - e).abs().max().item()
             t_err = (t.double() - e).abs().max().item()
             assert k_err <= ratio * t_err + floor, (n, k_err, t_err, c)
+
+
+def test_rpb_at_this_isa_level():
+    """The relative-bias block kernels (block_add_bias, block_add_bias_grad) at this process's
+    instruction-set level (tests/test_cpu_isa.py reruns this file at the lower ones): fp64 edge
+    cases of tests/test_rpb.py against the reference to 1e-10, d_rpb included."""
+    import test_rpb
+
+    for index, c in enumerate(test_rpb.EDGE_CASES[:4]):
+        gen = torch.Generator().manual_seed(index)
+        inputs = test_rpb.make_inputs(c, torch.float64, gen)
+        grads = test_rpb._grads(c, torch.float64, gen)
+        want = test_rpb.run(nattn.reference.neighborhood_attention, c, inputs, grads)
+        got = test_rpb.run(test_rpb.cpu_fn, c, inputs, grads)
+        for n, (g, w) in enumerate(zip(got, want)):
+            assert (g - w).abs().max().item() <= 1e-10 * max(1.0, w.abs().max().item()), (n, c)

@@ -377,3 +377,90 @@ def test_device_window_math_matches_host(target):
         causal = rng.random() < 0.4
         host = [x for row in _C.axis_windows(length, k, s, d, causal) for x in row]
         assert lib.cuda_axis_windows(length, k, s, d, causal) == host
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative positional bias (rpb, DESIGN.md section 7): tensor-core and SIMT paths, d_rpb from the
+# deterministic d_rpb kernel; the same error-ratio rule and race check as the sweep.
+
+RPB_CASES = [
+    # tensor cores: NAT-like 2-D window (full and masked tiles)
+    Case(1, (16, 16), 2, 2, 32, 32, (7, 7), (1, 1), (1, 1), (False, False), 0, torch.float16, 0),
+    # tensor cores: GQA, additional tokens (no bias), even kernel, stride, dilation, causal axis
+    Case(1, (20, 18), 2, 1, 64, 64, (4, 5), (2, 1), (2, 3), (True, False), 3, torch.bfloat16, 8),
+    # tensor cores: 3-D with K = 1 and an even kernel
+    Case(1, (5, 6, 7), 2, 2, 32, 32, (1, 2, 3), (1, 2, 1), (1, 1, 2), (False, True, False), 0,
+         torch.float16, 0),
+    # tensor cores: 1-D GNA stride, head_dim 128
+    Case(1, (64,), 2, 2, 128, 128, (17,), (4,), (1,), (False,), 0, torch.bfloat16, 0),
+    # tensor cores: batch 2, two query heads per kv head, additional tokens
+    Case(2, (12, 10), 4, 2, 64, 64, (5, 4), (1, 2), (2, 1), (False, True), 5, torch.float16, 3),
+    # SIMT: fp32 1-D causal sliding window, value_dim != head_dim
+    Case(2, (37,), 2, 1, 16, 8, (9,), (1,), (1,), (True,), 2, torch.float32, 3),
+    # SIMT: fp64
+    Case(1, (9, 10), 2, 2, 16, 16, (4, 3), (2, 1), (2, 1), (False, True), 1, torch.float64, 0),
+]
+RPB_NAMES = NAMES[:5] + ["d_rpb"]
+
+
+def _run_rpb(fn, c, inputs, rpb, grads):
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs + [rpb]]
+    q, k, v, ak, av, r = leaves
+    out, lse = fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
+                  is_causal=c.is_causal, additional_keys=ak, additional_values=av,
+                  return_lse=True, rpb=r)
+    loss = (out * grads[0]).sum() + (lse * grads[1]).sum()
+    return [out, lse] + list(torch.autograd.grad(loss, [q, k, v, r]))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("index", range(len(RPB_CASES)))
+def test_rpb_against_reference(target, index):
+    c = RPB_CASES[index]
+    device = _device(target)
+    gen = torch.Generator(device=device).manual_seed(1000 + index)
+    low = make_inputs(c, gen, device)
+    rpb_shape = (c.heads,) + tuple(2 * k - 1 for k in c.kernel_size)
+    rpb = torch.randn(rpb_shape, generator=gen, device=device).to(c.dtype)
+    shape = (c.batch, *c.shape, c.heads)
+    g_out = torch.randn(*shape, c.dim_v, generator=gen, device=device).to(c.dtype)
+    g_lse = torch.randn(*shape, generator=gen, device=device) * 0.5
+    exact_dtype = torch.float64 if c.dtype == torch.float64 or device == "cpu" else torch.float32
+    exact = _run_rpb(nattn.reference.neighborhood_attention, c,
+                     [None if t is None else t.to(exact_dtype) for t in low],
+                     rpb.to(exact_dtype), (g_out.to(exact_dtype), g_lse.to(exact_dtype)))
+    torch_low = _run_rpb(nattn.reference.neighborhood_attention, c, low, rpb, (g_out, g_lse))
+    if target == "cuda-emu":
+        emu.configure(order="forward")
+    kernel = _run_rpb(kernel_fn(target), c, low, rpb, (g_out, g_lse))
+    if target == "cuda-emu":
+        emu.configure(order="random", seed=index, grid_cap=3)
+        try:
+            again = _run_rpb(kernel_fn(target), c, low, rpb, (g_out, g_lse))
+        finally:
+            emu.configure(order="forward")
+        for name, a, b in zip(RPB_NAMES, kernel, again):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (name, "race", c)
+    for n, (e, t, k) in enumerate(zip(exact, torch_low, kernel)):
+        name = RPB_NAMES[n]
+        assert not torch.isnan(k).any(), (name, c)
+        assert k.shape == e.shape and k.dtype == t.dtype, (name, c)
+        ratio = 2.0 if n < 2 else 3.0
+        k_err = (k.to(exact_dtype) - e).abs().max().item()
+        t_err = (t.to(exact_dtype) - e).abs().max().item()
+        scale = max(1.0, e.abs().max().item())
+        assert k_err <= ratio * t_err + FLOOR[c.dtype] * scale, (name, k_err, t_err, c)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rpb_takes_the_tensor_core_path(target):
+    """The tensor-core cases above really run on tensor cores (rpb does not send them to SIMT)."""
+    lib = _native._library(target)
+    for c in RPB_CASES[:3]:
+        p = _kernel_params(c, target)
+        rpb = torch.zeros((c.heads,) + tuple(2 * k - 1 for k in c.kernel_size), dtype=c.dtype)
+        p.set_tensor("rpb", rpb.data_ptr(), _native._rpb_strides(rpb, len(c.shape)))
+        assert lib.cuda_plan(p, False)["path"] == "tensor_core", c
+        d_out = torch.empty(c.batch, *c.shape, c.heads, c.dim_v, dtype=c.dtype)
+        p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, len(c.shape)))
+        assert lib.cuda_plan(p, True)["path"] == "tensor_core", c

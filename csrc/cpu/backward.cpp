@@ -26,6 +26,15 @@ constexpr int64_t kAdditionalPartQueries = 1024;
 // Most memory the fused schedule's per-thread group storage may take (bytes, all threads).
 constexpr int64_t kFusedStorageBudget = int64_t{1} << 30;
 
+// d_rpb sums dS over every (batch, query) pair: each head's query tiles are cut into at most this
+// many parts of consecutive dq-pass items, each part summed in item order into its own partial
+// table by one thread, and the partials added in (batch, part) order at the end. The parts depend
+// only on the problem shape, so d_rpb is the same for any thread count, with no atomics; 32 parts
+// per head keep 2-16 threads busy when a group is split over them.
+constexpr int64_t kRpbPartsPerHead = 32;
+// Most memory the d_rpb partial tables may take (bytes); fewer parts past it.
+constexpr int64_t kRpbPartialBudget = int64_t{1} << 28;
+
 // sum_w a[w] * b[w] in kLanes interleaved partial sums and a pairwise tree: vectorizable
 // (a single running sum is a chain of dependent adds the compiler may not reorder) and in a
 // fixed order.
@@ -57,28 +66,43 @@ struct BackwardScratch {
 };
 
 // One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
+// With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
+// out the same way) receives dS.
 template <typename A>
 void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt, const A* vt,
               int64_t ld, const A* k_rows, int64_t k_step, int64_t n, const int64_t* clo,
-              const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp) {
+              const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp,
+              const A* bias = nullptr, A* d_bias = nullptr) {
   static constexpr A kZeros[kCols] = {};
+  A scale = static_cast<A>(p.scale);
   block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
+  if (bias != nullptr) {
+    block_add_bias(s, scale, bias, -1);
+    scale = A(1);
+  }
   block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
-  block_backward_probs(s, dp, clo, chi, static_cast<A>(p.scale), lse, kZeros, delta, kZeros, dp);
+  block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
+  // Masked entries of dS are exactly 0 (P = exp(-inf)), so the whole block may be added.
+  if (d_bias != nullptr) block_add_bias_grad(dp, d_bias, -1);
   block_accumulate(dp, n, k_rows, k_step, p.head_dim, dq, p.head_dim);
 }
 
 // One chunk of the dk/dv pass: the tile's key rows (k, v) against n queries (panels qt, dot;
-// rows q, dO; per-query lse, delta).
+// rows q, dO; per-query lse, delta); bias from the reversed BiasTable lines, or null.
 template <typename A>
 void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, const A* dot,
                 int64_t ld, const A* q_rows, int64_t q_step, const A* do_rows, int64_t do_step,
                 int64_t n, const int64_t* clo, const int64_t* chi, const A* lse, const A* delta,
-                A* dk, A* dv, A* s, A* dp) {
+                A* dk, A* dv, A* s, A* dp, const A* bias) {
   static constexpr A kZeros[kRows] = {};
+  A scale = static_cast<A>(p.scale);
   block_dot(k, p.head_dim, qt, ld, p.head_dim, s);
+  if (bias != nullptr) {  // the same values as the dq orientation: P, dS stay bit-identical
+    block_add_bias(s, scale, bias, -1);
+    scale = A(1);
+  }
   block_dot(v, p.value_dim, dot, ld, p.value_dim, dp);
-  block_backward_probs(s, dp, clo, chi, static_cast<A>(p.scale), kZeros, lse, kZeros, delta, dp);
+  block_backward_probs(s, dp, clo, chi, scale, kZeros, lse, kZeros, delta, dp);
   block_accumulate(s, n, do_rows, do_step, p.value_dim, dv, p.value_dim);
   block_accumulate(dp, n, q_rows, q_step, p.head_dim, dk, p.head_dim);
 }
@@ -123,7 +147,9 @@ class Backward {
             1, (kAdditionalPartQueries + geo_.group_max - 1) / geo_.group_max)),
         n_parts_((geo_.lines + lines_per_part_ - 1) / lines_per_part_),
         m_tiles_((M_ + kRows - 1) / kRows),
-        partial_size_(kRows * (D_ + Dv_)) {}
+        partial_size_(kRows * (D_ + Dv_)) {
+    if (p_.has_rpb()) setup_rpb();
+  }
 
   void run() {
     const int nt = resolve_num_threads(p_);
@@ -140,6 +166,7 @@ class Backward {
         run_group(g / p_.kv_heads, g % p_.kv_heads, nt, false, storage);
       }
     }
+    if (p_.has_rpb()) store_d_rpb(nt);
   }
 
  private:
@@ -155,6 +182,43 @@ class Backward {
         static_cast<int64_t>(sizeof(A)) *
         ((D_ + Dv_) * (geo_.lines * geo_.ld + 2 * geo_.tokens()));
     return per_group * nt <= kFusedStorageBudget;
+  }
+
+  // The bias tables, and the shape-only cut of each head's dq items into d_rpb parts.
+  void setup_rpb() {
+    bias_ = BiasTable<A>(p_, static_cast<const T*>(p_.rpb.data), true);
+    const int64_t per_head = n_x01_ * n_tiles_;
+    const int64_t per_part_bytes =
+        p_.batch * p_.heads * bias_.head_size() * static_cast<int64_t>(sizeof(A));
+    const int64_t max_parts = std::max<int64_t>(
+        1, std::min(kRpbPartsPerHead, kRpbPartialBudget / std::max<int64_t>(1, per_part_bytes)));
+    rpb_items_per_part_ = (per_head + max_parts - 1) / max_parts;
+    rpb_parts_ = (per_head + rpb_items_per_part_ - 1) / rpb_items_per_part_;
+    rpb_partial_.assign(
+        static_cast<size_t>(p_.batch * p_.heads * rpb_parts_ * bias_.head_size()), A(0));
+  }
+
+  A* rpb_partial(int64_t b, int64_t h, int64_t part) {
+    return rpb_partial_.data() + ((b * p_.heads + h) * rpb_parts_ + part) * bias_.head_size();
+  }
+
+  // d_rpb[h, b0, b1, t] = the partials summed in (batch, part) order, one thread per entry.
+  void store_d_rpb(int nt) {
+    T* out = static_cast<T*>(p_.d_rpb.data);
+    const int64_t* st = p_.d_rpb.stride;
+    const int64_t lines = bias_.extent[0] * bias_.extent[1];
+    parallel_for(nt, p_.heads * lines, [&](int64_t item, int) {
+      const int64_t h = item / lines, b01 = item % lines;
+      const int64_t b0 = b01 / bias_.extent[1], b1 = b01 % bias_.extent[1];
+      const int64_t at = bias_.lines_offset(0, b0, b1) + BiasTable<A>::kPad;
+      for (int64_t t = 0; t < bias_.extent[2]; ++t) {
+        A sum = 0;
+        for (int64_t b = 0; b < p_.batch; ++b) {
+          for (int64_t part = 0; part < rpb_parts_; ++part) sum += rpb_partial(b, h, part)[at + t];
+        }
+        out[h * st[0] + b0 * st[1] + b1 * st[2] + t * st[3]] = from_compute<T>(sum);
+      }
+    });
   }
 
   int64_t stats_line(int64_t b, int64_t h, int64_t line) const {
@@ -226,7 +290,8 @@ class Backward {
       // Value rows: only this forward recomputation reads them.
       const Rows<A> v_rows =
           make_rows(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_rows_store);
-      const ForwardKeys<A> keys{k_lines, v_rows, st.add_kt.data(), st.add_v_rows.data()};
+      const ForwardKeys<A> keys{k_lines, v_rows, st.add_kt.data(), st.add_v_rows.data(),
+                                p_.has_rpb() ? &bias_ : nullptr};
       forward_tiles<T>(p_, geo_, tiles_, b, kvh, keys, st.fwd_scratch, nt,
                        [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                            const ForwardScratch<A>&, const A* tile_lse) {
@@ -246,13 +311,28 @@ class Backward {
     // dq: per query tile over its key windows, then the additional keys; fused, dk/dv on the
     // way (items in order on this thread: heads, then query lines, then positions).
     KeyGradients kg{st.dk_acc.data(), st.dv_acc.data(), st.add_partial.data()};
-    parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
+    auto dq_item = [&](int64_t item, int thread, A* d_bias) {
       const int64_t h = kvh * hpk_ + item / per_head;
       const AxisTile& tile = tiles_[item % n_tiles_];
       const int64_t x01 = (item % per_head) / n_tiles_;
       dq_tile(b, h, x01 / geo_.len[1], x01 % geo_.len[1], tile, k_lines, v_lines, k_rows, st,
-              st.scratch[thread], fused ? &kg : nullptr);
-    });
+              st.scratch[thread], fused ? &kg : nullptr, d_bias);
+    };
+    if (p_.has_rpb()) {
+      // Items in d_rpb parts (setup_rpb): the same items in the same order on one thread (fused).
+      parallel_for(nt, hpk_ * rpb_parts_, [&](int64_t unit, int thread) {
+        const int64_t hh = unit / rpb_parts_, part = unit % rpb_parts_;
+        A* d_bias = rpb_partial(b, kvh * hpk_ + hh, part);
+        const int64_t end = std::min(per_head, (part + 1) * rpb_items_per_part_);
+        for (int64_t i = part * rpb_items_per_part_; i < end; ++i) {
+          dq_item(hh * per_head + i, thread, d_bias);
+        }
+      });
+    } else {
+      parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
+        dq_item(item, thread, nullptr);
+      });
+    }
     if (fused) {
       store_dk_dv(b, kvh, nt, st);
       return;
@@ -266,6 +346,7 @@ class Backward {
       hq.do_lines = pack_lines(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_store);
       hq.rows = make_rows(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_rows_store);
       hq.do_rows = make_rows(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_rows_store);
+      hq.h = h;
       hq.lse = row_lse_.data() + stats_line(b, h, 0);
       hq.delta = row_delta_.data() + stats_line(b, h, 0);
       parallel_for(nt, key_items + m_tiles_ * n_parts_, [&](int64_t item, int thread) {
@@ -283,6 +364,7 @@ class Backward {
 
   // One query head's operands for the key-side walk.
   struct HeadQueries {
+    int64_t h;          // the query head
     const A* lines;     // pack_lines of q
     const A* do_lines;  // pack_lines of dO
     Rows<A> rows;       // q rows
@@ -299,10 +381,12 @@ class Backward {
   };
 
   // dq of one query tile at (x0, x1) of head h; with kg (fused schedule) also its terms of dk,
-  // dv and the additional tokens' partial sums.
+  // dv and the additional tokens' partial sums; with d_bias (rpb) its dS into that d_rpb partial
+  // table (laid out like the BiasTable of one head).
   void dq_tile(int64_t b, int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                const A* k_lines, const A* v_lines, const Rows<A>& k_rows,
-               const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg) {
+               const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg,
+               A* d_bias) {
     load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, tile, geo_, D_,
               s.a.data());
     load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
@@ -332,11 +416,21 @@ class Backward {
         const A* kr = k_rows.line(0, y0, y1, tile.group);
         // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
         const int64_t key_row0 = (y0 * geo_.len[1] + y1) * geo_.len[2] + tile.group;
+        const A* b_line = nullptr;
+        A* db_line = nullptr;
+        if (d_bias != nullptr) {
+          const int64_t off = bias_line(bias_, p_, h, x0, x1, y0, y1);
+          b_line = bias_.forward.data() + off;
+          db_line = d_bias + (off - bias_.lines_offset(h, 0, 0));
+        }
         for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
           const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
           chunk_spans(lo, hi, c0, n, clo, chi);
+          const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
+                                                                       tile.j0, c0);
           dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
-                   k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data());
+                   k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
+                   b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr);
           if (kg != nullptr) {  // s.s holds P, s.dp holds dS
             const int64_t row = key_row0 + geo_.dilation * c0;
             block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
@@ -380,9 +474,11 @@ class Backward {
 
   // All chunks of query line (x0, x1, group) in [c_begin, c_end) against the kRows keys in s.a /
   // s.b, rows masked to [lo, hi): dk, dv into s.acc_a / s.acc_b.
+  // bias_line: the reversed BiasTable line of this (query line, key tile) pair, or null (no
+  // rpb, or additional keys); the key tile starts at group position j0.
   void walk_line(const HeadQueries& hq, BackwardScratch<A>& s, int64_t x0, int64_t x1,
                  int64_t group, const int64_t* lo, const int64_t* hi, int64_t c_begin,
-                 int64_t c_end) const {
+                 int64_t c_end, const A* bias_line_ptr = nullptr, int64_t j0 = 0) const {
     const int64_t line = geo_.line(x0, x1, group);
     const A* qt = hq.lines + line * D_ * geo_.ld;
     const A* dot = hq.do_lines + line * Dv_ * geo_.ld;
@@ -398,7 +494,8 @@ class Backward {
       chunk_spans(lo, hi, c0, n, clo, chi);
       dkdv_chunk(p_, s.a.data(), s.b.data(), qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,
-                 s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data());
+                 s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data(),
+                 bias_line_ptr ? bias_.chunk(bias_line_ptr, j0, c0) : nullptr);
     }
   }
 
@@ -437,8 +534,12 @@ class Backward {
     }
     for (int64_t i0 = 0; i0 < w0.count; ++i0) {
       for (int64_t i1 = 0; i1 < w1.count; ++i1) {
-        walk_line(hq, s, w0.first + i0 * w0.step, w1.first + i1 * w1.step, tile.group, lo, hi,
-                  u_lo, u_hi);
+        const int64_t x0 = w0.first + i0 * w0.step, x1 = w1.first + i1 * w1.step;
+        const A* b_line = nullptr;
+        if (p_.has_rpb()) {
+          b_line = bias_.reversed.data() + bias_line(bias_, p_, hq.h, x0, x1, y0, y1);
+        }
+        walk_line(hq, s, x0, x1, tile.group, lo, hi, u_lo, u_hi, b_line, tile.j0);
       }
     }
     for (int64_t r = 0; r < tile.count; ++r) {
@@ -515,6 +616,10 @@ class Backward {
   const int64_t n_tiles_, n_x01_, D_, Dv_, M_, hpk_;
   const int64_t lines_per_part_, n_parts_, m_tiles_, partial_size_;
   std::vector<A> row_lse_, row_delta_;
+  // rpb only: the bias tables, and the d_rpb partials [batch][heads][part][head_size].
+  BiasTable<A> bias_;
+  int64_t rpb_items_per_part_ = 1, rpb_parts_ = 1;
+  std::vector<A> rpb_partial_;
 };
 
 }  // namespace

@@ -376,6 +376,32 @@ NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int
   }
 }
 
+template <typename A>
+NATTN_INLINE void block_add_bias_impl(A* s, A scale, const A* bias, int64_t bias_row_step) {
+  using V = Vec<A>;
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < V::kPerPanel; ++j) {
+      typename V::type x, b;
+      V::load(x, s + r * kCols + j * V::kLanes);
+      V::load(b, bias + r * bias_row_step + j * V::kLanes);
+      V::store(s + r * kCols + j * V::kLanes, x * scale + b);
+    }
+  }
+}
+
+template <typename A>
+NATTN_INLINE void block_add_bias_grad_impl(const A* ds, A* acc, int64_t acc_row_step) {
+  using V = Vec<A>;
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < V::kPerPanel; ++j) {
+      typename V::type a, d;
+      V::load(a, acc + r * acc_row_step + j * V::kLanes);
+      V::load(d, ds + r * kCols + j * V::kLanes);
+      V::store(acc + r * acc_row_step + j * V::kLanes, a + d);
+    }
+  }
+}
+
 // One set of entry points per instruction-set level: each is the always-inlined template above
 // compiled under that level's target attribute (so with its vector width), and a table of them
 // is picked once per process (block_kernels.h: cpu_isa).
@@ -407,9 +433,19 @@ NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int
     block_backward_probs_impl(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta,  \
                               ds);                                                             \
   }                                                                                            \
-  constexpr Kernels kKernels = {dot<float>,     dot<double>,     acc<float>,   acc<double>,    \
-                                acc_t<float>,   acc_t<double>,   softmax<float>,               \
-                                softmax<double>, probs<float>,   probs<double>};               \
+  template <typename A>                                                                        \
+  ATTR void bias(A* s, A scale, const A* b, int64_t step) {                                    \
+    block_add_bias_impl(s, scale, b, step);                                                    \
+  }                                                                                            \
+  template <typename A>                                                                        \
+  ATTR void bias_grad(const A* ds, A* acc, int64_t step) {                                     \
+    block_add_bias_grad_impl(ds, acc, step);                                                   \
+  }                                                                                            \
+  constexpr Kernels kKernels = {dot<float>,      dot<double>,      acc<float>,   acc<double>,  \
+                                acc_t<float>,    acc_t<double>,    softmax<float>,             \
+                                softmax<double>, probs<float>,     probs<double>,              \
+                                bias<float>,     bias<double>,     bias_grad<float>,           \
+                                bias_grad<double>};                                            \
   }
 
 struct Kernels {
@@ -425,6 +461,10 @@ struct Kernels {
                   const float*, const float*, const float*, float*);
   void (*probs_d)(double*, const double*, const int64_t*, const int64_t*, double,
                   const double*, const double*, const double*, const double*, double*);
+  void (*bias_f)(float*, float, const float*, int64_t);
+  void (*bias_d)(double*, double, const double*, int64_t);
+  void (*bias_grad_f)(const float*, float*, int64_t);
+  void (*bias_grad_d)(const double*, double*, int64_t);
 };
 
 NATTN_LEVEL(baseline, )
@@ -555,6 +595,19 @@ void block_backward_probs(double* s, const double* dp, const int64_t* clo, const
                           double scale, const double* row_lse, const double* col_lse,
                           const double* row_delta, const double* col_delta, double* ds) {
   g_kernels->probs_d(s, dp, clo, chi, scale, row_lse, col_lse, row_delta, col_delta, ds);
+}
+
+void block_add_bias(float* s, float scale, const float* bias, int64_t bias_row_step) {
+  g_kernels->bias_f(s, scale, bias, bias_row_step);
+}
+void block_add_bias(double* s, double scale, const double* bias, int64_t bias_row_step) {
+  g_kernels->bias_d(s, scale, bias, bias_row_step);
+}
+void block_add_bias_grad(const float* ds, float* acc, int64_t acc_row_step) {
+  g_kernels->bias_grad_f(ds, acc, acc_row_step);
+}
+void block_add_bias_grad(const double* ds, double* acc, int64_t acc_row_step) {
+  g_kernels->bias_grad_d(ds, acc, acc_row_step);
 }
 
 }  // namespace nattn::cpu

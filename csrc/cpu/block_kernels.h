@@ -72,4 +72,16 @@ void block_backward_probs(double* s, const double* dp, const int64_t* clo, const
                           double scale, const double* row_lse, const double* col_lse,
                           const double* row_delta, const double* col_delta, double* ds);
 
+// Relative positional bias (DESIGN.md section 7) on a block of raw scores s (from block_dot):
+// s[r * kCols + c] = s[r * kCols + c] * scale + bias[r * bias_row_step + c] for all kRows x kCols
+// entries (bias rows may overlap: a tile's rows step by one query, so its bias rows are one
+// table line shifted by -1 per row). The caller then runs the softmax with scale 1.
+void block_add_bias(float* s, float scale, const float* bias, int64_t bias_row_step);
+void block_add_bias(double* s, double scale, const double* bias, int64_t bias_row_step);
+
+// The adjoint for d_rpb: acc[r * acc_row_step + c] += ds[r * kCols + c], rows in order r = 0 ..
+// kRows - 1 (overlapping acc rows receive their terms in that fixed order).
+void block_add_bias_grad(const float* ds, float* acc, int64_t acc_row_step);
+void block_add_bias_grad(const double* ds, double* acc, int64_t acc_row_step);
+
 }  // namespace nattn::cpu

@@ -200,6 +200,65 @@ inline void chunk_spans(const int64_t* lo, const int64_t* hi, int64_t c0, int64_
   }
 }
 
+// The relative positional bias (params.h: rpb) in compute type, one padded line per (head, b0,
+// b1) holding the 2*K2 - 1 entries of the last axis at offset kRows. A tile's rows are
+// consecutive group positions j0 + r of the last axis and a chunk's columns consecutive
+// positions c0 + c, so the bias of (r, c) is line[kRows + (c0 - j0 + K2 - 1) - r + c]
+// (rpb_index_in_group): one kCols-wide window of the line, shifted by -1 per row, read whole
+// by block_add_bias. Every query lies in its own window of K2 group positions, so the valid
+// entries index [0, 2K2 - 2]; the masked ones reach at most kRows - 1 below and kRows + kCols - 1
+// above, which the zero padding covers. `reversed` lines hold the entries backwards, for the
+// key-side walk of the backward (rows keys, columns queries: index (j0 + r) - (c0 + c) + K2 - 1).
+template <typename A>
+struct BiasTable {
+  static constexpr int64_t kPad = kRows;
+  int64_t extent[3] = {1, 1, 1};  // 2K - 1 per axis
+  int64_t kernel_last = 1;        // K2
+  int64_t ld = 0;                 // padded line length
+  std::vector<A> forward, reversed;
+
+  BiasTable() = default;
+  template <typename T>
+  BiasTable(const AttentionParams& p, const T* rpb, bool with_reversed) {
+    for (int a = 0; a < 3; ++a) extent[a] = rpb_extent(p.axes[a]);
+    kernel_last = p.axes[2].kernel_size;
+    ld = kPad + extent[2] + kRows + kCols;
+    forward.assign(static_cast<size_t>(p.heads * extent[0] * extent[1] * ld), A(0));
+    if (with_reversed) reversed.assign(forward.size(), A(0));
+    const int64_t* st = p.rpb.stride;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t b0 = 0; b0 < extent[0]; ++b0) {
+        for (int64_t b1 = 0; b1 < extent[1]; ++b1) {
+          const int64_t at = lines_offset(h, b0, b1) + kPad;
+          for (int64_t t = 0; t < extent[2]; ++t) {
+            const A x = to_compute<A>(rpb[h * st[0] + b0 * st[1] + b1 * st[2] + t * st[3]]);
+            forward[at + t] = x;
+            if (with_reversed) reversed[at + extent[2] - 1 - t] = x;
+          }
+        }
+      }
+    }
+  }
+  int64_t lines_offset(int64_t h, int64_t b0, int64_t b1) const {
+    return ((h * extent[0] + b0) * extent[1] + b1) * ld;
+  }
+  // Size of one head's lines (for per-head accumulators laid out like the table).
+  int64_t head_size() const { return extent[0] * extent[1] * ld; }
+  // Row 0's bias for a chunk starting at group position c0 of a tile starting at j0, in the line
+  // at `line` (forward.data() or reversed.data() + lines_offset); rows step by -1.
+  const A* chunk(const A* line, int64_t j0, int64_t c0) const {
+    return line + kPad + rpb_index_in_group(kernel_last, j0, c0);
+  }
+};
+
+// The (b0, b1) line of head h for query (x0, x1) and key (y0, y1), as an offset into a table
+// laid out like BiasTable.
+template <typename A>
+int64_t bias_line(const BiasTable<A>& t, const AttentionParams& p, int64_t h, int64_t x0,
+                  int64_t x1, int64_t y0, int64_t y1) {
+  return t.lines_offset(h, rpb_index(p.axes[0], x0, y0), rpb_index(p.axes[1], x1, y1));
+}
+
 // Keys of one (b, kv head) as the forward tile reads them.
 template <typename A>
 struct ForwardKeys {
@@ -207,6 +266,7 @@ struct ForwardKeys {
   Rows<A> v;         // value rows (head index 0 is this kv head)
   const A* add_kt;   // additional keys, transposed [head_dim][num_additional + kCols]
   const A* add_v;    // additional values, rows [num_additional][value_dim]
+  const BiasTable<A>* bias = nullptr;  // relative positional bias, or null
 };
 
 template <typename A>
@@ -217,12 +277,17 @@ struct ForwardScratch {
 };
 
 // One chunk of the online softmax: scores of the tile's queries against n keys (panel kt, rows
-// v), masked to each row's [clo, chi), folded into the running max m, sum l and output o.
+// v), plus the relative bias (BiasTable::chunk, rows step -1) when bias is not null, masked to
+// each row's [clo, chi), folded into the running max m, sum l and output o.
 template <typename A>
 void softmax_chunk(const A* q, int64_t head_dim, const A* kt, int64_t ldk, const A* v,
                    int64_t ldv, int64_t n, int64_t value_dim, const int64_t* clo,
-                   const int64_t* chi, A scale, A* m, A* l, A* o, A* s) {
+                   const int64_t* chi, A scale, A* m, A* l, A* o, A* s, const A* bias = nullptr) {
   block_dot(q, head_dim, kt, ldk, head_dim, s);
+  if (bias != nullptr) {
+    block_add_bias(s, scale, bias, -1);
+    scale = A(1);
+  }
   A corr[kRows];
   block_online_softmax(s, clo, chi, scale, m, l, corr);
   for (int r = 0; r < kRows; ++r) {
@@ -232,11 +297,12 @@ void softmax_chunk(const A* q, int64_t head_dim, const A* kt, int64_t ldk, const
   block_accumulate(s, n, v, ldv, value_dim, o, value_dim);
 }
 
-// Forward of one query tile at (x0, x1): scratch.q must hold the tile's queries; leaves the
-// normalized output in scratch.o and the natural-log LSE of the scaled scores in lse.
+// Forward of one query tile of head h at (x0, x1): scratch.q must hold the tile's queries;
+// leaves the normalized output in scratch.o and the natural-log LSE of the scores in lse.
 template <typename A>
-void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile, int64_t x0,
-                  int64_t x1, const ForwardKeys<A>& keys, ForwardScratch<A>& scratch, A* lse) {
+void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile, int64_t h,
+                  int64_t x0, int64_t x1, const ForwardKeys<A>& keys, ForwardScratch<A>& scratch,
+                  A* lse) {
   const int64_t D = p.head_dim, Dv = p.value_dim;
   const A scale = static_cast<A>(p.scale);
   const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
@@ -261,11 +327,16 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
       const int64_t y1 = w1.first + i1 * w1.step;
       const A* kt = keys.k_lines + geo.line(y0, y1, tile.group) * D * geo.ld;
       const A* v = keys.v.line(0, y0, y1, tile.group);
+      const A* b_line = nullptr;
+      if (keys.bias != nullptr) {
+        b_line = keys.bias->forward.data() + bias_line(*keys.bias, p, h, x0, x1, y0, y1);
+      }
       for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
         const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
         chunk_spans(lo, hi, c0, n, clo, chi);
         softmax_chunk(scratch.q.data(), D, kt + c0, geo.ld, v + c0 * v_step, v_step, n, Dv, clo,
-                      chi, scale, m, l, o, scratch.s.data());
+                      chi, scale, m, l, o, scratch.s.data(),
+                      b_line ? keys.bias->chunk(b_line, tile.j0, c0) : nullptr);
       }
     }
   }
@@ -304,7 +375,7 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
     ForwardScratch<A>& s = scratch[thread];
     load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, p.head_dim, s.q.data());
     A tile_lse[kRows];
-    forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse);
+    forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse);
     done(h, x0, x1, tile, s, tile_lse);
   });
 }

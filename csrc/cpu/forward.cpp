@@ -28,7 +28,8 @@ struct ForwardStorage {
 template <typename T>
 void forward_group(const AttentionParams& p, const Geometry& geo,
                    const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh, int nt,
-                   ForwardStorage<typename ComputeType<T>::type>& st) {
+                   ForwardStorage<typename ComputeType<T>::type>& st,
+                   const BiasTable<typename ComputeType<T>::type>* bias) {
   using A = typename ComputeType<T>::type;
   const int64_t D = p.head_dim, Dv = p.value_dim;
   T* out = static_cast<T*>(p.out.data);
@@ -46,7 +47,7 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
     pack_additional_rows(static_cast<const T*>(p.add_v.data), p.add_v.stride, b, kvh,
                          p.num_additional, Dv, st.add_v);
   }
-  const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data()};
+  const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data(), bias};
   forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt,
                    [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                        const ForwardScratch<A>& s, const A* tile_lse) {
@@ -68,6 +69,9 @@ void forward_impl(const AttentionParams& p) {
   const Geometry geo(p);
   const std::vector<AxisTile> tiles = last_axis_tiles(geo);
   const int64_t groups = p.batch * p.kv_heads;
+  BiasTable<A> bias_table;
+  if (p.has_rpb()) bias_table = BiasTable<A>(p, static_cast<const T*>(p.rpb.data), false);
+  const BiasTable<A>* bias = p.has_rpb() ? &bias_table : nullptr;
   // When the groups share out evenly over the threads (the last round at least 3/4 full in
   // work), each thread runs whole groups: one parallel region instead of three per group, whose
   // start-up dominates small problems (14 x 14 tokens, 8 heads, 2 threads: 0.60 ms -> 0.33 ms).
@@ -81,13 +85,13 @@ void forward_impl(const AttentionParams& p) {
       per_group * nt <= kGroupedStorageBudget) {
     std::vector<ForwardStorage<A>> storage(static_cast<size_t>(nt));
     parallel_for(nt, groups, [&](int64_t g, int thread) {
-      forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread]);
+      forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread], bias);
     });
     return;
   }
   ForwardStorage<A> storage;
   for (int64_t g = 0; g < groups; ++g) {
-    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage);
+    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage, bias);
   }
 }
 

@@ -9,6 +9,8 @@
 //   lse_fp64          : [batch, x0, x1, x2, heads]                 (fp64, CUDA backward only)
 //   add_k, d_add_k    : [batch, num_additional, kv_heads, head_dim]
 //   add_v, d_add_v    : [batch, num_additional, kv_heads, value_dim]
+//   rpb, d_rpb        : [heads, 2*K0 - 1, 2*K1 - 1, 2*K2 - 1]     (dtype of q; padding axes
+//                       have K = 1, so one entry, stride 0 from Python)
 // Strides are in elements and may be anything (heads-first views, slices); int64 throughout so
 // tensors over 2^31 elements index correctly.
 #pragma once
@@ -51,6 +53,11 @@ struct AttentionParams {
   // accuracy, about 1e-7). Unused otherwise.
   TensorRef<5> lse_fp64;
   TensorRef<4> add_k, add_v, d_add_k, d_add_v;
+  // Optional relative positional bias (DESIGN.md section 7): the score of query i and key t in
+  // its window is scale * q_i . k_t + rpb[h, rpb_index(axis 0), rpb_index(axis 1), rpb_index(axis
+  // 2)] (window.h); additional tokens get no bias. Null when absent. d_rpb (backward, written
+  // whole by the kernel) is the sum over batch and queries of dS at each relative offset.
+  TensorRef<4> rpb, d_rpb;
 
   void* stream = nullptr;  // cudaStream_t for CUDA kernels
   int32_t num_threads = 0;  // CPU kernels: 0 = implementation default
@@ -62,6 +69,7 @@ struct AttentionParams {
     return axes[0].length * axes[1].length * axes[2].length;
   }
   NATTN_HOST_DEVICE int64_t heads_per_kv() const { return heads / kv_heads; }
+  NATTN_HOST_DEVICE bool has_rpb() const { return rpb.data != nullptr; }
 };
 
 }  // namespace nattn

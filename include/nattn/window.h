@@ -143,6 +143,22 @@ NATTN_HOST_DEVICE IndexRange query_window(const AxisParams& a, int64_t t) {
   return IndexRange{g + a.dilation * w.begin, w.size(), a.dilation};
 }
 
+// Relative-positional-bias index of key index t for query index i along one axis (DESIGN.md
+// section 7, NATTEN 0.17): the offset counted in dilated steps, (t - i) / d + K - 1. For every key
+// in i's window, t - i is a multiple of d and |t - i| / d <= K - 1 (the window is K consecutive
+// group positions holding i), so the index lies in [0, 2K - 2] for any stride and causal flag.
+NATTN_HOST_DEVICE int64_t rpb_index(const AxisParams& a, int64_t query, int64_t key) {
+  return (key - query) / a.dilation + a.kernel_size - 1;
+}
+
+// The same in group positions (query j, key u of one dilation group): u - j + K - 1.
+NATTN_HOST_DEVICE int64_t rpb_index_in_group(int64_t kernel_size, int64_t j, int64_t u) {
+  return u - j + kernel_size - 1;
+}
+
+// Entries of the relative-positional-bias table along one axis: 2K - 1.
+NATTN_HOST_DEVICE int64_t rpb_extent(const AxisParams& a) { return 2 * a.kernel_size - 1; }
+
 // Why an axis's parameters are invalid, or nullptr when they are valid (DESIGN.md section 2.4).
 NATTN_HOST_DEVICE const char* axis_params_error(const AxisParams& a) {
   if (a.length < 1) return "length must be >= 1";

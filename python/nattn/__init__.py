@@ -9,6 +9,7 @@ See ``nattn.neighborhood_attention`` for the arguments and docs/ for the semanti
 
 from . import backends, distributed, reference
 from .functional import na1d, na2d, na3d, neighborhood_attention
+from .merge import merge_attentions
 from .modules import (
     NeighborhoodAttention,
     NeighborhoodAttention1D,
@@ -23,6 +24,7 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "merge_attentions",
     "NeighborhoodAttention",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",

@@ -29,6 +29,7 @@ class NAArgs:
     scale: float
     additional_keys: Optional[torch.Tensor]
     additional_values: Optional[torch.Tensor]
+    rpb: Optional[torch.Tensor] = None
 
 
 def _is_int(x) -> bool:
@@ -94,13 +95,15 @@ def normalize(
     additional_keys=None,
     additional_values=None,
     expected_rank: Optional[int] = None,
+    rpb=None,
 ) -> NAArgs:
     """Validate one call and return its normalized arguments (see ``nattn.neighborhood_attention``).
 
     Raises:
         TypeError: a tensor is not a tensor or has an unsupported dtype; a per-axis parameter is
             not an int (or bool for ``is_causal``) or a tuple of them; ``scale`` is not a number.
-        ValueError: any shape, device, dtype-agreement or window rule is broken.
+        ValueError: any shape, device, dtype-agreement or window rule is broken (``rpb``: shape
+            ``[heads, 2*K_0 - 1, ..., 2*K_{r-1} - 1]``, query's dtype and device).
     """
     q = _check_tensor("query", query)
     k = _check_tensor("key", key)
@@ -209,6 +212,8 @@ def normalize(
             )
         if ak.shape[1] == 0:
             additional_keys = additional_values = None
+    if rpb is not None:
+        check_rpb(rpb, q, ks)
     return NAArgs(
         rank=rank,
         kernel_size=ks,
@@ -218,4 +223,31 @@ def normalize(
         scale=scale_value,
         additional_keys=additional_keys,
         additional_values=additional_values,
+        rpb=rpb,
     )
+
+
+def check_rpb(rpb, query: torch.Tensor, kernel_size: Tuple[int, ...]) -> torch.Tensor:
+    """Check a relative positional bias against its query (DESIGN.md section 7).
+
+    ``rpb`` must be a tensor of shape ``[heads, 2*K_0 - 1, ..., 2*K_{r-1} - 1]`` (the query
+    heads, one axis per spatial axis), with the query's dtype and device.
+
+    Raises:
+        TypeError: not a tensor, or an unsupported dtype.
+        ValueError: wrong shape, a dtype other than the query's, another device.
+    """
+    if not isinstance(rpb, torch.Tensor):
+        raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
+    _check_tensor("rpb", rpb)
+    want = (query.shape[-2],) + tuple(2 * k - 1 for k in kernel_size)
+    if tuple(rpb.shape) != want:
+        raise ValueError(
+            f"rpb.shape={tuple(rpb.shape)} must be [heads, 2*K_0 - 1, ..., 2*K_r-1 - 1] = "
+            f"{want} for {query.shape[-2]} query heads and kernel_size={tuple(kernel_size)}"
+        )
+    if rpb.dtype != query.dtype:
+        raise ValueError(f"rpb.dtype={rpb.dtype} must equal query.dtype={query.dtype}")
+    if rpb.device != query.device:
+        raise ValueError(f"rpb.device={rpb.device} must equal query.device={query.device}")
+    return rpb

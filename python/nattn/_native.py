@@ -76,7 +76,13 @@ def _token_strides(t: torch.Tensor, rank: int) -> list:
     return [s[0]] + [0] * (3 - rank) + s[1 : 1 + rank] + s[1 + rank :]
 
 
-def _params(q, k, v, ak, av, window: Window, lib=None):
+def _rpb_strides(t: torch.Tensor, rank: int) -> list:
+    """[heads, b0, b1, b2] element strides of a relative-bias table, padding axes stride 0."""
+    s = list(t.stride())
+    return [s[0]] + [0] * (3 - rank) + s[1:]
+
+
+def _params(q, k, v, ak, av, window: Window, lib=None, rpb=None):
     rank = q.dim() - 3
     lib = _C if lib is None else lib
     p = lib.AttentionParams()
@@ -103,6 +109,8 @@ def _params(q, k, v, ak, av, window: Window, lib=None):
         p.num_additional = ak.shape[1]
         p.set_tensor("add_k", ak.data_ptr(), list(ak.stride()))
         p.set_tensor("add_v", av.data_ptr(), list(av.stride()))
+    if rpb is not None:
+        p.set_tensor("rpb", rpb.data_ptr(), _rpb_strides(rpb, rank))
     return p, rank
 
 
@@ -114,13 +122,14 @@ def _launch(kind: str, device: torch.device, p):
     return contextlib.nullcontext()
 
 
-def forward(kind: str, q, k, v, ak, av, window: Window):
+def forward(kind: str, q, k, v, ak, av, window: Window, rpb=None):
     """Fused forward on ``kind`` ("cpu", "cuda", "hopper" or "cuda-emu"): returns (out
     [B, *spatial, H, Dv] in q.dtype, lse [B, *spatial, H] fp32). "hopper" runs the sm_90a
-    kernels when they accept the call's layout and the portable CUDA kernels otherwise;
-    "cuda-emu" runs the CUDA kernels on CPU tensors under the emulator."""
+    kernels when they accept the call (layout; no rpb) and the portable CUDA kernels otherwise;
+    "cuda-emu" runs the CUDA kernels on CPU tensors under the emulator. ``rpb``: optional
+    relative positional bias [H, 2K_0 - 1, ...] in q.dtype."""
     lib = _library(kind)
-    p, rank = _params(q, k, v, ak, av, window, lib)
+    p, rank = _params(q, k, v, ak, av, window, lib, rpb)
     out = _empty(q.shape[:-1] + (v.shape[-1],), q)
     lse = _empty(q.shape[:-1], q, dtype=torch.float32)
     p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
@@ -135,12 +144,14 @@ def forward(kind: str, q, k, v, ak, av, window: Window):
     return out, lse
 
 
-def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+             rpb=None):
     """Fused backward on ``kind``: returns (dq, dk, dv, d_additional_keys,
-    d_additional_values); the last two are None without additional tokens. Both kinds are
+    d_additional_values, d_rpb); the additional-token gradients are None without additional
+    tokens, d_rpb (rpb's shape and dtype, contiguous) None without rpb. Both kinds are
     atomic-free, so gradients are bit-identical from run to run."""
     lib = _library(kind)
-    p, rank = _params(q, k, v, ak, av, window, lib)
+    p, rank = _params(q, k, v, ak, av, window, lib, rpb)
     for name, t in (("out", out), ("d_out", grad_out)):
         p.set_tensor(name, t.data_ptr(), _token_strides(t, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
@@ -163,12 +174,16 @@ def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: W
         dak, dav = _empty_like(ak), _empty_like(av)
         p.set_tensor("d_add_k", dak.data_ptr(), list(dak.stride()))
         p.set_tensor("d_add_v", dav.data_ptr(), list(dav.stride()))
+    d_rpb = None
+    if rpb is not None:
+        d_rpb = _empty(rpb.shape, rpb)
+        p.set_tensor("d_rpb", d_rpb.data_ptr(), _rpb_strides(d_rpb, rank))
     with _launch(kind, q.device, p):
         if kind in ("cuda", "hopper", "cuda-emu"):  # no Hopper backward yet: portable kernels
             lib.cuda_backward(p, True)
         else:
             _C.cpu_backward(p)
-    return dq, dk, dv, dak, dav
+    return dq, dk, dv, dak, dav, d_rpb
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,14 +36,17 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     requires_grad: bool
+    has_rpb: bool = False  # a relative positional bias (DESIGN.md section 7) is added
 
     @property
     def rank(self) -> int:
         return len(self.spatial_shape)
 
     @staticmethod
-    def from_tensors(query, key, value, window: Window, additional_keys=None) -> "Problem":
+    def from_tensors(query, key, value, window: Window, additional_keys=None,
+                     rpb=None) -> "Problem":
         tensors = (query, key, value) + (() if additional_keys is None else (additional_keys,))
+        tensors += () if rpb is None else (rpb,)
         return Problem(
             batch=query.shape[0],
             spatial_shape=tuple(query.shape[1:-2]),
@@ -59,13 +62,16 @@ class Problem:
             dtype=query.dtype,
             device=query.device,
             requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tensors),
+            has_rpb=rpb is not None,
         )
 
 
 class Backend:
     """Interface of a backend. ``forward`` returns ``(out, lse)``; ``backward`` returns
-    ``(dq, dk, dv, d_additional_keys, d_additional_values)`` (the last two None without
-    additional tokens). Tensors follow ``nattn.neighborhood_attention``'s layout."""
+    ``(dq, dk, dv, d_additional_keys, d_additional_values, d_rpb)`` (the additional-token
+    gradients None without additional tokens, d_rpb None without rpb). Tensors follow
+    ``nattn.neighborhood_attention``'s layout; ``rpb`` is the optional relative positional bias
+    ``[H, 2K_0 - 1, ...]``."""
 
     name: str = ""
     description: str = ""
@@ -75,10 +81,11 @@ class Backend:
     def not_supported_reasons(self, problem: Problem) -> List[str]:
         raise NotImplementedError
 
-    def forward(self, q, k, v, ak, av, window: Window):
+    def forward(self, q, k, v, ak, av, window: Window, rpb=None):
         raise NotImplementedError
 
-    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+                 rpb=None):
         raise NotImplementedError
 
 
@@ -89,18 +96,20 @@ class ReferenceBackend(Backend):
     def not_supported_reasons(self, problem: Problem) -> List[str]:
         return []
 
-    def forward(self, q, k, v, ak, av, window: Window):
+    def forward(self, q, k, v, ak, av, window: Window, rpb=None):
         out, lse = reference.neighborhood_attention(
             q, k, v, window.kernel_size, window.stride, window.dilation, window.is_causal,
-            window.scale, ak, av, return_lse=True,
+            window.scale, ak, av, return_lse=True, rpb=rpb,
         )
         return out.contiguous(), lse.contiguous()
 
-    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
-        return reference.neighborhood_attention_backward(
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+                 rpb=None):
+        grads = reference.neighborhood_attention_backward(
             grad_out, grad_lse, q, k, v, window.kernel_size, window.stride, window.dilation,
-            window.is_causal, window.scale, ak, av,
+            window.is_causal, window.scale, ak, av, rpb=rpb,
         )
+        return grads if rpb is not None else grads + (None,)
 
 
 class CpuBackend(Backend):
@@ -116,11 +125,13 @@ class CpuBackend(Backend):
             reasons.append(f"runs on CPU tensors only, got device {problem.device}")
         return reasons
 
-    def forward(self, q, k, v, ak, av, window: Window):
-        return _native.forward("cpu", q, k, v, ak, av, window)
+    def forward(self, q, k, v, ak, av, window: Window, rpb=None):
+        return _native.forward("cpu", q, k, v, ak, av, window, rpb)
 
-    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
-        return _native.backward("cpu", grad_out, grad_lse, q, k, v, ak, av, out, lse, window)
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+                 rpb=None):
+        return _native.backward("cpu", grad_out, grad_lse, q, k, v, ak, av, out, lse, window,
+                                rpb)
 
 
 class CudaBackend(Backend):
@@ -145,11 +156,13 @@ class CudaBackend(Backend):
             index = torch.cuda.current_device()
         return list(_native.cuda_device_reasons(index))
 
-    def forward(self, q, k, v, ak, av, window: Window):
-        return _native.forward(self.kind, q, k, v, ak, av, window)
+    def forward(self, q, k, v, ak, av, window: Window, rpb=None):
+        return _native.forward(self.kind, q, k, v, ak, av, window, rpb)
 
-    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
-        return _native.backward(self.kind, grad_out, grad_lse, q, k, v, ak, av, out, lse, window)
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+                 rpb=None):
+        return _native.backward(self.kind, grad_out, grad_lse, q, k, v, ak, av, out, lse, window,
+                                rpb)
 
 
 # Until tests/test_cuda.py has passed on an H100/H200 with the Hopper kernels, they are opt-in.
@@ -207,12 +220,13 @@ class EmulatedCudaBackend(Backend):
         emu.configure_from_environment()
         return []
 
-    def forward(self, q, k, v, ak, av, window: Window):
-        return _native.forward("cuda-emu", q, k, v, ak, av, window)
+    def forward(self, q, k, v, ak, av, window: Window, rpb=None):
+        return _native.forward("cuda-emu", q, k, v, ak, av, window, rpb)
 
-    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window):
+    def backward(self, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: Window,
+                 rpb=None):
         return _native.backward("cuda-emu", grad_out, grad_lse, q, k, v, ak, av, out, lse,
-                                window)
+                                window, rpb)
 
 
 # Priority order: the first that can run a problem is what "auto" picks. The reference comes

@@ -13,20 +13,21 @@ __all__ = ["neighborhood_attention", "na1d", "na2d", "na3d"]
 
 
 def _call(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-          additional_values, return_lse, backend, expected_rank):
+          additional_values, return_lse, backend, expected_rank, rpb):
     args = _checks.normalize(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-        additional_values, expected_rank=expected_rank,
+        additional_values, expected_rank=expected_rank, rpb=rpb,
     )
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse={return_lse!r} must be a bool")
     window = Window(args.kernel_size, args.stride, args.dilation, args.is_causal, args.scale)
-    problem = backends.Problem.from_tensors(query, key, value, window, args.additional_keys)
+    problem = backends.Problem.from_tensors(query, key, value, window, args.additional_keys,
+                                            rpb)
     chosen = backends.resolve(backend, problem)
     out, lse = torch.ops.nattn.na_forward(
         query, key, value, args.additional_keys, args.additional_values,
         list(args.kernel_size), list(args.stride), list(args.dilation), list(args.is_causal),
-        args.scale, chosen.name,
+        args.scale, chosen.name, rpb=rpb,
     )
     return (out, lse) if return_lse else out
 
@@ -44,6 +45,7 @@ def neighborhood_attention(
     additional_values: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    rpb: Optional[torch.Tensor] = None,
 ):
     """Neighborhood attention over a 1-D, 2-D or 3-D token layout (NA, DiNA, GNA).
 
@@ -57,6 +59,12 @@ def neighborhood_attention(
     arXiv 2204.07143; "Dilated Neighborhood Attention Transformer", 2209.15001; "Generalized
     Neighborhood Attention", 2504.16922); docs/semantics.md gives the formulas and examples.
     Special cases: K = L (non-causal, s = d = 1) is self-attention; s = K is blocked attention.
+
+    With a relative positional bias (NAT/DiNAT, NATTEN 0.17; DESIGN.md section 7) the score of
+    query i and key j in its window becomes ``scale * q_i . k_j + rpb[h, b_0, ..., b_{r-1}]``
+    with ``b_a = (j_a - i_a) / d_a + K_a - 1`` on each axis a (the offset in dilated steps, in
+    ``[0, 2K_a - 2]`` for any stride, causal flag and border); the bias is not scaled and
+    additional tokens get none.
 
     Args:
         query: ``[B, *spatial, H, D]``, 1 to 3 spatial axes; float16, bfloat16, float32 or
@@ -76,35 +84,43 @@ def neighborhood_attention(
             query, ``[B, *spatial, H]`` in float32; it is differentiable.
         backend: ``"auto"`` (the fastest backend that can run the call), or a name from
             ``nattn.backends.names()``.
+        rpb: optional relative positional bias ``[H, 2*K_0 - 1, ..., 2*K_{r-1} - 1]`` (query
+            heads first, one axis per spatial axis), in the query's dtype and on its device;
+            any strides. Differentiable: its gradient is the sum of dS over batch and queries
+            at each relative offset, computed deterministically.
 
     Returns:
         ``out`` ``[B, *spatial, H, D_v]`` in the input dtype, or ``(out, lse)`` with
         ``return_lse=True``. An empty batch (B = 0) gives empty results.
 
     Raises:
-        TypeError: a non-tensor input, an unsupported dtype, a per-axis parameter of the wrong
-            type (``is_causal`` must be bool), a non-numeric scale, a non-bool return_lse.
+        TypeError: a non-tensor input (``rpb`` included), an unsupported dtype, a per-axis
+            parameter of the wrong type (``is_causal`` must be bool), a non-numeric scale, a
+            non-bool return_lse.
         ValueError: mismatched shapes, dtypes or devices; heads not divisible; a window rule
             broken (``kernel_size * dilation > length``, ``stride > kernel_size``, values < 1,
             wrong number of per-axis values); additional keys without values or of a wrong
-            shape; zero heads or head dims; an unknown backend or one that cannot run the call.
+            shape; ``rpb`` of a wrong shape, dtype or device; zero heads or head dims; an
+            unknown backend or one that cannot run the call.
     """
     return _call(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                 additional_keys, additional_values, return_lse, backend, None)
+                 additional_keys, additional_values, return_lse, backend, None, rpb)
 
 
 def _ranked(rank: int):
     def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-           additional_keys=None, additional_values=None, return_lse=False, backend="auto"):
+           additional_keys=None, additional_values=None, return_lse=False, backend="auto",
+           rpb=None):
         return _call(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                     additional_keys, additional_values, return_lse, backend, rank)
+                     additional_keys, additional_values, return_lse, backend, rank, rpb)
 
     na.__name__ = na.__qualname__ = f"na{rank}d"
     na.__doc__ = (
         f"{rank}-D neighborhood attention: ``neighborhood_attention`` for inputs of shape "
         f"``[B, {', '.join(f'X{i}' for i in range(rank))}, H, D]``; a query with another number "
-        "of spatial axes raises ValueError. See ``nattn.neighborhood_attention`` for the "
-        "arguments, semantics and errors."
+        f"of spatial axes raises ValueError. ``rpb``, if given, is ``[H, "
+        f"{', '.join(f'2*K_{i} - 1' for i in range(rank))}]``. See "
+        "``nattn.neighborhood_attention`` for the arguments, semantics and errors."
     )
     return na
 

@@ -21,6 +21,7 @@ __all__ = [
     "in_window",
     "unravel",
     "neighborhood_mask",
+    "relative_bias",
     "neighborhood_attention",
     "neighborhood_attention_backward",
 ]
@@ -111,6 +112,37 @@ def neighborhood_mask(
     return mask
 
 
+def relative_bias(
+    rpb: torch.Tensor,
+    spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Dense relative positional bias ``[H, N, N]`` (DESIGN.md section 7, NATTEN 0.17).
+
+    Query i and key j (row-major token indices) on axis a with kernel size K_a and dilation d_a
+    use the bias index ``(j_a - i_a) / d_a + K_a - 1``; the bias is ``rpb[h, b_0, ..., b_{r-1}]``
+    with ``rpb`` of shape ``[H, 2K_0 - 1, ..., 2K_{r-1} - 1]``. Entries outside ``mask`` (the
+    neighborhood) are 0: they are never scored.
+    """
+    flat = _bias_index(spatial_shape, kernel_size, dilation, mask)
+    table = rpb.reshape(rpb.shape[0], -1)
+    return torch.where(mask, table[:, flat], torch.zeros((), dtype=rpb.dtype, device=rpb.device))
+
+
+def _bias_index(spatial_shape, kernel_size, dilation, mask) -> torch.Tensor:
+    """[N, N] flat index into rpb[h].reshape(-1) of each (query, key) pair (0 outside mask)."""
+    n = math.prod(spatial_shape)
+    coords = unravel(torch.arange(n, device=mask.device), spatial_shape)
+    flat = torch.zeros(n, n, dtype=torch.long, device=mask.device)
+    for axis in range(len(spatial_shape)):
+        offset = coords[axis][None, :] - coords[axis][:, None]  # key - query, on the window
+        index = torch.div(offset, dilation[axis], rounding_mode="trunc") + kernel_size[axis] - 1
+        flat = flat * (2 * kernel_size[axis] - 1) + torch.where(mask, index, 0)
+    return flat
+
+
 def _per_axis(value, rank: int, name: str) -> tuple:
     if isinstance(value, (bool, int)):
         return (value,) * rank
@@ -132,6 +164,7 @@ def neighborhood_attention(
     additional_keys: Optional[torch.Tensor] = None,
     additional_values: Optional[torch.Tensor] = None,
     return_lse: bool = False,
+    rpb: Optional[torch.Tensor] = None,
 ):
     """Neighborhood attention by dense masked softmax (the test oracle).
 
@@ -145,6 +178,9 @@ def neighborhood_attention(
         additional_keys / additional_values: ``[B, M, H_kv, D]`` / ``[B, M, H_kv, D_v]`` tokens
             every query attends to, in the same softmax.
         return_lse: also return the natural-log log-sum-exp of the scaled scores.
+        rpb: optional relative positional bias ``[H, 2K_0 - 1, ..., 2K_{r-1} - 1]``, added
+            (unscaled) to the scaled score of every neighborhood key (``relative_bias``);
+            additional tokens get none. Differentiable through plain autograd.
 
     Returns:
         ``out`` ``[B, *spatial, H, D_v]`` in the input dtype, and with ``return_lse`` also
@@ -155,7 +191,7 @@ def neighborhood_attention(
     """
     _, _, v, scores, shape = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-        additional_values,
+        additional_values, rpb,
     )
     lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
@@ -171,10 +207,11 @@ def _heads_last(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                  additional_keys, additional_values):
+                  additional_keys, additional_values, rpb=None):
     """Queries [B, H, N, D], keys [B, H, N(+M), D] and values [B, H, N(+M), D_v] (kv heads
     repeated per query head, additional tokens appended), the masked scaled scores
-    [B, H, N, N(+M)] (-inf outside the neighborhood), and query's shape without its head dim."""
+    [B, H, N, N(+M)] (-inf outside the neighborhood; plus the relative bias when rpb is given),
+    and query's shape without its head dim."""
     rank = query.dim() - 3
     spatial = tuple(query.shape[1:-2])
     batch, heads, head_dim = query.shape[0], query.shape[-2], query.shape[-1]
@@ -182,14 +219,19 @@ def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, s
     n = math.prod(spatial)
     if scale is None:
         scale = head_dim**-0.5
+    kernel_size = _per_axis(kernel_size, rank, "kernel_size")
+    dilation = _per_axis(dilation, rank, "dilation")
     mask = neighborhood_mask(
         spatial,
-        _per_axis(kernel_size, rank, "kernel_size"),
+        kernel_size,
         _per_axis(stride, rank, "stride"),
-        _per_axis(dilation, rank, "dilation"),
+        dilation,
         _per_axis(is_causal, rank, "is_causal"),
         device=query.device,
     )
+    bias = None
+    if rpb is not None:
+        bias = relative_bias(rpb, spatial, kernel_size, dilation, mask)
     group = heads // kv_heads
     q = query.reshape(batch, n, heads, head_dim).transpose(1, 2)
     k = key.reshape(batch, n, kv_heads, head_dim).transpose(1, 2)
@@ -199,9 +241,13 @@ def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, s
         k = torch.cat([k, additional_keys.transpose(1, 2)], dim=2)
         v = torch.cat([v, additional_values.transpose(1, 2)], dim=2)
         mask = torch.cat([mask, torch.ones(n, m, dtype=torch.bool, device=mask.device)], dim=1)
+        if bias is not None:  # additional tokens get no bias
+            bias = torch.cat([bias, bias.new_zeros(heads, n, m)], dim=2)
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~mask, float("-inf"))
     return q, k, v, scores, tuple(query.shape[:-1])
 
@@ -219,22 +265,26 @@ def neighborhood_attention_backward(
     scale: Optional[float] = None,
     additional_keys: Optional[torch.Tensor] = None,
     additional_values: Optional[torch.Tensor] = None,
+    rpb: Optional[torch.Tensor] = None,
 ):
     """Gradients of ``neighborhood_attention`` written out densely (same O(N^2) memory).
 
-    With P = softmax(S), S = scale * Q K^T (masked), O = P V and lse = logsumexp(S):
-    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + d_lse), dQ = scale * dS K,
-    dK = scale * dS^T Q. Key/value gradients are summed over the query heads sharing a kv head.
+    With P = softmax(S), S = scale * Q K^T + B (masked; B the relative bias, 0 without rpb),
+    O = P V and lse = logsumexp(S): dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O) + d_lse), dQ = scale * dS K, dK = scale * dS^T Q, and
+    d_rpb[h, b] = sum of dS over batch and the (query, key) pairs at relative offset b.
+    Key/value gradients are summed over the query heads sharing a kv head.
 
     Returns:
         ``(dq, dk, dv, d_additional_keys, d_additional_values)`` shaped like the inputs (the last
-        two are None without additional tokens).
+        two are None without additional tokens), and ``d_rpb`` (rpb's shape) appended as a
+        sixth entry when ``rpb`` is given.
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
     q, k, v, scores, shape = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-        additional_values,
+        additional_values, rpb,
     )
     batch, heads = query.shape[0], query.shape[-2]
     kv_heads = key.shape[-2]
@@ -258,8 +308,26 @@ def neighborhood_attention_backward(
     dq = _heads_last(dq, shape).to(query.dtype)
     dk = _heads_last(dk_all[:, :, :n], kv_shape + (kv_heads,)).to(key.dtype)
     dv = _heads_last(dv_all[:, :, :n], kv_shape + (kv_heads,)).to(value.dtype)
-    if additional_keys is None:
-        return dq, dk, dv, None, None
-    dak = dk_all[:, :, n:].transpose(1, 2).to(key.dtype)
-    dav = dv_all[:, :, n:].transpose(1, 2).to(value.dtype)
-    return dq, dk, dv, dak, dav
+    dak = dav = None
+    if additional_keys is not None:
+        dak = dk_all[:, :, n:].transpose(1, 2).to(key.dtype)
+        dav = dv_all[:, :, n:].transpose(1, 2).to(value.dtype)
+    if rpb is None:
+        return dq, dk, dv, dak, dav
+    d_rpb = _bias_grad(d_scores[..., :n], rpb, tuple(query.shape[1:-2]), kernel_size, stride,
+                       dilation, is_causal)
+    return dq, dk, dv, dak, dav, d_rpb
+
+
+def _bias_grad(d_scores, rpb, spatial, kernel_size, stride, dilation, is_causal):
+    """d_rpb from dS [B, H, N, N] (neighborhood keys only): the adjoint of ``relative_bias``,
+    dS summed over the batch and scattered onto each pair's bias entry."""
+    rank = len(spatial)
+    kernel_size = _per_axis(kernel_size, rank, "kernel_size")
+    dilation = _per_axis(dilation, rank, "dilation")
+    mask = neighborhood_mask(spatial, kernel_size, _per_axis(stride, rank, "stride"), dilation,
+                             _per_axis(is_causal, rank, "is_causal"), device=rpb.device)
+    flat = _bias_index(spatial, kernel_size, dilation, mask)[mask]
+    terms = d_scores.sum(0)[:, mask]  # [H, pairs]
+    grad = terms.new_zeros(rpb.shape[0], rpb[0].numel()).index_add_(1, flat, terms)
+    return grad.reshape(rpb.shape).to(rpb.dtype)

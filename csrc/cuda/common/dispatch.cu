@@ -107,6 +107,7 @@ std::vector<std::string> tensor_core_reasons(const AttentionParams& p, bool back
   if (p.num_additional >= (int64_t{1} << 31)) {
     r.push_back("2^31 or more additional tokens: tile coordinates are 32-bit");
   }
+
   const int64_t elem = 2;
   const int64_t L0 = p.axes[0].length, L1 = p.axes[1].length, L2 = p.axes[2].length;
   const int64_t q_ext[5] = {p.batch, L0, L1, L2, p.heads};
@@ -239,12 +240,17 @@ std::string backward(const AttentionParams& p, bool deterministic) {
   if (!backward_plan.unsupported.empty()) return backward_plan.unsupported;
   error = simt::delta(p);
   if (!error.empty()) return error;
-  if (!backward_plan.tensor_core) return simt::backward(p);
-  return with_tensor_core_dtype(p.dtype, [&](auto dtype) {
-    return with_head_dim<32, 64, 128>(p.head_dim, [&](auto head_dim) {
-      return sm80::backward<decltype(dtype)::value, decltype(head_dim)::value>(p);
+  if (!backward_plan.tensor_core) {
+    error = simt::backward(p);
+  } else {
+    error = with_tensor_core_dtype(p.dtype, [&](auto dtype) {
+      return with_head_dim<32, 64, 128>(p.head_dim, [&](auto head_dim) {
+        return sm80::backward<decltype(dtype)::value, decltype(head_dim)::value>(p);
+      });
     });
-  });
+  }
+  if (!error.empty() || !p.has_rpb()) return error;
+  return simt::d_rpb(p);
 }
 
 std::vector<std::string> hopper_forward_reasons(const AttentionParams& p) {

@@ -18,6 +18,10 @@ std::string delta(const AttentionParams& p);
 // Backward after delta: dq, then dk/dv and the additional tokens' gradients. No atomics.
 std::string backward(const AttentionParams& p);
 
+// d_rpb (p.has_rpb() problems, after delta; both paths use it): the sum of dS over batch and
+// queries at each relative offset, a warp per (head, bias entry), written whole. No atomics.
+std::string d_rpb(const AttentionParams& p);
+
 // Dynamic shared memory of the forward (backward = false) or the larger backward kernel.
 int64_t shared_bytes(const AttentionParams& p, bool backward);
 

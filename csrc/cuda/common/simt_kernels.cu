@@ -2,10 +2,11 @@
 // take (float32/float64, head dims without an instantiation, value_dim != head_dim, strides the
 // vectorized copies cannot use). One warp per output row; the lanes split the head dim, a dot
 // product is a warp reduction, the softmax is online in fp32 (fp64 for float64 inputs). Any
-// element strides (the last dim too). Deterministic: no atomics anywhere.
+// element strides (the last dim too). Deterministic: no atomics anywhere. The relative
+// positional bias (params.h: rpb) is added to each neighborhood score as it is computed.
 //
-// Also here: the backward's preprocessing kernel, delta = rowsum(dO * O) - d_lse, used by both
-// paths.
+// Also here, used by both paths: the backward's preprocessing kernel, delta = rowsum(dO * O) -
+// d_lse, and the d_rpb kernel (a warp per bias entry, summing dS over batch and queries).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -116,25 +117,40 @@ __device__ __forceinline__ void for_each_query(const AttentionParams& p, const i
                  query_window(p.axes[2], x[2]), fn);
 }
 
-// Calls visit(k_row, k_step, v_row, v_step) for every key/value row that query x of batch b
-// attends with kv head hk: the keys of its window (window.h: key_window), then the additional
-// tokens. A row's elements are row[d * step].
-template <class T, class Visit>
+// The relative positional bias of query x and key kx in its window, head h (window.h:
+// rpb_index; DESIGN.md section 7); 0 without rpb.
+template <class A, class T>
+__device__ __forceinline__ A bias_of(const AttentionParams& p, int64_t h, const int64_t (&x)[3],
+                                     const int64_t (&kx)[3]) {
+  if (!p.has_rpb()) return A(0);
+  int64_t off = h * p.rpb.stride[0];
+#pragma unroll
+  for (int a = 0; a < kMaxRank; ++a) {
+    off += rpb_index(p.axes[a], x[a], kx[a]) * p.rpb.stride[1 + a];
+  }
+  return to_acc(static_cast<const T*>(p.rpb.data)[off]);
+}
+
+// Calls visit(k_row, k_step, v_row, v_step, bias) for every key/value row that query x of head
+// h, batch b attends with kv head hk: the keys of its window (window.h: key_window) with their
+// relative bias, then the additional tokens (bias 0). A row's elements are row[d * step].
+template <class T, class A, class Visit>
 __device__ __forceinline__ void for_each_key_value(const AttentionParams& p, int64_t b,
-                                                   const int64_t (&x)[3], int64_t hk,
+                                                   const int64_t (&x)[3], int64_t h, int64_t hk,
                                                    Visit&& visit) {
   const T* k = static_cast<const T*>(p.k.data);
   const T* v = static_cast<const T*>(p.v.data);
   for_each_point(key_window(p.axes[0], x[0]), key_window(p.axes[1], x[1]),
                  key_window(p.axes[2], x[2]), [&](const int64_t(&kx)[3]) {
                    visit(k + token_offset(p.k, b, kx, hk), p.k.stride[5],
-                         v + token_offset(p.v, b, kx, hk), p.v.stride[5]);
+                         v + token_offset(p.v, b, kx, hk), p.v.stride[5],
+                         bias_of<A, T>(p, h, x, kx));
                  });
   for (int64_t m = 0; m < p.num_additional; ++m) {
     visit(static_cast<const T*>(p.add_k.data) + additional_offset(p.add_k, b, m, hk),
           p.add_k.stride[3],
           static_cast<const T*>(p.add_v.data) + additional_offset(p.add_v, b, m, hk),
-          p.add_v.stride[3]);
+          p.add_v.stride[3], A(0));
   }
 }
 
@@ -161,8 +177,8 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
     for (int64_t d = lane; d < Dv; d += 32) so[d] = 0;
     __syncwarp();
     A row_max = -INFINITY, row_sum = 0;
-    auto visit = [&](const T* krow, int64_t k_step, const T* vrow, int64_t v_step) {
-      const A s = dot(sq, krow, k_step, D, lane);
+    auto visit = [&](const T* krow, int64_t k_step, const T* vrow, int64_t v_step, A bias) {
+      const A s = dot(sq, krow, k_step, D, lane) + bias;
       const A m = s > row_max ? s : row_max;
       const A correction = exp_acc(row_max - m);
       const A prob = exp_acc(s - m);
@@ -172,7 +188,7 @@ __global__ void forward_kernel(const __grid_constant__ AttentionParams p) {
         so[d] = so[d] * correction + prob * to_acc(vrow[d * v_step]);
       }
     };
-    for_each_key_value<T>(p, b, x, hk, visit);
+    for_each_key_value<T, A>(p, b, x, h, hk, visit);
     T* orow = static_cast<T*>(p.out.data) + token_offset(p.out, b, x, h);
     for (int64_t d = lane; d < Dv; d += 32) {
       ops::store_global(orow + d * p.out.stride[5], from_acc<T, A>(so[d] / row_sum));
@@ -231,13 +247,13 @@ __global__ void delta_kernel(const __grid_constant__ AttentionParams p) {
     if constexpr (std::is_same_v<A, double>) {
       const T* qrow = static_cast<const T*>(p.q.data) + token_offset(p.q, b, x, h);
       A row_max = -INFINITY, row_sum = 0;
-      for_each_key_value<T>(p, b, x, h / p.heads_per_kv(),
-                            [&](const T* krow, int64_t k_step, const T*, int64_t) {
+      for_each_key_value<T, A>(p, b, x, h, h / p.heads_per_kv(),
+                               [&](const T* krow, int64_t k_step, const T*, int64_t, A bias) {
                               A s = 0;
                               for (int64_t d = lane; d < p.head_dim; d += 32) {
                                 s += to_acc(qrow[d * p.q.stride[5]]) * to_acc(krow[d * k_step]);
                               }
-                              s = warp_sum(s) * static_cast<A>(p.scale);
+                              s = warp_sum(s) * static_cast<A>(p.scale) + bias;
                               const A m = s > row_max ? s : row_max;
                               row_sum = row_sum * exp_acc(row_max - m) + exp_acc(s - m);
                               row_max = m;
@@ -278,12 +294,12 @@ __global__ void dq_kernel(const __grid_constant__ AttentionParams p) {
     __syncwarp();
     const A lse = row_lse<A>(p, b, x, h);
     const A delta = row_delta<A>(p, b, x, h);
-    auto visit = [&](const T* krow, int64_t k_step, const T* vrow, int64_t v_step) {
-      const A prob = exp_acc(dot(sq, krow, k_step, D, lane) - lse);
+    auto visit = [&](const T* krow, int64_t k_step, const T* vrow, int64_t v_step, A bias) {
+      const A prob = exp_acc(dot(sq, krow, k_step, D, lane) + bias - lse);
       const A ds = prob * (dot(sdo, vrow, v_step, Dv, lane) - delta);
       for (int64_t d = lane; d < D; d += 32) sdq[d] += ds * to_acc(krow[d * k_step]);
     };
-    for_each_key_value<T>(p, b, x, hk, visit);
+    for_each_key_value<T, A>(p, b, x, h, hk, visit);
     T* dqrow = static_cast<T*>(p.dq.data) + token_offset(p.dq, b, x, h);
     for (int64_t d = lane; d < D; d += 32) {
       ops::store_global(dqrow + d * p.dq.stride[5], from_acc<T, A>(sdq[d] * scale));
@@ -343,7 +359,9 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
       auto visit = [&](const int64_t(&qx)[3]) {
         const T* qrow = q + token_offset(p.q, b, qx, h);
         const T* grow = g + token_offset(p.d_out, b, qx, h);
-        const A prob = exp_acc(dot(sk, qrow, p.q.stride[5], D, lane) - row_lse<A>(p, b, qx, h));
+        const A bias = additional ? A(0) : bias_of<A, T>(p, h, qx, x);
+        const A prob = exp_acc(dot(sk, qrow, p.q.stride[5], D, lane) + bias -
+                               row_lse<A>(p, b, qx, h));
         const A ds = prob * (dot(sv, grow, p.d_out.stride[5], Dv, lane) -
                              row_delta<A>(p, b, qx, h));
         for (int64_t d = lane; d < D; d += 32) sdk[d] += ds * to_acc(qrow[d * p.q.stride[5]]);
@@ -384,6 +402,63 @@ __global__ void dkdv_kernel(const __grid_constant__ AttentionParams p) {
   }
 }
 
+// d_rpb: warp per (head, bias entry e = (e0, e1, e2)); the lanes take the (batch, query) pairs in
+// turn, each recomputing dS of the one key at offset e from its query (when that key is in the
+// query's window), and the warp sums the lanes' partials in a fixed tree: deterministic.
+template <class T>
+__global__ void d_rpb_kernel(const __grid_constant__ AttentionParams p) {
+  using A = typename AccOf<T>::type;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t ext[3] = {rpb_extent(p.axes[0]), rpb_extent(p.axes[1]), rpb_extent(p.axes[2])};
+  const int64_t entries = ext[0] * ext[1] * ext[2], rows = entries * p.heads;
+  const int64_t tokens = p.tokens(), queries = tokens * p.batch;
+  const A scale = static_cast<A>(p.scale);
+  const T* q = static_cast<const T*>(p.q.data);
+  const T* k = static_cast<const T*>(p.k.data);
+  const T* v = static_cast<const T*>(p.v.data);
+  const T* g = static_cast<const T*>(p.d_out.data);
+  for (int64_t row = blockIdx.x * int64_t{kWarpsPerBlock} + warp; row < rows;
+       row += int64_t{gridDim.x} * kWarpsPerBlock) {
+    const int64_t h = row / entries, hk = h / p.heads_per_kv();
+    const int64_t e[3] = {(row % entries) / (ext[1] * ext[2]), (row % (ext[1] * ext[2])) / ext[2],
+                          row % ext[2]};
+    A acc = 0;
+    for (int64_t i = lane; i < queries; i += 32) {
+      const int64_t b = i / tokens;
+      int64_t x[3], kx[3];
+      token_coords(p, i % tokens, x);
+      bool in = true;
+#pragma unroll
+      for (int a = 0; a < kMaxRank; ++a) {
+        const AxisParams& ax = p.axes[a];
+        kx[a] = x[a] + (e[a] - (ax.kernel_size - 1)) * ax.dilation;
+        in = in && key_window(ax, x[a]).contains(kx[a]);
+      }
+      if (!in) continue;
+      const T* qrow = q + token_offset(p.q, b, x, h);
+      const T* krow = k + token_offset(p.k, b, kx, hk);
+      const T* vrow = v + token_offset(p.v, b, kx, hk);
+      const T* grow = g + token_offset(p.d_out, b, x, h);
+      A s = 0, dp = 0;
+      for (int64_t d = 0; d < p.head_dim; ++d) {
+        s += to_acc(qrow[d * p.q.stride[5]]) * to_acc(krow[d * p.k.stride[5]]);
+      }
+      for (int64_t d = 0; d < p.value_dim; ++d) {
+        dp += to_acc(grow[d * p.d_out.stride[5]]) * to_acc(vrow[d * p.v.stride[5]]);
+      }
+      const A prob = exp_acc(s * scale + bias_of<A, T>(p, h, x, kx) - row_lse<A>(p, b, x, h));
+      acc += prob * (dp - row_delta<A>(p, b, x, h));
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      ops::store_global(static_cast<T*>(p.d_rpb.data) + h * p.d_rpb.stride[0] +
+                            e[0] * p.d_rpb.stride[1] + e[1] * p.d_rpb.stride[2] +
+                            e[2] * p.d_rpb.stride[3],
+                        from_acc<T, A>(acc));
+    }
+  }
+}
+
 // Launches `kernel` with a warp per row, `rows` rows.
 template <class Kernel>
 std::string launch(Kernel kernel, int64_t rows, int64_t smem_bytes, void* stream,
@@ -414,6 +489,13 @@ std::string backward_t(const AttentionParams& p) {
   return launch(dkdv_kernel<T>, (p.tokens() + p.num_additional) * p.kv_heads * p.batch,
                 kWarpsPerBlock * 2 * (p.head_dim + p.value_dim) * int64_t{sizeof(A)}, p.stream,
                 p);
+}
+
+template <class T>
+std::string d_rpb_t(const AttentionParams& p) {
+  const int64_t entries =
+      rpb_extent(p.axes[0]) * rpb_extent(p.axes[1]) * rpb_extent(p.axes[2]);
+  return launch(d_rpb_kernel<T>, entries * p.heads, 0, p.stream, p);
 }
 
 template <class Fn>
@@ -458,6 +540,10 @@ std::string delta(const AttentionParams& p) {
 
 std::string backward(const AttentionParams& p) {
   return with_type(p.dtype, [&](auto tag) { return backward_t<decltype(tag)>(p); });
+}
+
+std::string d_rpb(const AttentionParams& p) {
+  return with_type(p.dtype, [&](auto tag) { return d_rpb_t<decltype(tag)>(p); });
 }
 
 }  // namespace nattn::cuda::simt

@@ -95,6 +95,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
+      add_spatial_bias<false, Element>(acc_s, s_coords, p, h, q_rows, rows.row, g.kv.box, cur,
+                                       mask);
       CUTE_UNROLL
       for (int m = 0; m < size<1>(acc_s); ++m) {
         CUTE_UNROLL
@@ -256,6 +258,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
+      add_spatial_bias<true, Element>(acc_s, s_coords, p, hk * heads_per_kv + cur.head, kv_rows,
+                                      rows.row, g.q.box, cur.walk, mask);
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
         const int col = get<1>(s_coords(i));

@@ -38,6 +38,22 @@ __device__ __forceinline__ void run_forward_walk(const WalkCursor& cur,
   }
 }
 
+// The relative bias of a streamed spatial tile at cursor c (none for tiles of additional tokens:
+// CountMask, BoxColumnMask), when the problem has rpb.
+template <bool kRowsAreKeys, class Element, int kSlots, class Acc, class Coords, class Mask>
+__device__ __forceinline__ void add_spatial_bias(Acc& acc, const Coords& coords,
+                                                 const AttentionParams& p, int64_t h,
+                                                 const BoxRows& row_tile,
+                                                 const int (&row)[kSlots], BoxShape col_box,
+                                                 const WalkCursor& c, const Mask&) {
+  if constexpr (std::is_same_v<Mask, NoMask> || std::is_same_v<Mask, WindowMask<kSlots>>) {
+    if (!p.has_rpb()) return;
+    int32_t col_origin[kMaxRank];
+    for (int a = 0; a < kMaxRank; ++a) col_origin[a] = c.tile[a] << col_box.log2[a];
+    add_tile_bias<kRowsAreKeys, Element>(acc, coords, p, h, row_tile, row, col_box, col_origin);
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     forward_kernel(const __grid_constant__ AttentionParams p,
@@ -107,6 +123,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
       mask.apply(acc_s, s_coords);
+      add_spatial_bias<false, Element>(acc_s, s_coords, p, h, q_rows, rows.row, g.kv.box, cur,
+                                       mask);
       softmax.update(acc_s, acc_o);
       gemm_regs_cols<Traits>(acc_o, scores_as_a<Traits>(acc_s), streamed.cols(2 * buf + 1), tid);
       cur = next;

@@ -395,6 +395,51 @@ struct BoxColumnMask {
   }
 };
 
+// Relative positional bias (params.h: rpb; DESIGN.md section 7) of a spatial score tile, in the
+// scores' log2 units: adds log2(e) * rpb[h, b0, b1, b2] to each pair of row slot s and column c
+// that is not masked, with b_a = rpb_index_in_group(K_a, query position, key position) (rows
+// are queries, or keys when kRowsAreKeys). Row and column tiles lie in the same dilation
+// groups, so box positions are group positions. Masked pairs (-inf) are skipped: their index
+// may fall outside the table. The table (a few KB) is read through the cache per element.
+template <bool kRowsAreKeys, class Element, int kSlots, class Acc, class Coords>
+__device__ __forceinline__ void add_tile_bias(Acc& acc, const Coords& coords,
+                                              const AttentionParams& p, int64_t h,
+                                              const BoxRows& row_tile, const int (&row)[kSlots],
+                                              BoxShape col_box,
+                                              const int32_t (&col_origin)[kMaxRank]) {
+  using namespace cute;
+  const Element* base = static_cast<const Element*>(p.rpb.data) + h * p.rpb.stride[0];
+  int32_t row_pos[kSlots][kMaxRank];
+  CUTE_UNROLL
+  for (int s = 0; s < kSlots; ++s) row_tile.position(row[s], row_pos[s]);
+  const float log2e = static_cast<float>(M_LOG2E);
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(acc); ++m) {
+    CUTE_UNROLL
+    for (int n = 0; n < size<2>(acc); ++n) {
+      CUTE_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        if (acc(v, m, n) == -INFINITY) continue;
+        const int s = 2 * m + v / 2;
+        const int col = get<1>(coords(v, m, n));
+        int64_t off = 0;
+        bool in = true;
+        CUTE_UNROLL
+        for (int a = 0; a < kMaxRank; ++a) {
+          const int64_t c = col_origin[a] + col_box.local(col, a);
+          const int64_t r = row_pos[s][a];
+          const int64_t k = p.axes[a].kernel_size;
+          const int64_t idx = kRowsAreKeys ? rpb_index_in_group(k, c, r)
+                                           : rpb_index_in_group(k, r, c);
+          in = in && idx >= 0 && idx < 2 * k - 1;
+          off += idx * p.rpb.stride[1 + a];
+        }
+        if (in) acc(v, m, n) += static_cast<float>(base[off]) * log2e;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reductions over the 4 threads of a quad, which together hold one row of a C fragment.
 

@@ -269,6 +269,9 @@ inline std::vector<std::string> forward_reasons(const AttentionParams& p, int ca
   if (p.num_additional > 0) {
     r.push_back("additional keys/values are not implemented on the Hopper path (SM80 path)");
   }
+  if (p.has_rpb()) {
+    r.push_back("relative positional bias (rpb) is not fused in the Hopper kernels (SM80 path)");
+  }
   if (p.kv_heads < 1 || p.heads % p.kv_heads != 0) {
     r.push_back("heads must be a multiple of kv_heads");
   }
