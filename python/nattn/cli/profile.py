@@ -20,13 +20,13 @@ def add_parser(sub) -> None:
     common.add_problem_args(p)
     p.add_argument("--backend", default="auto",
                    help="'auto' (what nattn picks), 'all' (every backend that can run it), or "
-                        "a backend name")
-    p.add_argument("--backward", action="store_true", help="also time the backward pass")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CPU, 10 GPU)")
+                        "a backend name (default: auto)")
+    p.add_argument("--backward", action="store_true", help="also time the backward pass (default: forward only)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 3 on CPU, 10 on GPU)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls, median reported (default 10 CPU, 50 GPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+                   help="timed calls, median reported (default: 10 on CPU, 50 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this path (default: none)")
     p.set_defaults(run=run)
 
 
