@@ -24,7 +24,6 @@ What the build does is printed first (pip shows it with -v), and recorded with t
 nattn/_build_info.json next to the module (read by nattn.cli.common.build_info()).
 """
 
-import ctypes.util
 import datetime
 import hashlib
 import json
@@ -38,8 +37,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-TRUE = ("1", "on", "true", "yes")
-FALSE = ("0", "off", "false", "no")
+sys.path.insert(0, str(ROOT / "tools"))
+from nattn_build_choice import cuda_choice as _cuda_choice  # noqa: E402
+from nattn_build_choice import emu_requested  # noqa: E402
+from nattn_build_choice import nvcc as _nvcc  # noqa: E402
 
 
 def _cutlass_include() -> str:
@@ -50,41 +51,6 @@ def _cutlass_include() -> str:
         return ""
     path = Path(cutlass_library.__file__).parent / "source" / "include"
     return str(path) if (path / "cute").is_dir() else ""
-
-
-def _nvcc() -> str:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else ""
-
-
-def _driver() -> str:
-    """Where an NVIDIA driver was seen, or "" (no GPU driver on this machine)."""
-    if Path("/proc/driver/nvidia/version").exists():
-        return "/proc/driver/nvidia/version"
-    lib = ctypes.util.find_library("cuda")
-    return lib or ""
-
-
-def _cuda_choice():
-    """(ON|OFF, why)."""
-    flag = os.environ.get("NATTN_CUDA", "").strip().lower()
-    if flag in FALSE:
-        return "OFF", "NATTN_CUDA=0"
-    if flag in TRUE:
-        return "ON", "NATTN_CUDA=1"
-    if os.environ.get("NATTN_CUDA_ARCH"):
-        return "ON", "NATTN_CUDA_ARCH is set"
-    if flag:
-        raise SystemExit(f"nattn build: NATTN_CUDA={flag!r}: use 0 or 1")
-    nvcc, driver = _nvcc(), _driver()
-    if not nvcc:
-        return "OFF", "no nvcc found (NATTN_CUDA=1 with a CUDA toolkit compiles the kernels)"
-    if not driver:
-        return "OFF", (f"nvcc found ({nvcc}) but no NVIDIA driver on this machine; "
-                       "NATTN_CUDA=1 compiles the CUDA kernels anyway")
-    return "ON", f"nvcc ({nvcc}) and an NVIDIA driver ({driver}) found; NATTN_CUDA=0 skips them"
 
 
 def _count(*patterns: str) -> int:
@@ -135,13 +101,17 @@ class CMakeBuild(build_ext):
         import pybind11
 
         cuda, why = _cuda_choice()
-        emu = os.environ.get("NATTN_EMU", "").strip().lower() in TRUE
+        emu = emu_requested()
         arch = os.environ.get("NATTN_CUDA_ARCH", "80;90a")
         cmake, ninja = shutil.which("cmake"), shutil.which("ninja")
         if not cmake or not ninja:
             raise SystemExit("nattn build: cmake and ninja are needed (pip installs both as "
                              "build requirements; with --no-build-isolation install them: "
                              "pip install cmake ninja)")
+        if (cuda == "ON" or emu) and not _cutlass_include():
+            raise SystemExit("nattn build: the CUDA kernels and the emulator need the CuTe "
+                             "headers: pip install nvidia-cutlass==4.2.0.0 (an isolated build "
+                             "installs it itself)")
         args = [
             f"-S{ROOT}",
             "-GNinja",

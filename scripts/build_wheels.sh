@@ -20,7 +20,8 @@
 # nothing in it changes.
 #
 # Environment: NATTN_BUILD_JOBS (parallel compile jobs), NATTN_CUDA_ARCH (default "80;90a"),
-# PYTHONS (space-separated interpreters instead of the search).
+# PYTHONS (space-separated interpreters instead of the search), VARIANTS ("cpu", "cuda" or
+# "cpu cuda"; default: both where nvcc exists).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-dist}")
@@ -35,8 +36,10 @@ fi
 [ -n "$pythons" ] || { echo "no CPython 3.9-3.14 found"; exit 1; }
 
 auditwheel=$(command -v auditwheel || true)
-variants="cpu"
-if command -v nvcc >/dev/null; then variants="cpu cuda"; else echo "no nvcc: CPU wheels only"; fi
+variants=${VARIANTS:-cpu}
+if [ -z "${VARIANTS:-}" ]; then
+  if command -v nvcc >/dev/null; then variants="cpu cuda"; else echo "no nvcc: CPU wheels only"; fi
+fi
 
 tag_or_copy() {  # $1: wheel, $2: destination directory
   if [ -n "$auditwheel" ]; then
