@@ -75,16 +75,19 @@ def run(args) -> int:
               f"{common.device_name(device)}; auto backend: {auto}; threads: {threads}; "
               f"medians of {repeats} after {warmup} warm-up")
     table = Table(show_header=True)
-    for col in ("backend", "forward", "backward", "FLOPs fwd", "FLOPs bwd", f"fwd {unit}",
-                f"bwd {unit}", "peak memory"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    out.print(f"needed FLOPs: forward {common.fmt_count(fwd_flops)}, backward "
+              f"{common.fmt_count(bwd_flops)}")
+    for col in ("backend", "forward", "backward", f"fwd {unit}", f"bwd {unit}", "peak memory"):
+        table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     mem_source = "torch.cuda.max_memory_allocated over inputs" if cuda else \
         "analytic: tensors the call allocates (outputs, lse; grads, delta)"
     rows = []
+    skipped = []
     for impl in impls:
         name = impl.name.split(":", 1)[1]
         if impl.skip:
-            table.add_row(name, f"skipped: {impl.skip}", "", "", "", "", "", "")
+            skipped.append(f"{name}: {impl.skip}")
+            table.add_row(name, f"skipped [{len(skipped)}]", "", "", "", "")
             rows.append({"backend": name, "status": "skipped", "reason": impl.skip})
             continue
         row = {"backend": name, "status": "ok", "fwd_flops": fwd_flops, "bwd_flops": bwd_flops}
@@ -104,12 +107,13 @@ def run(args) -> int:
         bwd = row.get("bwd_s")
         table.add_row(
             name, common.fmt_time(row["fwd_s"]), common.fmt_time(bwd),
-            common.fmt_count(fwd_flops), common.fmt_count(bwd_flops),
             f"{fwd_flops / row['fwd_s'] / div:.3g}",
             f"{bwd_flops / bwd / div:.3g}" if bwd else "-",
             common.fmt_bytes(row["peak_bytes"]),
         )
     out.print(table)
+    for i, text in enumerate(skipped, 1):
+        out.print(f"[{i}] skipped {text}", markup=False, highlight=False)
     out.print(f"peak memory: {mem_source}. FLOPs: needed only (forward 2BHW(D+Dv), backward "
               f"2BHW(3D+2Dv); W = attended pairs), see nattn.perf.")
     if args.json:
