@@ -271,8 +271,13 @@ def test_speed_of_light_bounds():
     assert multi["bound"] == pytest.approx(
         p.batch * p.heads * counts.visited * 128 * 128 * 2 * 64 / 1e12)
     assert r.tiles["1-D flat"]["q_tile"] == [128]
-    assert r.tightest_bound == max(r.flop_bound, r.memory_bound,
-                                   min(multi["bound"], r.dense_bound))
+    # the tile-model time is a what-if, not a bound: only FLOP and memory bounds count here
+    assert r.tightest_bound == max(r.flop_bound, r.memory_bound) == r.tightest_any_bound
+    assert r.kernel_bound is None
+    cpu = perf.speed_of_light(p, c, device_type="cpu")
+    assert cpu.kernel_bound == pytest.approx(perf.cpu_forward_flops(p) / 1e12)
+    assert cpu.tightest_bound == max(r.flop_bound, r.memory_bound, cpu.kernel_bound)
+    assert perf.speed_of_light(p, c, backward=True, device_type="cpu").kernel_bound is None
     without = perf.speed_of_light(p, None)
     assert without.flop_bound is None and without.tiles["multi-dim"]["bound"] is None
 

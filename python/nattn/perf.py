@@ -57,6 +57,7 @@ __all__ = [
     "candidate_tile_shapes",
     "recommend_tile_shape",
     "kernel_tile_shape",
+    "cpu_forward_flops",
     "stride_note",
     "measure_ceilings",
     "speed_of_light",
@@ -244,16 +245,63 @@ def recommend_tile_shape(problem, q_tokens: int = DEFAULT_Q_TILE_TOKENS,
 
 
 def kernel_tile_shape(problem, device_type: str) -> TileCounts:
-    """Multi-dim tile counts at the tile shape of nattn's kernels on a device type: on CPU the
-    CPU kernels' tile (``_C.cpu_q_tile`` queries x ``_C.cpu_kv_tile`` keys along the last axis,
-    from csrc/cpu/block_kernels.h; an approximation, as those kernels start their key chunks at
-    each window's first key rather than at multiples of the chunk), elsewhere
-    ``recommend_tile_shape`` (128 x 128 tokens)."""
+    """Multi-dim tile counts at a tile shape of nattn's kernels on a device type: on CPU the CPU
+    kernels' tile (``_C.cpu_q_tile`` queries x ``_C.cpu_kv_tile`` keys along the last axis, from
+    csrc/cpu/block_kernels.h), for display only: those kernels start their key chunks at each
+    tile's first key, not at multiples of the chunk, so their work is ``cpu_forward_flops``, not
+    these counts. Elsewhere ``recommend_tile_shape`` (128 x 128 tokens)."""
     if device_type == "cpu":
         _require_native()
         lead = (1,) * (len(problem.spatial_shape) - 1)
         return multi_dim_tiles(problem, lead + (_C.cpu_q_tile,), lead + (_C.cpu_kv_tile,))
     return recommend_tile_shape(problem)
+
+
+def cpu_forward_flops(problem) -> int:
+    """FLOPs the fused CPU forward (csrc/cpu/cpu_tiles.h, ``forward_tile``) executes in its two
+    product kernels, exactly, for the whole problem (all batches and heads).
+
+    The walk it counts: query tiles of ``R = _C.cpu_q_tile`` consecutive positions of one
+    dilation group along the last axis, at every index of the other axes; for each key index
+    ``(y0, y1)`` of the other axes' windows, the tile's keys on the last axis are the union
+    ``[u_lo, u_hi)`` of its rows' windows (in group positions), cut into chunks of
+    ``C = _C.cpu_kv_tile`` keys starting at ``u_lo``. Per chunk of ``n`` keys, ``block_dot``
+    computes the whole ``R x C`` score block (``R C D`` multiply-adds, whatever ``n`` and however
+    many of the R rows are real) and ``block_accumulate`` ``R n D_v``. Additional tokens add,
+    per tile, chunks of ``C`` of the ``M`` tokens the same way. Softmax and exp work is not
+    counted, so this over the matmul rate is a lower bound on the kernel's time (on a device
+    whose product kernels run no faster than its dense matmul). Window sizes and positions come
+    from ``_C.axis_windows`` (window.h).
+    """
+    _require_native()
+    rows, cols = int(_C.cpu_q_tile), int(_C.cpu_kv_tile)
+    d, dv = problem.head_dim, problem.value_dim
+    axes = _axes(problem)
+    *lead_axes, last = axes
+    lead_keys, lead_queries = 1, 1  # sum over lead query positions of lead window sizes; count
+    for axis in lead_axes:
+        lead_keys *= sum(w[1] for w in _C.axis_windows(*axis))
+        lead_queries *= axis[0]
+    length, _, _, dilation, _ = last
+    windows = _C.axis_windows(*last)
+    macs_windows = 0  # per lead key index, summed over last-axis tiles
+    tiles = 0
+    for g in range(dilation):
+        positions = list(range(g, length, dilation))
+        for j0 in range(0, len(positions), rows):
+            lo = hi = None
+            for i in positions[j0:j0 + rows]:
+                first, count = windows[i][0], windows[i][1]
+                r_lo = (first - g) // dilation
+                lo = r_lo if lo is None else min(lo, r_lo)
+                hi = r_lo + count if hi is None else max(hi, r_lo + count)
+            span = hi - lo
+            macs_windows += -(-span // cols) * rows * cols * d + rows * span * dv
+            tiles += 1
+    m = int(getattr(problem, "num_additional", 0))
+    macs_additional = tiles * (-(-m // cols) * rows * cols * d + rows * m * dv)
+    macs = lead_keys * macs_windows + lead_queries * macs_additional
+    return 2 * problem.batch * problem.heads * macs
 
 
 def stride_note(problem, counts: TileCounts) -> str:
@@ -387,8 +435,16 @@ class SpeedOfLight:
     dense_bound: Optional[float]
     memory_bound: Optional[float]
     tiles: Dict[str, Dict] = field(default_factory=dict)  # "multi-dim" / "1-D flat" -> details
+    # FLOPs nattn's kernel on the device executes in its product kernels, and that over the
+    # matmul rate (CPU forward only: ``cpu_forward_flops``; None where not modeled exactly).
+    kernel_flops: Optional[int] = None
+    kernel_bound: Optional[float] = None
+    # tightest: the largest bound on nattn's kernel (flop, memory, and kernel where modeled);
+    # tightest_any: the largest bound on any implementation (flop, memory).
     tightest: Optional[str] = None
     tightest_bound: Optional[float] = None
+    tightest_any: Optional[str] = None
+    tightest_any_bound: Optional[float] = None
     note: str = ""
 
     def to_dict(self) -> Dict:
@@ -397,8 +453,16 @@ class SpeedOfLight:
 
 def speed_of_light(problem, ceilings: Optional[Ceilings] = None, backward: bool = False,
                    q_tile: Optional[Sequence[int]] = None,
-                   kv_tile: Optional[Sequence[int]] = None) -> SpeedOfLight:
+                   kv_tile: Optional[Sequence[int]] = None,
+                   device_type: Optional[str] = None) -> SpeedOfLight:
     """All bounds of ``problem`` (see the module docstring).
+
+    Only lower bounds on time enter ``tightest``: the FLOP and memory bounds (any
+    implementation), and on CPU for the forward the kernel bound, ``cpu_forward_flops`` over the
+    matmul rate (the work nattn's CPU forward executes, exactly). The tile-model times of
+    ``tiles`` (what a kernel computing whole tiles of that shape would need) are what-ifs: no
+    kernel of nattn is known to tile exactly so, and a kernel with smaller or differently aligned
+    tiles can beat them, so they are reported but are not bounds.
 
     Args:
         problem: anything with the fields of ``nattn.backends.Problem`` (``device`` and
@@ -407,6 +471,7 @@ def speed_of_light(problem, ceilings: Optional[Ceilings] = None, backward: bool 
         backward: model the backward pass instead of the forward.
         q_tile, kv_tile: multi-dim tile extents per axis; default ``recommend_tile_shape``.
             The 1-D flattened tiling uses the same token counts per tile.
+        device_type: "cpu" adds the CPU forward kernel's bound (forward only).
     """
     if (q_tile is None) != (kv_tile is None):
         raise ValueError("give both q_tile and kv_tile, or neither")
@@ -445,19 +510,19 @@ def speed_of_light(problem, ceilings: Optional[Ceilings] = None, backward: bool 
             "efficiency": report.needed_flops / tile_flops,  # needed / computed
             "bound": None if ceilings is None else tile_flops / ceilings.matmul_flops,
         }
+    if device_type == "cpu" and not backward:
+        report.kernel_flops = cpu_forward_flops(problem)
     if ceilings is not None:
         report.flop_bound = report.needed_flops / ceilings.matmul_flops
         report.dense_bound = report.dense_flops / ceilings.matmul_flops
         report.memory_bound = report.bytes / ceilings.bandwidth
-        # The multi-dim tile bound is what nattn's kernels are held to (the flat one is what a
-        # generic block-sparse kernel would be held to). It is capped by the dense bound: where
-        # padded tiles cost more than the dense product (tiny or nearly dense problems), any
-        # implementation can compute densely instead.
-        candidates = {
-            "flop": report.flop_bound,
-            "tile": min(report.tiles["multi-dim"]["bound"], report.dense_bound),
-            "memory": report.memory_bound,
-        }
+        anywhere = {"flop": report.flop_bound, "memory": report.memory_bound}
+        report.tightest_any = max(anywhere, key=anywhere.get)
+        report.tightest_any_bound = anywhere[report.tightest_any]
+        candidates = dict(anywhere)
+        if report.kernel_flops is not None:
+            report.kernel_bound = report.kernel_flops / ceilings.matmul_flops
+            candidates["kernel"] = report.kernel_bound
         report.tightest = max(candidates, key=candidates.get)
         report.tightest_bound = candidates[report.tightest]
     return report

@@ -29,30 +29,40 @@ def add_parser(sub) -> None:
                                    "with the dense mask and FlexAttention with the same mask; "
                                    "report rates, fractions of the speed-of-light bound and "
                                    "speedups. On CPU, model problems are scaled down (printed).")
-    p.add_argument("--suite", choices=sorted(problems.SUITES), default="all")
+    p.add_argument("--suite", choices=sorted(problems.SUITES), default="all",
+                   help="which named problems to run (default: all; --list shows them)")
     p.add_argument("--problems", nargs="+", default=None, metavar="NAME",
-                   help="run these problems instead of a suite")
+                   help="run these problems instead of a suite (default: the suite)")
     p.add_argument("--scale", type=float, default=None,
                    help="layout scale factor for every problem (default: 1 on GPU; on CPU a "
                         "per-problem factor that keeps each run to seconds)")
-    p.add_argument("--backward", action="store_true", help="also time forward + backward")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (a second table; default: forward only)")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default=None,
-                   help="default: the problem's dtype on GPU, float32 on CPU")
-    p.add_argument("--warmup", type=int, default=None, help="default 2 CPU, 10 GPU")
-    p.add_argument("--repeats", type=int, default=None, help="default 7 CPU, 50 GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+                   help="element type (default: the problem's dtype on GPU, float32 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default: 2 on CPU, 10 on GPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls, the median is reported (default: 7 on CPU, 50 on GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's, usually all cores)")
     p.add_argument("--skip", nargs="+", choices=ALTERNATIVES, default=[],
-                   help="leave out these implementations")
-    p.add_argument("--json", default=None, help="write all results to this JSON file")
-    p.add_argument("--markdown", default=None, help="write a markdown summary table here")
+                   help="leave out these implementations (default: none)")
+    p.add_argument("--json", default=None, help="write all results to this JSON file (default: none)")
+    p.add_argument("--markdown", default=None, help="write a markdown summary table here (default: none)")
     p.add_argument("--plots", default=None, metavar="DIR",
-                   help="write PNG plots here (adds a window-size sweep for 2-D and 3-D)")
+                   help="write PNG plots here; adds a window-size sweep for 2-D and 3-D "
+                        "(default: no plots)")
     p.add_argument("--compare", default=None, metavar="BASELINE_JSON",
                    help="flag rows more than 10%% slower than this earlier --json output "
-                        "(exit status 1 when any)")
+                        "(exit status 1 when any; default: no comparison)")
     p.add_argument("--device-ceilings", action="store_true",
                    help="measure the matmul rate and bandwidth ceilings thoroughly (20 runs "
                         "instead of 5) and print them")
+    p.add_argument("--all-backends", action="store_true",
+                   help="also run (and show as skipped) the nattn backends that cannot run on "
+                        "this device, e.g. the CUDA ones on a CPU")
+    p.add_argument("--wide", action="store_true",
+                   help="one table with forward and forward + backward side by side and the "
+                        "notes inline, as wide as it needs (default: tables that fit 100 "
+                        "columns, notes as numbered footnotes)")
     p.add_argument("--list", action="store_true", help="list the named problems and exit")
     p.set_defaults(run=run)
 
@@ -77,26 +87,32 @@ def _selected(args) -> List[problems.NamedProblem]:
     return problems.suite(args.suite)
 
 
+# The nattn backend whose kernels' work perf models exactly on a device type (its rows are held
+# to the kernel bound as well as to the FLOP and memory bounds).
+MODELED_BACKEND = {"cpu": "cpu"}
+
+
 def _bounds(problem, ceilings: perf.Ceilings, backward: bool, device_type: str) -> Dict:
-    """Forward (and backward) bounds, the tile bound at the tile shape of nattn's kernels on
-    this device type (``perf.kernel_tile_shape``)."""
-    tiles = perf.kernel_tile_shape(problem, device_type)
-    fwd = perf.speed_of_light(problem, ceilings, q_tile=tiles.q_tile, kv_tile=tiles.kv_tile)
-    out = {"fwd": fwd.to_dict(), "bound_fwd_s": fwd.tightest_bound, "tightest_fwd": fwd.tightest}
+    """Lower bounds on time: ``bound_*`` for the rows of the backend whose kernels are modeled
+    on this device (``MODELED_BACKEND``; on CPU the forward's kernel bound), ``bound_any_*`` for
+    every other row (FLOP and memory bounds only)."""
+    fwd = perf.speed_of_light(problem, ceilings, device_type=device_type)
+    out = {"fwd": fwd.to_dict(), "bound_fwd_s": fwd.tightest_bound, "tightest_fwd": fwd.tightest,
+           "bound_any_fwd_s": fwd.tightest_any_bound, "tightest_any_fwd": fwd.tightest_any}
     if backward:
-        bwd = perf.speed_of_light(problem, ceilings, backward=True,
-                                  q_tile=fwd.tiles["multi-dim"]["q_tile"],
-                                  kv_tile=fwd.tiles["multi-dim"]["kv_tile"])
+        bwd = perf.speed_of_light(problem, ceilings, backward=True, device_type=device_type)
         out["bwd"] = bwd.to_dict()
         out["bound_fwd_bwd_s"] = fwd.tightest_bound + bwd.tightest_bound
+        out["bound_any_fwd_bwd_s"] = fwd.tightest_any_bound + bwd.tightest_any_bound
     return out
 
 
 def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dict,
-            matmul_rate: float) -> None:
-    """Add rate, its fraction of the measured matmul rate, fraction of bound and nattn speedup
-    (this row's time / nattn auto's time)."""
+            matmul_rate: float, device_type: str = "cpu") -> None:
+    """Add rate, its fraction of the measured matmul rate, fraction of bound (the bound that
+    applies to the row, ``_bounds``) and nattn speedup (this row's time / nattn auto's time)."""
     auto = next((r for r in rows if r["impl"] == f"nattn:{auto_name}"), None)
+    modeled = MODELED_BACKEND.get(device_type)
     for r in rows:
         r["auto"] = r["impl"] == f"nattn:{auto_name}"
         for key in ("fwd", "fwd_bwd"):
@@ -106,8 +122,10 @@ def _derive(rows: List[Dict], auto_name: str, flops: Dict[str, int], bounds: Dic
             r[f"{key}_flops"] = flops[key]
             r[f"{key}_rate"] = flops[key] / t
             r[f"{key}_frac_matmul"] = r[f"{key}_rate"] / matmul_rate
-            bound = bounds.get(f"bound_{key}_s")
+            which = "bound" if modeled and r["impl"] == f"nattn:{modeled}" else "bound_any"
+            bound = bounds.get(f"{which}_{key}_s")
             if bound:
+                r[f"{key}_bound_s"] = bound
                 r[f"{key}_frac_bound"] = bound / t
             if auto and auto.get(f"{key}_s"):
                 r[f"{key}_nattn_speedup"] = t / auto[f"{key}_s"]
@@ -147,7 +165,8 @@ def _run_problem(problem, label: str, factor: float, args, device, ceilings: _Ce
         flops["fwd_bwd"] = flops["fwd"] + perf.needed_flops(problem, backward=True)
     inputs = common.make_inputs(problem, device, dtype)
     auto = common.auto_backend(problem, device, dtype)
-    names = [n for n in _backend_names() if not (n == "reference" and "reference" in args.skip)]
+    names = [n for n in (_backend_names() if args.all_backends else _device_backends(device)[0])
+             if not (n == "reference" and "reference" in args.skip)]
     impls = common.nattn_impls(problem, inputs, device, dtype, names)
     progress.update(task, description=f"{label}: baselines")
     if "sdpa" not in args.skip:
@@ -179,7 +198,7 @@ def _finish(res: Dict, ceilings: Dict[str, perf.Ceilings], backward: bool,
     problem = res.pop("_problem")
     res["bounds"] = _bounds(problem, ceilings[res["dtype"]], backward, device_type)
     _derive(res["rows"], res["auto_backend"], res["flops"], res["bounds"],
-            ceilings[res["dtype"]].matmul_flops)
+            ceilings[res["dtype"]].matmul_flops, device_type)
 
 
 def _backend_names() -> List[str]:
@@ -189,54 +208,172 @@ def _backend_names() -> List[str]:
 
 
 def _pct(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x:.1%}" if x >= 0.001 else f"{x:.2g}"
+    """A fraction as a percentage, one decimal (one format for every row of a column)."""
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _rate(r: Dict, key: str, div: float) -> str:
-    """Achieved rate on the needed FLOPs and, in parentheses, its share of the matmul ceiling."""
-    return f"{r[f'{key}_rate'] / div:.3g} ({_pct(r[f'{key}_frac_matmul'])})"
+    """Achieved rate on the needed FLOPs, one decimal, in the table's unit."""
+    return f"{r[f'{key}_rate'] / div:.1f}"
 
 
 def _speedup(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _table(results: List[Dict], device, backward: bool, title: str) -> Table:
+def _time_unit(results: List[Dict], keys) -> tuple:
+    """(divisor, name) of the time unit of a table: ms, or us when any time is under 1 ms."""
+    times = [r[f"{k}_s"] for res in results for r in res["rows"] for k in keys
+             if r.get(f"{k}_s")]
+    return (1e-6, "us") if times and min(times) < 1e-3 else (1e-3, "ms")
+
+
+class _Notes:
+    """Footnotes of a table: each distinct text once, numbered in order of first use."""
+
+    def __init__(self):
+        self.texts: List[str] = []
+
+    def ref(self, text: str) -> str:
+        if not text:
+            return ""
+        if text not in self.texts:
+            self.texts.append(text)
+        return f"[{self.texts.index(text) + 1}]"
+
+
+def _row_note(r: Dict, keys) -> str:
+    parts = []
+    if r["status"] == "absent":
+        parts.append(r.get("reason"))  # "absent: ... not installed", not a failure
+    elif r["status"] == "skipped":
+        parts.append(f"skipped: {r.get('reason')}")
+    elif r["status"] == "error":
+        parts.append(f"error: {r.get('reason')}")
+    for k in keys:
+        if k != "fwd" and r.get(f"{k}_reason"):
+            parts.append(f"no forward + backward: {r[f'{k}_reason']}")
+    parts += r.get("notes", [])
+    if r.get("setup_s") is not None:
+        parts.append(f"setup {common.fmt_time(r['setup_s'])} (untimed)")
+    return "; ".join(parts)
+
+
+def _table(results: List[Dict], device, key: str, title: str, wide: bool = False,
+           notes: Optional[_Notes] = None) -> Table:
+    """One table per pass (``key``: "fwd" or "fwd_bwd"; with ``wide``, both side by side and
+    the notes in the last column). Every column keeps one number format; the footer
+    (``_footer``) defines the columns and tags."""
     div, unit = common.flops_rate_unit(device)
-    table = Table(title=title, show_header=True, show_lines=False)
-    cols = ["problem", "impl", "fwd", unit, "of bound", "nattn speedup"]
-    if backward:
-        cols += ["fwd+bwd", f"{unit} ", "of bound ", "nattn speedup "]
-    cols += ["setup", "note"]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("problem", "impl", "note") else "right",
-                         overflow="fold")
+    keys = ("fwd", "fwd_bwd") if key == "both" else (key,)
+    tdiv, tunit = _time_unit(results, keys)
+    table = Table(title=title, show_header=True, show_lines=False, pad_edge=False)
+    table.add_column("problem", no_wrap=True)
+    table.add_column("impl", no_wrap=True)
+    label = {"fwd": "fwd", "fwd_bwd": "fwd+bwd"}
+    for k in keys:
+        prefix = f"{label[k]} " if len(keys) > 1 else ""
+        for c in (f"{prefix}{tunit}", f"{prefix}{unit}", f"{prefix}%mm", f"{prefix}%bound",
+                  f"{prefix}speedup"):
+            table.add_column(c, justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold" if wide else "ellipsis", no_wrap=not wide)
     for res in results:
         first = True
         for r in res["rows"]:
-            label = f"{res['name']} (x{res['scale']:g})" if first else ""
+            tag = f"x{res['scale']:g}"
+            cells = [f"{res['name']} {tag}" if first else "",
+                     peers.describe_form(r) + ("*" if r.get("auto") else "")]
             first = False
-            name = peers.describe_form(r) + (" (auto)" if r.get("auto") else "")
-            cells = [label, name]
-            for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
-                t = r.get(f"{key}_s")
+            for k in keys:
+                t = r.get(f"{k}_s")
                 if t is None:
-                    cells += ["-", "-", "-", "-"]
+                    cells += ["-"] * 5
                     continue
-                cells += [common.fmt_time(t), _rate(r, key, div),
-                          _pct(r.get(f"{key}_frac_bound")),
-                          _speedup(r.get(f"{key}_nattn_speedup"))]
-            note = r.get("reason") or r.get("fwd_bwd_reason") or "; ".join(r.get("notes", []))
-            if r["status"] == "absent":
-                pass  # the reason already says "absent: ..."
-            elif r["status"] == "skipped":
-                note = f"skipped: {note}"
-            elif r["status"] == "error":
-                note = f"error: {note}"
-            cells += [common.fmt_time(r.get("setup_s")), note]
+                cells += [f"{t / tdiv:.2f}" if tunit == "ms" else f"{t / tdiv:.1f}",
+                          _rate(r, k, div), _pct(r.get(f"{k}_frac_matmul")),
+                          _pct(r.get(f"{k}_frac_bound")), _speedup(r.get(f"{k}_nattn_speedup"))]
+            note = _row_note(r, keys)
+            cells.append(note if wide or notes is None else notes.ref(note))
             table.add_row(*cells)
         table.add_section()
     return table
+
+
+def _footer(device, backward: bool, scaling: List[Dict], hidden: List[str]) -> List[str]:
+    """Definitions of every column and tag of the tables, as plain lines."""
+    _, unit = common.flops_rate_unit(device)
+    lines = [
+        "columns: problem: named problem (bench --list) and its layout scale factor xF (on CPU "
+        "model problems are scaled down by F so that each runs in seconds; x1 = as named); "
+        "impl: nattn:<backend>, PyTorch SDPA with the dense boolean mask, FlexAttention "
+        "with the same mask as a block mask (the fastest of its mask_mod forms, named: "
+        "lookup tables, a dense mask or arithmetic; cli/peers.py), or NATTEN's public API "
+        "with its defaults (optional, nattn[peers]; 'absent' when not installed); the "
+        "implementations of a problem are timed round-robin; * marks the backend nattn's "
+        "auto picks; "
+        f"ms / us: median time of one call; {unit}: needed FLOPs (attended pairs only) per "
+        "second; %mm: that rate as a percentage of the device's measured matmul ceiling; "
+        "%bound: the tightest lower bound on time (below) as a percentage of the time "
+        "(100 = at the speed of light); speedup: this row's time / the time of nattn's pick "
+        "(above 1: nattn is faster); note: [n] refers to the notes below.",
+        "bounds (docs/performance.md): for every row, the larger of the FLOP bound (needed "
+        "FLOPs / matmul ceiling) and the memory bound (compulsory bytes / copy bandwidth); for "
+        "rows of nattn's CPU kernels (forward) also the kernel bound: the FLOPs those kernels "
+        "execute, counted exactly from their chunking (perf.cpu_forward_flops), / matmul "
+        "ceiling. The forward + backward bound is the sum of the two passes' bounds.",
+    ]
+    if not backward:
+        lines.append("forward only: --backward adds a forward + backward table.")
+    for sc in scaling:
+        lines.append(
+            f"linear scaling: {sc['large']} has {sc['token_ratio']}x the tokens of "
+            f"{sc['small']}; nattn's forward took {common.fmt_time(sc['large_s'])} / "
+            f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f}x the time. These two "
+            "medians come from a second, separate measurement with the calls of the two "
+            "problems interleaved, so that drift of a shared machine's speed over the minutes "
+            "between the two table rows does not enter the ratio; they differ from the table's "
+            "medians by that drift.")
+    if hidden:
+        lines.append("not shown: " + ", ".join(hidden) + " (cannot run on this device; "
+                     "--all-backends shows them)")
+    return lines
+
+
+def _device_backends(device) -> tuple:
+    """(shown, hidden) nattn backends: hidden are those that cannot run even a small 1-D
+    problem on this device (e.g. the CUDA backends on a CPU)."""
+    from nattn import backends
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    probe = backends.Problem(batch=1, spatial_shape=(64,), heads=1, kv_heads=1, head_dim=64,
+                             value_dim=64, kernel_size=(7,), stride=(1,), dilation=(1,),
+                             is_causal=(False,), num_additional=0, dtype=dtype, device=device,
+                             requires_grad=False)
+    shown, hidden = [], []
+    for name in _backend_names():
+        (hidden if backends.get(name).not_supported_reasons(probe) else shown).append(name)
+    return shown, hidden
+
+
+def print_tables(out, results: List[Dict], sweep: List[Dict], device, backward: bool,
+                 wide: bool, scaling: List[Dict], hidden: List[str], threads: int) -> None:
+    """The result tables (forward; forward + backward with ``backward``; the window sweep),
+    their footnotes and the footer. Without ``wide`` each table fits 100 columns."""
+    notes = None if wide else _Notes()
+    passes = ["both"] if wide and backward else ["fwd"] + (["fwd_bwd"] if backward else [])
+    name = {"fwd": "forward only", "fwd_bwd": "forward + backward",
+            "both": "forward | forward + backward"}
+    for group, title in ((results, "named problems"), (sweep, "window sweep")):
+        if not group:
+            continue
+        for key in passes:
+            out.print(_table(group, device, key, f"{title}: {name[key]} ({threads} threads)",
+                             wide, notes))
+    if notes is not None:
+        for i, text in enumerate(notes.texts, 1):
+            out.print(f"[{i}] {text}", markup=False, highlight=False)
+    for line in _footer(device, backward, scaling, hidden):
+        out.print(line, markup=False, highlight=False)
 
 
 def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
@@ -248,18 +385,15 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
              f"{meta['load_average'][1]} after. Ceilings: " + ", ".join(
                  f"{k}: {v['matmul_flops'] / 1e9:.1f} GFLOP/s matmul, "
                  f"{v['bandwidth'] / 1e9:.1f} GB/s copy" for k, v in meta["ceilings"].items()),
-             "", "Speedup = that row's time / nattn (auto)'s time. Bound = tightest of the FLOP, "
-             "tile (multi-dim) and memory bounds (docs/performance.md). Rates are on the needed "
-             "FLOPs, with their share of the measured matmul ceiling of the row's dtype in parentheses.",
-             ""]
+             ""] + [line + "\n" for line in _footer(device, backward, [], [])]
     for sc in meta.get("scaling", []):
         lines += [f"Linear scaling (nattn auto forward, calls of the two problems interleaved): "
                   f"{sc['large']} / {sc['small']} = {common.fmt_time(sc['large_s'])} / "
                   f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f} for "
                   f"{sc['token_ratio']}x the tokens.", ""]
-    head = ["problem", "scale", "layout", "impl", "fwd", unit, "of bound", "nattn speedup"]
+    head = ["problem", "scale", "layout", "impl", "fwd", unit, "%mm", "%bound", "speedup"]
     if backward:
-        head += ["fwd+bwd", unit, "of bound", "nattn speedup"]
+        head += ["fwd+bwd", unit, "%mm", "%bound", "speedup"]
     head.append("note")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -269,11 +403,10 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
                      r["impl"] + (" (auto)" if r.get("auto") else "")]
             for key in ("fwd", "fwd_bwd") if backward else ("fwd",):
                 t = r.get(f"{key}_s")
-                cells += ["-"] * 4 if t is None else [
-                    common.fmt_time(t), _rate(r, key, div),
+                cells += ["-"] * 5 if t is None else [
+                    common.fmt_time(t), _rate(r, key, div), _pct(r.get(f"{key}_frac_matmul")),
                     _pct(r.get(f"{key}_frac_bound")), _speedup(r.get(f"{key}_nattn_speedup"))]
-            note = r.get("reason") or r.get("fwd_bwd_reason") or ""
-            cells.append(note.replace("|", "/"))
+            cells.append(_row_note(r, ("fwd", "fwd_bwd")).replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -348,7 +481,7 @@ def run(args) -> int:
     selected = _selected(args)
     if args.scale is not None and not args.scale > 0:
         raise SystemExit(f"error: --scale {args.scale} must be > 0")
-    out = console()
+    out = console(wide=args.wide)
     jobs = []
     for p in selected:
         factor = args.scale if args.scale is not None else \
@@ -379,17 +512,11 @@ def run(args) -> int:
     scaling = _scaling(results, device, warmup, repeats)  # before _finish drops "_problem"
     for res in results + sweep:
         _finish(res, ceilings.best, args.backward, device.type)
-    for sc in scaling:
-        out.print(f"linear scaling, interleaved: {sc['large']} / {sc['small']} forward = "
-                  f"{common.fmt_time(sc['large_s'])} / {common.fmt_time(sc['small_s'])} = "
-                  f"{sc['time_ratio']:.2f} for {sc['token_ratio']}x the tokens")
     for key, c in ceilings.best.items():
         out.print(f"ceilings ({c.source}, {key}): matmul "
                   f"{c.matmul_flops / 1e9:.1f} GFLOP/s, copy bandwidth {c.bandwidth / 1e9:.1f} GB/s")
-    out.print("rates are on the needed FLOPs; in parentheses, their share of the matmul ceiling")
-    out.print(_table(results, device, args.backward, "named problems"))
-    if sweep:
-        out.print(_table(sweep, device, args.backward, "window sweep"))
+    hidden = [] if args.all_backends else [f"nattn:{n}" for n in _device_backends(device)[1]]
+    print_tables(out, results, sweep, device, args.backward, args.wide, scaling, hidden, threads)
     meta = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "commit": common.git_commit(), "device": common.device_name(device),

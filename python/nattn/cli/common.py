@@ -60,22 +60,26 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     """Problem flags shared by ``profile`` and ``sol`` (NATTEN-profiler style)."""
     g = p.add_argument_group("problem")
     g.add_argument("-i", "--input-size", type=int, nargs="+", default=None,
-                   help="spatial shape, 1 to 3 extents (e.g. 56 56); required")
-    g.add_argument("-b", "--batch-size", type=int, default=1)
-    g.add_argument("-n", "--heads", type=int, default=1)
-    g.add_argument("--kv-heads", type=int, default=None, help="default: --heads (GQA when fewer)")
-    g.add_argument("-d", "--dim", type=int, default=64, help="head dim")
-    g.add_argument("--dim-value", type=int, default=None, help="value head dim (default --dim)")
+                   help="spatial shape, 1 to 3 extents (e.g. 56 56); required, no default")
+    g.add_argument("-b", "--batch-size", type=int, default=1, help="batch size (default: 1)")
+    g.add_argument("-n", "--heads", type=int, default=1, help="query heads (default: 1)")
+    g.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads (default: --heads; GQA/MQA when fewer)")
+    g.add_argument("-d", "--dim", type=int, default=64, help="head dim (default: 64)")
+    g.add_argument("--dim-value", type=int, default=None, help="value head dim (default: --dim)")
     g.add_argument("-w", "--window-size", type=int, nargs="+", default=None,
-                   help="kernel size per axis (one value: all axes); required")
-    g.add_argument("-s", "--stride", type=int, nargs="+", default=[1])
-    g.add_argument("--dilation", type=int, nargs="+", default=[1])
+                   help="kernel size per axis (one value: all axes); required, no default")
+    g.add_argument("-s", "--stride", type=int, nargs="+", default=[1],
+                   help="stride per axis, one value: all axes (default: 1)")
+    g.add_argument("--dilation", type=int, nargs="+", default=[1],
+                   help="dilation per axis, one value: all axes (default: 1)")
     g.add_argument("--causal", type=_bool, nargs="*", default=None,
-                   help="per-axis bools; the flag alone makes every axis causal")
+                   help="per-axis bools; the flag alone makes every axis causal (default: no "
+                        "axis causal)")
     g.add_argument("--additional-kv", type=int, default=0,
-                   help="additional key/value tokens every query attends to")
+                   help="additional key/value tokens every query attends to (default: 0)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+                   help="element type (default: bfloat16 on CUDA, float32 on CPU)")
 
 
 def _per_axis(values: Sequence, rank: int, name: str) -> tuple:
@@ -135,21 +139,38 @@ def set_threads(threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
-def git_commit() -> str:
-    """Short commit of the checkout this package runs from (or of ``$NATTN_SOURCE_ROOT``, set by
-    scripts that run a copy of the package), with "+dirty" when the working tree has changes
-    (tracked or untracked), or "unknown" outside a git checkout."""
-    root = os.environ.get("NATTN_SOURCE_ROOT") or str(Path(__file__).resolve().parents[3])
+def build_info() -> Dict:
+    """What the installed native module was built from: ``nattn/_build_info.json``, written by
+    setup.py at build time (commit, date, CUDA choice, emulator); {} for a build that did not go
+    through setup.py (scripts/dev_build.sh, a CMake build)."""
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "_build_info.json"
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        if not head:
-            return "unknown"
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return head + ("+dirty" if status else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def git_commit() -> str:
+    """The commit the running package comes from: for a package run from a git checkout (a dev
+    build with PYTHONPATH=python, or ``$NATTN_SOURCE_ROOT``, set by scripts that run a copy of
+    the package), its short HEAD with "+dirty" when the working tree has changes; otherwise the
+    commit recorded at build time (``build_info``); "unknown" when neither is known."""
+    root = os.environ.get("NATTN_SOURCE_ROOT") or str(Path(__file__).resolve().parents[3])
+    head = ""
+    if (Path(root) / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+            if head:
+                status = subprocess.run(["git", "-C", root, "status", "--porcelain"],
+                                        capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
+                head += "+dirty" if status else ""
+        except (OSError, subprocess.SubprocessError):
+            head = ""
+    return head or build_info().get("commit") or "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -20,16 +20,17 @@ def add_parser(sub) -> None:
     common.add_problem_args(p)
     p.add_argument("--backend", default="auto",
                    help="'auto' (what nattn picks), 'all' (every backend that can run it), or "
-                        "a backend name")
-    p.add_argument("--backward", action="store_true", help="also time the backward pass")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3 CPU, 10 GPU)")
+                        "a backend name (default: auto)")
+    p.add_argument("--backward", action="store_true", help="also time the backward pass (default: forward only)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 3 on CPU, 10 on GPU)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls, median reported (default 10 CPU, 50 GPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+                   help="timed calls, median reported (default: 10 on CPU, 50 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this path (default: none)")
     p.add_argument("--natten", action="store_true",
                    help="also time NATTEN's public API with its defaults, as a peer (optional: "
-                        "pip install 'nattn[peers]'; reported as absent when not installed)")
+                        "pip install 'nattn[peers]'; reported as absent when not installed; "
+                        "default: off)")
     p.set_defaults(run=run)
 
 
@@ -80,16 +81,19 @@ def run(args) -> int:
               f"{common.device_name(device)}; auto backend: {auto}; threads: {threads}; "
               f"medians of {repeats} after {warmup} warm-up")
     table = Table(show_header=True)
-    for col in ("backend", "forward", "backward", "FLOPs fwd", "FLOPs bwd", f"fwd {unit}",
-                f"bwd {unit}", "peak memory"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    out.print(f"needed FLOPs: forward {common.fmt_count(fwd_flops)}, backward "
+              f"{common.fmt_count(bwd_flops)}")
+    for col in ("backend", "forward", "backward", f"fwd {unit}", f"bwd {unit}", "peak memory"):
+        table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     mem_source = "torch.cuda.max_memory_allocated over inputs" if cuda else \
         "analytic: tensors the call allocates (outputs, lse; grads, delta)"
     rows = []
+    skipped = []
     for impl in impls:
         name = impl.name.split(":", 1)[-1]
         if impl.skip:
-            table.add_row(name, f"skipped: {impl.skip}", "", "", "", "", "", "")
+            skipped.append(f"{name}: {impl.skip}")
+            table.add_row(name, f"skipped [{len(skipped)}]", "", "", "", "")
             rows.append({"backend": name, "status": "skipped", "reason": impl.skip})
             continue
         row = {"backend": name, "status": "ok", "fwd_flops": fwd_flops, "bwd_flops": bwd_flops}
@@ -113,12 +117,13 @@ def run(args) -> int:
         bwd = row.get("bwd_s")
         table.add_row(
             name, common.fmt_time(row["fwd_s"]), common.fmt_time(bwd),
-            common.fmt_count(fwd_flops), common.fmt_count(bwd_flops),
             f"{fwd_flops / row['fwd_s'] / div:.3g}",
             f"{bwd_flops / bwd / div:.3g}" if bwd else "-",
             common.fmt_bytes(row["peak_bytes"]),
         )
     out.print(table)
+    for i, text in enumerate(skipped, 1):
+        out.print(f"[{i}] skipped {text}", markup=False, highlight=False)
     out.print(f"peak memory: {mem_source}. FLOPs: needed only (forward 2BHW(D+Dv), backward "
               f"2BHW(3D+2Dv); W = attended pairs), see nattn.perf.")
     if args.json:

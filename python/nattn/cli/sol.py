@@ -32,19 +32,23 @@ def add_parser(sub) -> None:
     common.add_problem_args(p)
     p.add_argument("--problem", default=None, metavar="NAME",
                    help="a named problem (python -m nattn bench --list) instead of the problem "
-                        "flags; --batch-size and --dtype still apply")
+                        "flags; --batch-size and --dtype still apply (default: none)")
     p.add_argument("--tile-shape", type=_tile, nargs=2, metavar=("Q", "KV"), default=None,
                    help="multi-dim Q and KV tile extents, e.g. 8x16 8x16 (default: the "
                         "recommended shape of 128 x 128 tokens)")
-    p.add_argument("--backward", action="store_true", help="model the backward pass")
+    p.add_argument("--backward", action="store_true", help="model the backward pass (default: the forward)")
     p.add_argument("--matmul-tflops", type=float, default=None,
-                   help="matmul rate ceiling (TFLOP/s) instead of measuring it")
+                   help="matmul rate ceiling (TFLOP/s) instead of measuring it (default: "
+                        "measured, best of 20 runs)")
     p.add_argument("--bandwidth-gbs", type=float, default=None,
-                   help="memory bandwidth ceiling (GB/s) instead of measuring it")
+                   help="memory bandwidth ceiling (GB/s) instead of measuring it (default: "
+                        "measured, best of 20 runs)")
     p.add_argument("--no-measure", action="store_true",
                    help="no ceilings: counts only, no times")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for measuring")
-    p.add_argument("--json", default=None, help="write the report as JSON to this path")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for measuring (default: torch's, usually all cores)")
+    p.add_argument("--json", default=None,
+                   help="write the report as JSON to this path (default: none)")
     p.set_defaults(run=run)
 
 
@@ -57,7 +61,8 @@ def ceilings_from_args(args, device, dtype) -> Optional[perf.Ceilings]:
     if rate is not None and bandwidth is not None:
         source = "supplied"
     else:
-        measured = perf.measure_ceilings(device, dtype)
+        # thorough (best of 20): a ceiling measured low makes every bound too large
+        measured = perf.measure_ceilings(device, dtype, quick=False)
         source = "measured" if rate is None and bandwidth is None else "measured + supplied"
         rate = rate or measured.matmul_flops
         bandwidth = bandwidth or measured.bandwidth
@@ -83,7 +88,7 @@ def run(args) -> int:
             raise SystemExit(f"error: --tile-shape needs {problem.rank} extents per tile")
     ceilings = ceilings_from_args(args, device, problem.dtype)
     report = perf.speed_of_light(problem, ceilings, backward=args.backward, q_tile=q_tile,
-                                 kv_tile=kv_tile)
+                                 kv_tile=kv_tile, device_type=device.type)
     print_report(problem, report, device)
     if args.json:
         with open(args.json, "w") as f:
@@ -111,13 +116,25 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
         summary.add_row("matmul ceiling", f"{c['matmul_flops'] / 1e12:.3f} TFLOP/s ({c['source']}"
                                           f", {c['device']} {c['dtype']})")
         summary.add_row("bandwidth ceiling", f"{c['bandwidth'] / 1e9:.1f} GB/s")
-        summary.add_row("FLOP bound", common.fmt_time(report.flop_bound))
-        summary.add_row("memory bound", common.fmt_time(report.memory_bound))
-        summary.add_row("tile bound (multi-dim)",
-                        common.fmt_time(report.tiles["multi-dim"]["bound"]))
+        summary.add_row("FLOP bound (any implementation)", common.fmt_time(report.flop_bound))
+        summary.add_row("memory bound (any implementation)",
+                        common.fmt_time(report.memory_bound))
+        if report.kernel_bound is not None:
+            summary.add_row("kernel bound (nattn's CPU forward)",
+                            common.fmt_time(report.kernel_bound))
         summary.add_row("tightest bound", f"{report.tightest}: "
                                           f"{common.fmt_time(report.tightest_bound)}")
+    elif report.kernel_flops is not None:
+        summary.add_row("FLOPs of nattn's CPU forward", common.fmt_count(report.kernel_flops))
     out.print(summary)
+    if report.ceilings:
+        out.print("Every bound above is a lower bound on time on this device, given the matmul "
+                  "and bandwidth ceilings: the FLOP bound (needed FLOPs / matmul ceiling) and "
+                  "the memory bound (compulsory bytes / bandwidth) for any implementation"
+                  + ("; the kernel bound for nattn's CPU forward: the FLOPs its product "
+                     "kernels execute, counted exactly from its chunking of "
+                     f"{_C_tile()} (perf.cpu_forward_flops), / matmul ceiling"
+                     if report.kernel_bound is not None else "") + ".")
     tiles = Table(title="tiling", show_header=True)
     tiles.add_column("")
     order = ("1-D flat", "multi-dim")
@@ -138,6 +155,16 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
     row("computed FLOPs", lambda d: common.fmt_count(d["tile_flops"]))
     row("needed / computed", lambda d: f"{d['efficiency']:.1%}")
     if report.ceilings:
-        row("tile bound", lambda d: common.fmt_time(d["bound"]))
+        row("tile-model time", lambda d: common.fmt_time(d["bound"]))
     out.print(tiles)
+    out.print("The tiling table is a what-if: a kernel that computes whole tiles of these shapes "
+              "needs the computed FLOPs and, at the matmul ceiling, the tile-model time. It is "
+              "not a bound on nattn's kernels (they tile differently) and is not in the "
+              "tightest bound.")
     out.print(f"note: {report.note}")
+
+
+def _C_tile() -> str:
+    from .._native import _C
+
+    return f"{_C.cpu_q_tile}-query tiles x {_C.cpu_kv_tile}-key chunks"

@@ -1,0 +1,83 @@
+"""Every bound `sol` and `bench` print is a lower bound on time: the CPU forward kernel's
+measured time is never below any of them, for the CPU suite (the slack is for timer noise and
+for ceilings measured on a shared machine, not for a model error: the kernel bound counts the
+work the kernels execute, and they run well below the matmul ceiling on it)."""
+
+import pytest
+import torch
+
+from nattn import perf, problems
+from nattn._native import _C
+from nattn.backends import Problem
+from nattn.cli import common
+
+pytestmark = pytest.mark.skipif(_C is None, reason="needs the native module")
+
+# The measured median may fall below the bound by this much: timer resolution and a ceiling
+# caught while neighbours load the machine (every ceiling is the best of several measurements
+# interleaved with the timed calls).
+SLACK = 0.9
+
+
+def _problem(shape, k, d=1, dilation=1, causal=False, m=0, head_dim=1, value_dim=1):
+    r = len(shape)
+    return Problem(batch=1, spatial_shape=shape, heads=1, kv_heads=1, head_dim=head_dim,
+                   value_dim=value_dim, kernel_size=(k,) * r, stride=(1,) * r,
+                   dilation=(dilation,) * r, is_causal=(causal,) * r, num_additional=m,
+                   dtype=torch.float32, device=torch.device("cpu"), requires_grad=False)
+
+
+def test_cpu_forward_flops_by_hand():
+    assert (_C.cpu_q_tile, _C.cpu_kv_tile) == (8, 16)  # the numbers below assume 8 x 16
+    # length 8, window 3: one tile of 8 queries whose windows span keys [0, 8): one chunk,
+    # block_dot 8 x 16 x D and block_accumulate 8 x 8 x Dv multiply-adds
+    assert perf.cpu_forward_flops(_problem((8,), 3)) == 2 * (8 * 16 + 8 * 8)
+    # length 20, window 5: tiles [0, 8) (keys [0, 10): 1 chunk of 10), [8, 16) (keys [6, 18):
+    # 1 chunk of 12), [16, 20) (4 real rows, keys [14, 20): 1 chunk of 6)
+    assert perf.cpu_forward_flops(_problem((20,), 5)) == 2 * (3 * 8 * 16 + 8 * (10 + 12 + 6))
+    # dilation 2: two groups of 10 positions, each as the undilated length 10, window 5:
+    # tiles [0, 8) (keys [0, 10)) and [8, 10) (keys [5, 10)) per group
+    assert perf.cpu_forward_flops(_problem((20,), 5, dilation=2)) == \
+        2 * 2 * (2 * 8 * 16 + 8 * (10 + 5))
+    # 2-D 8 x 8, window 3: every row's 3 key rows (sum over rows of 3) per tile of one row
+    assert perf.cpu_forward_flops(_problem((8, 8), 3)) == 2 * 8 * 3 * (8 * 16 + 8 * 8)
+    # 20 additional tokens: per tile two chunks (16 + 4 tokens) of 8 x 16 scores
+    assert perf.cpu_forward_flops(_problem((8,), 3, m=20)) == \
+        2 * (8 * 16 + 8 * 8 + 2 * 8 * 16 + 8 * 20)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cpu_forward_flops_covers_the_needed_work(seed):
+    g = torch.Generator().manual_seed(seed)
+    rank = int(torch.randint(1, 4, (1,), generator=g))
+    shape = tuple(int(torch.randint(3, 24 if rank < 3 else 10, (1,), generator=g))
+                  for _ in range(rank))
+    k = int(torch.randint(1, min(shape) + 1, (1,), generator=g))
+    k -= 1 - k % 2  # odd, at most the shortest axis
+    p = _problem(shape, k, causal=bool(seed % 2), head_dim=32, value_dim=16, m=seed % 3 * 7)
+    # every attended pair is in some chunk: at least the needed work, and at most the whole
+    # padded blocks of every chunk
+    assert perf.cpu_forward_flops(p) >= perf.needed_flops(p)
+
+
+def test_measured_cpu_time_is_never_below_a_printed_bound():
+    device = torch.device("cpu")
+    for named in problems.suite("cpu"):
+        p = named  # the CPU suite runs unscaled (default_cpu_scale 1)
+        inputs = common.make_inputs(p, device, torch.float32)
+        (impl,) = common.nattn_impls(p, inputs, device, torch.float32, ["cpu"])
+        best, times = None, []
+        for _ in range(3):
+            c = perf.measure_ceilings(device, torch.float32)
+            best = c if best is None else perf.Ceilings(
+                max(best.matmul_flops, c.matmul_flops), max(best.bandwidth, c.bandwidth),
+                "measured")
+            times += common.time_calls(impl.forward, device, 1, 3)
+        t = common.median(times)
+        report = perf.speed_of_light(p, best, device_type="cpu")
+        printed = {"flop": report.flop_bound, "memory": report.memory_bound,
+                   "kernel": report.kernel_bound, "tightest": report.tightest_bound}
+        for name, bound in printed.items():
+            assert t >= SLACK * bound, \
+                f"{p.name}: measured {t * 1e3:.2f} ms is below the {name} bound " \
+                f"{bound * 1e3:.2f} ms (matmul ceiling {best.matmul_flops / 1e9:.1f} GFLOP/s)"
