@@ -394,7 +394,7 @@ def hopper_eligible(c: Case) -> bool:
 
 HOPPER_EDGE_CASES = [
     # 2-D ragged dilation (d does not divide L) on both axes, head_dim 128
-    Case(1, (23, 19), 2, 1, 128, 128, (5, 7), (1, 2), (2, 3), (False, True), 0,
+    Case(1, (23, 19), 2, 1, 128, 128, (5, 5), (1, 2), (2, 3), (False, True), 0,
          torch.bfloat16, 8),
     # blocked 3-D GNA (stride = kernel): every tile pair full
     Case(1, (8, 16, 16), 2, 2, 64, 64, (4, 8, 8), (4, 8, 8), (1, 1, 1), (False, False, False), 0,
@@ -491,6 +491,9 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
 
     q, k, v, _, _ = make_inputs(c, gen, "cpu")
     p = _native._params(q, k, v, None, None, window, _native._emu)[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1])
+    p.set_tensor("out", out.data_ptr(), _native._token_strides(out, 2))
+    p.set_tensor("lse", lse.data_ptr(), _native._token_strides(lse, 2))
     assert _native._emu.cuda_hopper_forward_reasons(p) == []
     _native._emu.set_encode_fault(True)
     try:

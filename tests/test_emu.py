@@ -18,6 +18,7 @@ kernel instantiation runs under it, and that it can fail.
 Skipped without a NATTN_EMU=1 build.
 """
 
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -332,8 +333,7 @@ def _box(t, coords, box, estrides):
     rank = len(box)
     counts = [box[0]] + [-(-box[i] // estrides[i]) for i in range(1, rank)]
     out = torch.zeros(list(reversed(counts)), dtype=torch.float16)
-    for idx in torch.cartesian_product(*[torch.arange(n) for n in reversed(counts)]).tolist():
-        idx = idx if isinstance(idx, list) else [idx]
+    for idx in itertools.product(*[range(n) for n in reversed(counts)]):
         c = [coords[i] + (idx[rank - 1 - i] * (estrides[i] if i else 1)) for i in range(rank)]
         if all(0 <= c[i] < t.shape[rank - 1 - i] for i in range(rank)):
             out[tuple(idx)] = t[tuple(reversed(c))]
