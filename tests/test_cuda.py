@@ -507,3 +507,46 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
     ref = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(),
                                                  c.kernel_size)
     assert (out.double() - ref).abs().max().item() < 1e-2
+
+
+hopper_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or _C is None or not getattr(_C, "with_cuda", False)
+    or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an H100/H200 (compute capability 9.0) and a CUDA build of nattn._C",
+)
+
+
+@hopper_gpu
+@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+def test_hopper_forward_sweep_gpu(monkeypatch, index):
+    """The same Hopper configurations on a real H100/H200 through the opt-in `hopper` backend
+    (scripts/gpu_check.sh runs this file): the Hopper kernel must take each call, and out / lse
+    follow the error-ratio rule against the fp32 reference on the GPU."""
+    monkeypatch.setenv("NATTN_EXPERIMENTAL_HOPPER", "1")
+    c = HOPPER_SWEEP[index]
+    gen = torch.Generator(device="cuda").manual_seed(index)
+    low = make_inputs(c, gen, "cuda")
+    q, k, v, _, _ = low
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, c.dim ** -0.5)
+    p = _native._params(q, k, v, None, None, window, _C)[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1], device="cuda")
+    p.set_tensor("out", out.data_ptr(), _native._token_strides(out, len(c.shape)))
+    p.set_tensor("lse", lse.data_ptr(), _native._token_strides(lse, len(c.shape)))
+    assert _C.cuda_hopper_forward_reasons(p) == [], c
+
+    def forward(fn, inputs):
+        q, k, v, _, _ = inputs
+        return fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
+                  is_causal=c.is_causal, return_lse=True)
+
+    with torch.no_grad():
+        e = forward(nattn.reference.neighborhood_attention,
+                    [t if t is None else t.float() for t in low])
+        t = forward(nattn.reference.neighborhood_attention, low)
+        kern = forward(kernel_fn("hopper"), low)
+    for n, (ek, tk, kk) in enumerate(zip(e, t, kern)):
+        assert not torch.isnan(kk).any(), (NAMES[n], c)
+        k_err = (kk.float() - ek).abs().max().item()
+        t_err = (tk.float() - ek).abs().max().item()
+        scale = max(1.0, ek.abs().max().item())
+        assert k_err <= 2.0 * t_err + FLOOR[c.dtype] * scale, (NAMES[n], k_err, t_err, c)
