@@ -468,6 +468,31 @@ def test_hopper_forward_sweep_emulated(hopper_emu, index):
     check_forward(HOPPER_SWEEP[index], seed=index, target="cuda-emu", expect_hopper=True)
 
 
+def test_hopper_forward_heads_first_views(hopper_emu):
+    """Q, K, V as heads-first views ([B, H, *S, D] storage seen as [B, *S, H, D]): TMA reads
+    them where they lie (the batch and head strides fold into the offset dim), no copy."""
+    gen = torch.Generator().manual_seed(11)
+
+    def heads_first(heads):
+        t = torch.randn(2, heads, 9, 14, 64, generator=gen).to(torch.bfloat16)
+        return t.permute(0, 2, 3, 1, 4)
+
+    q, k, v = heads_first(4), heads_first(2), heads_first(2)
+    assert not q.is_contiguous()
+    kw = dict(kernel_size=(5, 7), dilation=(1, 2), is_causal=(True, False), return_lse=True)
+    emu.clear_launches()
+    with torch.no_grad():
+        out, lse = nattn.neighborhood_attention(q, k, v, backend="cuda-emu", **kw)
+        assert _hopper_launches(), [r["kernel"] for r in emu.launches()]
+        e = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(), **kw)
+        t = nattn.reference.neighborhood_attention(q, k, v, **kw)
+    for name, ek, tk, kk in zip(NAMES, e, t, (out, lse)):
+        k_err = (kk.double() - ek).abs().max().item()
+        t_err = (tk.double() - ek).abs().max().item()
+        assert k_err <= 2.0 * t_err + FLOOR[torch.bfloat16] * max(1.0, ek.abs().max().item()), (
+            name, k_err, t_err)
+
+
 def test_hopper_declines_to_portable_kernels(hopper_emu):
     """K and V with different batch/head strides (one TMA coordinate cannot address both), and
     a tensor map the driver refuses: each is declined with its reason before launch, and the

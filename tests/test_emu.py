@@ -14,6 +14,15 @@ kernel instantiation runs under it, and that it can fail.
   its cp.async wait, a missing __syncthreads, a divergent shuffle, a barrier not every thread
   reaches, over 48 KiB of dynamic shared memory without the opt-in, an mma fed a swapped
   fragment register; each caught with a clear message.
+- SM90: the emulator's wgmma accumulator / A-register maps against CuTe's GMMA layouts; its
+  decoding of CuTe's wgmma descriptors (every GMMA atom, K- and MN-major, every k-block) against
+  CuTe's own addresses; the emulated cuTensorMapEncodeTiled against each rule the driver
+  documents; TMA boxes (ranks 1-5, out of bounds, element strides, every swizzle) read back
+  through CuTe's swizzle atoms; the Hopper forward's wgmma count and TMA bytes against its
+  planner; planted SM90 defects (tests/emu/defects_sm90.cpp): accumulators read before
+  wgmma.wait_group, a wgmma without wgmma.fence, a wgmma reading a TMA tile before its mbarrier
+  wait, a TMA refilling a tile a wgmma still reads, an mbarrier phase that never completes or
+  is overtaken, setmaxnreg beyond the register file or not warpgroup-uniform.
 
 Skipped without a NATTN_EMU=1 build.
 """
@@ -404,6 +413,8 @@ SM90_DEFECTS = {
     "wgmma_read_before_wait": "read the NaN pattern: accumulators read before wgmma.wait_group",
     "wgmma_without_fence": "without a wgmma.fence",
     "tma_into_busy_stage": "writes shared memory that a wgmma in flight",
+    "wgmma_before_tma_wait": "wgmma reads the B operand from shared memory that a copy has not "
+                             "completed",
     "mbarrier_complete": "ok",
     "mbarrier_never_completes": "deadlock, every live thread waits: threads 0-63: "
                                 "mbarrier.try_wait.parity 0 on the mbarrier at shared address "

@@ -21,7 +21,7 @@ using fp16 = cute::half_t;
 
 namespace {
 
-enum class Wgmma { kOk, kReadBeforeWait, kNoFence, kTmaIntoBusy };
+enum class Wgmma { kOk, kReadBeforeWait, kNoFence, kTmaIntoBusy, kNoTmaWait };
 
 // One warpgroup: A (64 x 16) and B (64 x 16), K-major 128-byte-swizzled tiles of shared memory
 // filled by its threads, D = A B^T by one wgmma m64n64k16 (SS). `defect` plants one error.
@@ -49,6 +49,14 @@ __global__ void one_wgmma(const fp16* a, const fp16* b, float* d, Wgmma defect,
   uint64_t* bar = reinterpret_cast<uint64_t*>(base + 16384);
   if (t == 0) ops::Barrier::init(bar, 1);
   __syncthreads();
+  if (defect == Wgmma::kNoTmaWait) {
+    // B's tile arrives by TMA, and nobody waits on its mbarrier before the wgmma reads it.
+    if (t == 0) {
+      ops::TxBarrier::arrive_and_expect_tx(bar, 8192);
+      ops::TmaLoad5D::copy(map, bar, 0, base + 8192, 0, 0, 0, 0, 0);
+    }
+    __syncthreads();
+  }
   if (defect != Wgmma::kNoFence) ops::wgmma_fence();
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   cute::gemm(mma, tA(_, _, 0), tB(_, _, 0), acc);
@@ -125,11 +133,13 @@ int main() {
       return 1;
     }
   }
-  for (Wgmma w : {Wgmma::kOk, Wgmma::kReadBeforeWait, Wgmma::kNoFence, Wgmma::kTmaIntoBusy}) {
+  for (Wgmma w : {Wgmma::kOk, Wgmma::kReadBeforeWait, Wgmma::kNoFence, Wgmma::kTmaIntoBusy,
+                  Wgmma::kNoTmaWait}) {
     const char* name = w == Wgmma::kOk               ? "wgmma_after_wait"
                        : w == Wgmma::kReadBeforeWait ? "wgmma_read_before_wait"
                        : w == Wgmma::kNoFence        ? "wgmma_without_fence"
-                                                     : "tma_into_busy_stage";
+                       : w == Wgmma::kTmaIntoBusy    ? "tma_into_busy_stage"
+                                                     : "wgmma_before_tma_wait";
     std::fill(d.begin(), d.end(), 0.f);
     const cudaError_t s = launch_kernel(one_wgmma, dim3(1), dim3(128), smem, nullptr, a.data(),
                                         b.data(), d.data(), w, &map);
