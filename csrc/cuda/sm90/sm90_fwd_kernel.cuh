@@ -143,9 +143,9 @@ __device__ __forceinline__ void tma_load_tile(const CUtensorMap* map, uint64_t* 
 #pragma unroll
   for (int c = 0; c < Traits::kChunks; ++c) {
     ops::TmaLoad5D::copy(map, barrier,
-                                 static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                 smem + c * rows * kHeadDimChunk, c * kHeadDimChunk, pos[2],
-                                 pos[1], pos[0], offset);
+                         static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                         smem + c * rows * kHeadDimChunk, c * kHeadDimChunk, pos[2], pos[1],
+                         pos[0], offset);
   }
 }
 
