@@ -119,11 +119,15 @@ void register_cuda(py::module_& m) {
       [](const nattn::AttentionParams& p) {
         check_common(p, false);
         std::string err;
+        std::vector<std::string> declined;
         {
           py::gil_scoped_release release;
-          err = nattn::cuda::hopper_forward(p);
+          err = nattn::cuda::hopper_forward(p, &declined);
         }
         if (!err.empty()) throw std::runtime_error("nattn Hopper forward: " + err);
+        return declined;
       },
-      py::arg("params"), "Hopper forward on the current device and params' stream.");
+      py::arg("params"),
+      "Hopper forward on the current device and params' stream (one plan per call). Returns "
+      "the reasons it declined the call (nothing ran: run cuda_forward), empty when it ran.");
 }

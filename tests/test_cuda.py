@@ -464,3 +464,201 @@ def test_rpb_takes_the_tensor_core_path(target):
         d_out = torch.empty(c.batch, *c.shape, c.heads, c.dim_v, dtype=c.dtype)
         p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, len(c.shape)))
         assert lib.cuda_plan(p, True)["path"] == "tensor_core", c
+
+
+# ---------------------------------------------------------------------------------------------
+# Hopper (sm_90a) forward under the emulator (NATTN_EMU_ARCH=90: cuda-emu dispatches as an
+# H100 would, to the wgmma + TMA forward where it applies). The configurations are the sweep's
+# own that the Hopper kernel takes (fp16/bf16, head_dim = value_dim in {64, 128}, no additional
+# tokens, 16-byte-aligned rows), with the same error rule and the same two-schedule race check;
+# the rest of the sweep declines to the SM80 kernels, which the emu sweep above already covers.
+# Forward only: the backward runs on the SM80 kernels (no Hopper backward yet).
+
+def hopper_eligible(c: Case) -> bool:
+    return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
+            and c.dim in (64, 128) and c.additional == 0 and c.pad in (0, 8))
+
+
+HOPPER_EDGE_CASES = [
+    # 2-D ragged dilation (d does not divide L) on both axes, head_dim 128
+    Case(1, (23, 19), 2, 1, 128, 128, (5, 5), (1, 2), (2, 3), (False, True), 0,
+         torch.bfloat16, 8),
+    # blocked 3-D GNA (stride = kernel): every tile pair full
+    Case(1, (8, 16, 16), 2, 2, 64, 64, (4, 8, 8), (4, 8, 8), (1, 1, 1), (False, False, False), 0,
+         torch.float16, 0),
+    # self-attention (K = L), one query tile with a single KV tile and causal masking
+    Case(2, (100,), 2, 2, 128, 128, (100,), (1,), (1,), (True,), 0, torch.float16, 0),
+    # 1-D longer than the tiles, GQA 4:1, causal
+    Case(1, (777,), 4, 1, 64, 64, (129,), (1,), (1,), (True,), 0, torch.bfloat16, 0),
+]
+HOPPER_SWEEP = HOPPER_EDGE_CASES + [c for c in SWEEP if hopper_eligible(c)][:14]
+
+
+def _hopper_launches():
+    return [r for r in emu.launches() if "sm90::forward_kernel" in r["kernel"]]
+
+
+def check_forward(c: Case, seed: int, target: str, expect_hopper: bool):
+    """Forward (out, lse) of `c` under the emulator in two schedules, against the fp64
+    reference with the error-ratio rule; the Hopper kernel must (or must not) have run."""
+    gen = torch.Generator().manual_seed(seed)
+    low = make_inputs(c, gen, "cpu")
+    exact = [t if t is None else t.to(torch.float64) for t in low]
+
+    def forward(fn, inputs):
+        q, k, v, ak, av = inputs
+        return fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
+                  is_causal=c.is_causal, additional_keys=ak, additional_values=av,
+                  return_lse=True)
+
+    with torch.no_grad():
+        e = forward(nattn.reference.neighborhood_attention, exact)
+        t = forward(nattn.reference.neighborhood_attention, low)
+        emu.clear_launches()
+        emu.configure(order="forward")
+        first = forward(kernel_fn(target), low)
+        ran = bool(_hopper_launches())
+        emu.configure(order="random", seed=seed, grid_cap=3)
+        second = forward(kernel_fn(target), low)
+        emu.configure(order="forward")
+    assert ran == expect_hopper, (c, [r["kernel"] for r in emu.launches()])
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (name, "schedule-dependent", c)
+    for n, (ek, tk, kk) in enumerate(zip(e, t, first)):
+        assert not torch.isnan(kk).any(), (NAMES[n], c)
+        k_err = (kk.double() - ek).abs().max().item()
+        t_err = (tk.double() - ek).abs().max().item()
+        scale = max(1.0, ek.abs().max().item())
+        assert k_err <= 2.0 * t_err + FLOOR[c.dtype] * scale, (NAMES[n], k_err, t_err, c)
+
+
+@pytest.fixture
+def hopper_emu(monkeypatch):
+    if _native._emu is None:
+        pytest.skip(str(_native.EMU_IMPORT_ERROR))
+    monkeypatch.setenv("NATTN_EMU_ARCH", "90")
+    emu.configure()
+    yield
+    monkeypatch.delenv("NATTN_EMU_ARCH")
+    emu.configure()
+
+
+def test_hopper_sweep_size():
+    assert len(HOPPER_SWEEP) >= 16
+    assert {c.dim for c in HOPPER_SWEEP} == {64, 128}
+    assert {c.dtype for c in HOPPER_SWEEP} == {torch.float16, torch.bfloat16}
+    assert {len(c.shape) for c in HOPPER_SWEEP} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+def test_hopper_forward_sweep_emulated(hopper_emu, index):
+    check_forward(HOPPER_SWEEP[index], seed=index, target="cuda-emu", expect_hopper=True)
+
+
+def test_hopper_forward_heads_first_views(hopper_emu):
+    """Q, K, V as heads-first views ([B, H, *S, D] storage seen as [B, *S, H, D]): TMA reads
+    them where they lie (the batch and head strides fold into the offset dim), no copy."""
+    gen = torch.Generator().manual_seed(11)
+
+    def heads_first(heads):
+        t = torch.randn(2, heads, 9, 14, 64, generator=gen).to(torch.bfloat16)
+        return t.permute(0, 2, 3, 1, 4)
+
+    q, k, v = heads_first(4), heads_first(2), heads_first(2)
+    assert not q.is_contiguous()
+    kw = dict(kernel_size=(5, 7), dilation=(1, 2), is_causal=(True, False), return_lse=True)
+    emu.clear_launches()
+    with torch.no_grad():
+        out, lse = nattn.neighborhood_attention(q, k, v, backend="cuda-emu", **kw)
+        assert _hopper_launches(), [r["kernel"] for r in emu.launches()]
+        e = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(), **kw)
+        t = nattn.reference.neighborhood_attention(q, k, v, **kw)
+    for name, ek, tk, kk in zip(NAMES, e, t, (out, lse)):
+        k_err = (kk.double() - ek).abs().max().item()
+        t_err = (tk.double() - ek).abs().max().item()
+        assert k_err <= 2.0 * t_err + FLOOR[torch.bfloat16] * max(1.0, ek.abs().max().item()), (
+            name, k_err, t_err)
+
+
+def test_hopper_declines_to_portable_kernels(hopper_emu):
+    """K and V with different batch/head strides (one TMA coordinate cannot address both), and
+    a tensor map the driver refuses: each is declined with its reason before launch, and the
+    call runs on the SM80 kernels instead of failing."""
+    c = Case(2, (12, 12), 2, 2, 64, 64, (5, 5), (1, 1), (1, 1), (False, False), 0,
+             torch.float16, 0)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, _, _ = make_inputs(c, gen, "cpu")
+    # V heads-first in memory: [B, H, *S, D] viewed as [B, *S, H, D].
+    v = v.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.125)
+    p = _native._params(q, k, v, None, None, window, _native._emu)[0]
+    reasons = _native._emu.cuda_hopper_forward_reasons(p)
+    assert any("key and value have different" in r for r in reasons), reasons
+    emu.clear_launches()
+    out = nattn.neighborhood_attention(q, k, v, c.kernel_size, backend="cuda-emu")
+    assert not _hopper_launches() and emu.launches()
+    ref = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(),
+                                                 c.kernel_size)
+    assert (out.double() - ref).abs().max().item() < 1e-2
+
+    q, k, v, _, _ = make_inputs(c, gen, "cpu")
+    p = _native._params(q, k, v, None, None, window, _native._emu)[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1])
+    p.set_tensor("out", out.data_ptr(), _native._token_strides(out, 2))
+    p.set_tensor("lse", lse.data_ptr(), _native._token_strides(lse, 2))
+    assert _native._emu.cuda_hopper_forward_reasons(p) == []
+    _native._emu.set_encode_fault(True)
+    try:
+        reasons = _native._emu.cuda_hopper_forward_reasons(p)
+        assert any("cuTensorMapEncodeTiled rejected the query map" in r for r in reasons), reasons
+        emu.clear_launches()
+        out = nattn.neighborhood_attention(q, k, v, c.kernel_size, backend="cuda-emu")
+        assert not _hopper_launches() and emu.launches()
+    finally:
+        _native._emu.set_encode_fault(False)
+    ref = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(),
+                                                 c.kernel_size)
+    assert (out.double() - ref).abs().max().item() < 1e-2
+
+
+hopper_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or _C is None or not getattr(_C, "with_cuda", False)
+    or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an H100/H200 (compute capability 9.0) and a CUDA build of nattn._C",
+)
+
+
+@hopper_gpu
+@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+def test_hopper_forward_sweep_gpu(monkeypatch, index):
+    """The same Hopper configurations on a real H100/H200 through the opt-in `hopper` backend
+    (scripts/gpu_check.sh runs this file): the Hopper kernel must take each call, and out / lse
+    follow the error-ratio rule against the fp32 reference on the GPU."""
+    monkeypatch.setenv("NATTN_EXPERIMENTAL_HOPPER", "1")
+    c = HOPPER_SWEEP[index]
+    gen = torch.Generator(device="cuda").manual_seed(index)
+    low = make_inputs(c, gen, "cuda")
+    q, k, v, _, _ = low
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, c.dim ** -0.5)
+    p = _native._params(q, k, v, None, None, window, _C)[0]
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:-1], device="cuda")
+    p.set_tensor("out", out.data_ptr(), _native._token_strides(out, len(c.shape)))
+    p.set_tensor("lse", lse.data_ptr(), _native._token_strides(lse, len(c.shape)))
+    assert _C.cuda_hopper_forward_reasons(p) == [], c
+
+    def forward(fn, inputs):
+        q, k, v, _, _ = inputs
+        return fn(q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation,
+                  is_causal=c.is_causal, return_lse=True)
+
+    with torch.no_grad():
+        e = forward(nattn.reference.neighborhood_attention,
+                    [t if t is None else t.float() for t in low])
+        t = forward(nattn.reference.neighborhood_attention, low)
+        kern = forward(kernel_fn("hopper"), low)
+    for n, (ek, tk, kk) in enumerate(zip(e, t, kern)):
+        assert not torch.isnan(kk).any(), (NAMES[n], c)
+        k_err = (kk.float() - ek).abs().max().item()
+        t_err = (tk.float() - ek).abs().max().item()
+        scale = max(1.0, ek.abs().max().item())
+        assert k_err <= 2.0 * t_err + FLOOR[c.dtype] * scale, (NAMES[n], k_err, t_err, c)

@@ -266,6 +266,25 @@ def test_forward_reasons():
     assert any("shared memory" in r for r in reasons(params(), 90, 100 * 1024))
 
 
+def test_forward_reasons_decline_kv_stride_mismatch():
+    """K and V whose batch/head strides differ (in units of their common divisor) cannot share
+    the one offset coordinate the producer computes: declined before launch, with the reason
+    (the portable kernels then run the call), instead of a RuntimeError inside the launch."""
+    reasons = _binding("sm90_forward_reasons")
+    from nattn import _native
+    q = torch.randn(2, 12, 12, 2, 64, dtype=torch.float16)
+    window = _native.Window((5, 5), (1, 1), (1, 1), (False, False), 0.125)
+    same = _native._params(q, q, q, None, None, window, _C)[0]
+    for name, t in (("out", q), ("lse", q[..., 0].float())):
+        same.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+    assert reasons(same, 90, 232448) == []
+    v = q.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)  # heads-first V
+    other = _native._params(q, q, v, None, None, window, _C)[0]
+    for name, t in (("out", q), ("lse", q[..., 0].float())):
+        other.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+    assert any("key and value have different" in r for r in reasons(other, 90, 232448))
+
+
 # ------------------------------------------------------------------------------------------------
 # Compile checks (nvcc, no GPU).
 

@@ -63,8 +63,10 @@ std::string forward(const AttentionParams& p);
 std::string backward(const AttentionParams& p, bool deterministic);
 
 // Hopper forward (csrc/cuda/sm90, wgmma + TMA): why it cannot serve `p` on the current device
-// (always non-empty when the module was built without sm_90a), and the launch itself.
+// (always non-empty when the module was built without sm_90a), and the call itself, which plans
+// once and either runs (returning "" or the CUDA error) or declines (the reasons in *declined,
+// nothing launched: the caller runs forward() instead).
 std::vector<std::string> hopper_forward_reasons(const AttentionParams& p);
-std::string hopper_forward(const AttentionParams& p);
+std::string hopper_forward(const AttentionParams& p, std::vector<std::string>* declined);
 
 }  // namespace nattn::cuda

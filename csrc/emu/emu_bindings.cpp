@@ -11,12 +11,15 @@
 #include <tuple>
 #include <vector>
 
-#include <cute/atom/copy_traits_sm75.hpp>
-#include <cute/atom/mma_traits_sm80.hpp>
-
 #include "bindings_common.h"
+#include "emu/sm90_ops.h"  // first: it sets CuTe's shared-address option
 #include "emu/runtime.h"
 #include "emu/sm80_ops.h"
+
+#include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
 
 namespace py = pybind11;
 
@@ -96,6 +99,167 @@ std::vector<std::vector<std::tuple<int, int, int>>> emu_ldmatrix(int matrices, b
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// wgmma: the emulator's fragment maps (PTX ISA) and CuTe's GMMA layouts.
+
+// CuTe: (thread, value) -> (row, col) of the 64 x N accumulator (CLayout_64xN) or of the 64 x 16
+// A operand in registers (ALayout_64x16), column-major flat indices.
+template <class Layout>
+std::vector<std::vector<Coord>> cute_gmma_map(int rows, int values) {
+  std::vector<std::vector<Coord>> out(128);
+  for (int t = 0; t < 128; ++t) {
+    for (int v = 0; v < values; ++v) {
+      const int idx = Layout{}(t, v);
+      out[t].emplace_back(idx % rows, idx / rows);
+    }
+  }
+  return out;
+}
+
+std::vector<std::vector<Coord>> emu_gmma_map(char operand, int n) {
+  std::vector<std::vector<Coord>> out(128);
+  for (int t = 0; t < 128; ++t) {
+    for (int v = 0; v < (operand == 'a' ? 8 : n / 2); ++v) {
+      int row, col;
+      if (operand == 'a') {
+        nattn::emu::sm90::a_fragment_coord(t, v, row, col);
+      } else {
+        nattn::emu::sm90::accumulator_coord(t, v, row, col);
+      }
+      out[t].emplace_back(row, col);
+    }
+  }
+  return out;
+}
+
+// A 64 x 64 fp16 operand in shared memory, laid out by the CuTe GMMA atom `Atom` tiled over it,
+// partitioned by CuTe as a wgmma A (and B) operand: per k-block of 16, CuTe's descriptor. For
+// every element, the address CuTe's layout gives and the one the emulator decodes from CuTe's
+// descriptor (PTX ISA rules) must agree.
+struct ProbeResult {
+  int64_t compared = 0;
+  std::vector<std::tuple<char, int, int, int, uint32_t, uint32_t>> mismatches;  // first 16
+  std::vector<uint64_t> descriptors;
+};
+
+template <class Atom, cute::GMMA::Major kMajor>
+void descriptor_probe_kernel(ProbeResult* out) {
+  using namespace cute;
+  using Element = cute::half_t;
+  unsigned char* raw = static_cast<unsigned char*>(nattn::emu::dynamic_shared(nullptr));
+  const uint32_t addr = nattn::emu::shared_address(raw);
+  Element* base = reinterpret_cast<Element*>(raw + (1024 - addr % 1024) % 1024);
+  Tensor sA = make_tensor(make_smem_ptr(base), tile_to_shape(Atom{}, Shape<_64, _64>{}));
+  using Op = nattn::emu::sm90::Wgmma<Element, 64, kMajor, kMajor, false>;
+  auto mma = make_tiled_mma(Op{});
+  auto thr = mma.get_thread_slice(0);
+  Tensor tA = thr.partition_fragment_A(sA);  // (desc, 1, 4)
+  Tensor tB = thr.partition_fragment_B(sA);  // the same tile as a 64 x 64 B operand
+  const bool mn = kMajor == cute::GMMA::Major::MN;
+  for (int kb = 0; kb < 4; ++kb) {
+    for (char which : {'a', 'b'}) {
+      const uint64_t desc = which == 'a' ? uint64_t(tA(0, 0, kb)) : uint64_t(tB(0, 0, kb));
+      out->descriptors.push_back(desc);
+      for (int m = 0; m < 64; ++m) {
+        for (int k = 0; k < 16; ++k) {
+          const uint32_t cute_addr = nattn::emu::shared_address(&sA(m, 16 * kb + k));
+          const uint32_t emu_addr =
+              nattn::emu::sm90::descriptor_element_address(desc, mn, m, k);
+          ++out->compared;
+          if (cute_addr != emu_addr && out->mismatches.size() < 16) {
+            out->mismatches.emplace_back(which, kb, m, k, cute_addr, emu_addr);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <class Atom, cute::GMMA::Major kMajor>
+ProbeResult descriptor_probe() {
+  ProbeResult r;
+  const cudaError_t status = nattn::emu::launch(&descriptor_probe_kernel<Atom, kMajor>, dim3(1),
+                                                dim3(1), 64 * 64 * 2 + 1024, &r);
+  if (status != cudaSuccess) throw std::runtime_error(cudaGetErrorString(status));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TMA: one box of a 16-bit tensor loaded by the emulator's cp.async.bulk.tensor into shared
+// memory, then read back as CuTe sees that memory: through the GMMA swizzle atom of the same
+// swizzle mode (K-major, 16-bit: 8 rows of span bytes), or as plain rows without a swizzle.
+
+struct TmaProbe {
+  const CUtensorMap* map;
+  int rank;
+  int32_t coords[5];
+  uint32_t bytes;
+  int span;  // swizzle span in bytes, 0 = none
+  std::vector<uint16_t>* out;
+};
+
+template <class Atom>
+void read_atoms(const cute::half_t* base, uint32_t bytes, int span, std::vector<uint16_t>* out) {
+  using namespace cute;
+  const int cols = span / 2, rows = static_cast<int>(bytes / span);
+  for (int r = 0; r < rows; ++r) {
+    Tensor atom = make_tensor(make_smem_ptr(base + (r / 8) * 8 * cols), Atom{});
+    for (int c = 0; c < cols; ++c) {
+      const cute::half_t v = atom(r % 8, c);
+      uint16_t bits;
+      std::memcpy(&bits, &v, 2);
+      out->push_back(bits);
+    }
+  }
+}
+
+void tma_probe_kernel(TmaProbe p) {
+  using namespace nattn::emu::sm90;
+  unsigned char* raw = static_cast<unsigned char*>(nattn::emu::dynamic_shared(nullptr));
+  const uint32_t addr = nattn::emu::shared_address(raw);
+  unsigned char* box = raw + (1024 - addr % 1024) % 1024;
+  auto* bar = reinterpret_cast<uint64_t*>(raw + (1024 - addr % 1024) % 1024 + 64 * 1024);
+  Barrier::init(bar, 1);
+  TxBarrier::arrive_and_expect_tx(bar, p.bytes);
+  tma_load(p.map, bar, box, p.coords, p.rank);
+  Barrier::wait(bar, 0);
+  const auto* base = reinterpret_cast<const cute::half_t*>(box);
+  using namespace cute::SM90::GMMA;
+  if (p.span == 128) {
+    read_atoms<Layout_K_SW128_Atom<cute::half_t>>(base, p.bytes, 128, p.out);
+  } else if (p.span == 64) {
+    read_atoms<Layout_K_SW64_Atom<cute::half_t>>(base, p.bytes, 64, p.out);
+  } else if (p.span == 32) {
+    read_atoms<Layout_K_SW32_Atom<cute::half_t>>(base, p.bytes, 32, p.out);
+  } else {
+    const auto* b = reinterpret_cast<const uint16_t*>(box);
+    p.out->assign(b, b + p.bytes / 2);
+  }
+}
+
+std::tuple<int, std::string> encode_map(CUtensorMap* map, int type, int rank, uintptr_t address,
+                                        const std::vector<uint64_t>& dim,
+                                        const std::vector<uint64_t>& strides,
+                                        const std::vector<uint32_t>& box,
+                                        const std::vector<uint32_t>& estrides, int interleave,
+                                        int swizzle, int l2, int oob) {
+  if (rank < 0 || dim.size() < static_cast<size_t>(rank) || box.size() < static_cast<size_t>(rank) ||
+      estrides.size() < static_cast<size_t>(rank) ||
+      strides.size() + 1 < static_cast<size_t>(rank)) {
+    throw std::invalid_argument("encode_tensor_map: dims, box and element strides need rank "
+                                "entries, strides rank - 1");
+  }
+  std::vector<uint64_t> d(dim), s(strides);
+  std::vector<uint32_t> b(box), e(estrides);
+  d.resize(5, 1), s.resize(5, 16), b.resize(5, 1), e.resize(5, 1);
+  const CUresult r = nattn::emu::sm90::encode_tiled(
+      map, static_cast<CUtensorMapDataType>(type), static_cast<cuuint32_t>(rank),
+      reinterpret_cast<void*>(address), d.data(), s.data(), b.data(), e.data(),
+      static_cast<CUtensorMapInterleave>(interleave), static_cast<CUtensorMapSwizzle>(swizzle),
+      static_cast<CUtensorMapL2promotion>(l2), static_cast<CUtensorMapFloatOOBfill>(oob));
+  return {static_cast<int>(r), nattn::emu::sm90::last_encode_error()};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_emu, m) {
@@ -156,12 +320,113 @@ PYBIND11_MODULE(_emu, m) {
           d["ldmatrix"] = r.ldmatrix;
           d["cp_async_bytes"] = r.cp_async_bytes;
           d["global_store_bytes"] = r.global_store_bytes;
+          d["wgmma"] = r.wgmma;
+          d["tma_bytes"] = r.tma_bytes;
           out.append(d);
         }
         return out;
       },
       "Launches since clear_launches(): kernel, grid, block, shared_bytes and the counters "
-      "mma and ldmatrix (warp instructions), cp_async_bytes and global_store_bytes.");
+      "mma and ldmatrix (warp instructions), wgmma (warpgroup instructions), cp_async_bytes, "
+      "tma_bytes and global_store_bytes.");
+  m.def(
+      "encode_tensor_map",
+      [](int type, int rank, uintptr_t address, const std::vector<uint64_t>& dim,
+         const std::vector<uint64_t>& strides, const std::vector<uint32_t>& box,
+         const std::vector<uint32_t>& estrides, int interleave, int swizzle, int l2, int oob) {
+        alignas(64) CUtensorMap map;
+        return encode_map(&map, type, rank, address, dim, strides, box, estrides, interleave,
+                          swizzle, l2, oob);
+      },
+      py::arg("type"), py::arg("rank"), py::arg("address"), py::arg("dim"), py::arg("strides"),
+      py::arg("box"), py::arg("element_strides"), py::arg("interleave") = 0,
+      py::arg("swizzle") = 0, py::arg("l2") = 0, py::arg("oob") = 0,
+      "The emulator's cuTensorMapEncodeTiled (the CUtensorMap* enum values as ints): (CUresult, "
+      "why it refused).");
+  m.def(
+      "tma_load_box",
+      [](uintptr_t address, const std::vector<uint64_t>& dim,
+         const std::vector<uint64_t>& strides, const std::vector<uint32_t>& box,
+         const std::vector<uint32_t>& estrides, int swizzle, const std::vector<int32_t>& coords) {
+        alignas(64) CUtensorMap map;
+        const int rank = static_cast<int>(dim.size());
+        const auto [code, why] = encode_map(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank, address,
+                                            dim, strides, box, estrides, 0, swizzle, 0, 0);
+        if (code != 0) throw std::invalid_argument(why);
+        if (coords.size() != static_cast<size_t>(rank)) throw std::invalid_argument("coords");
+        TmaProbe p{&map, rank, {0, 0, 0, 0, 0}, 2, swizzle == 1 ? 32 : swizzle == 2 ? 64
+                                                                : swizzle == 3 ? 128 : 0,
+                   nullptr};
+        for (int i = 0; i < rank; ++i) {
+          p.coords[i] = coords[i];
+          const uint32_t es = i == 0 ? 1 : estrides[i];
+          p.bytes *= (box[i] + es - 1) / es;
+        }
+        if (p.bytes > 64 * 1024) throw std::invalid_argument("box over 64 KiB");
+        std::vector<uint16_t> out;
+        p.out = &out;
+        cudaFuncSetAttribute(&tma_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             64 * 1024 + 2048);
+        const cudaError_t status = nattn::emu::launch(&tma_probe_kernel, dim3(1), dim3(1),
+                                                      64 * 1024 + 2048, p);
+        if (status != cudaSuccess) throw std::runtime_error(cudaGetErrorString(status));
+        return out;
+      },
+      py::arg("address"), py::arg("dim"), py::arg("strides"), py::arg("box"),
+      py::arg("element_strides"), py::arg("swizzle"), py::arg("coords"),
+      "One fp16 box loaded by the emulated cp.async.bulk.tensor (the mbarrier's transaction "
+      "count must complete its phase), read back through CuTe's K-major GMMA swizzle atom of "
+      "the same mode (swizzle 1/2/3: 32/64/128 bytes) or as plain memory: the box's elements, "
+      "dim 0 fastest, as 16-bit patterns.");
+  m.def("set_encode_fault", &nattn::emu::sm90::set_encode_fault, py::arg("on"),
+        "Test hook: the emulated driver's cuTensorMapEncodeTiled refuses every map while on.");
+  m.def("wgmma_fragment", &emu_gmma_map, py::arg("operand"), py::arg("n") = 128,
+        "The emulator's wgmma m64nNk16 register maps (PTX ISA): per thread of the warpgroup, "
+        "(row, col) of each value of operand 'a' (64 x 16, 16-bit, in registers) or 'c' (the "
+        "64 x n fp32 accumulator).");
+  m.def(
+      "cute_wgmma_fragment",
+      [](char operand) {
+        using namespace cute::SM90::GMMA;
+        return operand == 'a' ? cute_gmma_map<ALayout_64x16>(64, 8)
+                              : cute_gmma_map<CLayout_64x128>(64, 64);
+      },
+      py::arg("operand"), "The same maps from CuTe (ALayout_64x16, CLayout_64x128).");
+  m.def(
+      "wgmma_descriptor_probe",
+      [](const std::string& swizzle, const std::string& major) {
+        using namespace cute::SM90::GMMA;
+        using E = cute::half_t;
+        ProbeResult r;
+        const bool k = major == "K";
+        if (major != "K" && major != "MN") throw std::invalid_argument("major: 'K' or 'MN'");
+        if (swizzle == "SW128") {
+          r = k ? descriptor_probe<Layout_K_SW128_Atom<E>, Major::K>()
+                : descriptor_probe<Layout_MN_SW128_Atom<E>, Major::MN>();
+        } else if (swizzle == "SW64") {
+          r = k ? descriptor_probe<Layout_K_SW64_Atom<E>, Major::K>()
+                : descriptor_probe<Layout_MN_SW64_Atom<E>, Major::MN>();
+        } else if (swizzle == "SW32") {
+          r = k ? descriptor_probe<Layout_K_SW32_Atom<E>, Major::K>()
+                : descriptor_probe<Layout_MN_SW32_Atom<E>, Major::MN>();
+        } else if (swizzle == "INTER") {
+          r = k ? descriptor_probe<Layout_K_INTER_Atom<E>, Major::K>()
+                : descriptor_probe<Layout_MN_INTER_Atom<E>, Major::MN>();
+        } else {
+          throw std::invalid_argument("swizzle: 'SW128', 'SW64', 'SW32' or 'INTER'");
+        }
+        py::dict d;
+        d["compared"] = r.compared;
+        d["mismatches"] = r.mismatches;
+        d["descriptors"] = r.descriptors;
+        return d;
+      },
+      py::arg("swizzle"), py::arg("major"),
+      "A 64 x 64 fp16 tile in shared memory laid out by CuTe's GMMA atom (Layout_{K,MN}_"
+      "{SW128,SW64,SW32,INTER}_Atom) and partitioned by CuTe as wgmma A and B operands: for "
+      "every element of every k-block, CuTe's address against the emulator's decoding of "
+      "CuTe's descriptor. {'compared', 'mismatches' (first 16: operand, k-block, mn, k, cute "
+      "address, emulator address), 'descriptors'}.");
   m.def("mma_fragment", &emu_mma, py::arg("operand"),
         "The emulator's m16n8k16 fragment map (PTX ISA): per lane, (row, col) of each element "
         "of operand 'a', 'b' (row = k) or 'c'.");

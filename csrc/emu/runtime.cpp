@@ -82,6 +82,10 @@ struct Slot {
   unsigned waiting_mask = 0;
   int waiting_barrier = -1;
   int waiting_count = 0;
+  std::string waiting_what;  // any other wait (setmaxnreg, warpgroup), already described
+  bool waiting_mbarrier = false;  // an mbarrier wait, described when reported
+  uint32_t mbarrier_addr = 0;
+  uint32_t mbarrier_parity = 0;
 };
 
 struct PendingRendezvous {
@@ -95,6 +99,34 @@ struct BarrierState {
   std::vector<int> waiters;
 };
 
+struct TxCopy {
+  uint32_t dst;
+  std::vector<unsigned char> data;
+  int64_t tx_bytes;
+};
+
+struct Mbarrier {
+  int expected = 0;
+  int pending = 0;
+  int64_t tx = 0;
+  int64_t phase = 0;  // completed phases
+  std::vector<TxCopy> copies;  // asynchronous copies whose transactions have not completed
+  std::vector<int> waiters;
+};
+
+struct PendingWarpgroup {
+  WarpgroupRendezvous r;
+  void (*exec)(WarpgroupRendezvous&) = nullptr;
+  int arrived = 0;
+  bool active = false;
+};
+
+struct RegisterRequest {
+  int n = 0;
+  bool pending = false;
+  std::vector<int> waiters;
+};
+
 }  // namespace
 
 struct Cta {
@@ -103,13 +135,22 @@ struct Cta {
   uint3 block_idx{0, 0, 0};
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
-  std::vector<unsigned char>* shared = nullptr;
+  std::vector<unsigned char>* shared = nullptr;  // storage of the dynamic shared memory
+  // Its first byte, at shared address kSharedBase. Placed so that generic and shared-window
+  // addresses agree modulo 4096, as on a GPU, where the shared window is aligned: code that
+  // swizzles by generic address (CuTe's swizzled smem pointers) and hardware that swizzles by
+  // shared address (TMA, wgmma) then see the same pattern.
+  unsigned char* shared_base = nullptr;
   std::vector<uint16_t>* shared_pending = nullptr;  // per byte: copies not yet waited for
   int64_t shared_bytes = 0;
   std::vector<std::unique_ptr<Slot>> slots;
   std::vector<unsigned> exited;  // per warp, lanes that have exited
   std::vector<std::vector<PendingRendezvous>> rendezvous;  // per warp
   std::map<int, BarrierState> barriers;
+  std::map<uint32_t, Mbarrier> mbarriers;  // by shared address
+  std::vector<PendingWarpgroup> warpgroups;  // per warpgroup: its open rendezvous
+  std::vector<int> registers;                // per warpgroup: registers per thread (setmaxnreg)
+  std::vector<RegisterRequest> register_requests;  // per warpgroup: an inc not yet granted
   std::string error;
   bool aborting = false;
   Slot* running = nullptr;
@@ -175,7 +216,11 @@ void record_error(Cta& c, const std::string& message) {
   c.aborting = true;
 }
 
-std::string waiting(const Slot& s) {
+std::string mbarrier_wait_state(Cta& c, uint32_t addr, uint32_t parity);
+
+std::string waiting(Cta& c, const Slot& s) {
+  if (s.waiting_mbarrier) return mbarrier_wait_state(c, s.mbarrier_addr, s.mbarrier_parity);
+  if (!s.waiting_what.empty()) return s.waiting_what;
   if (s.waiting_kind) {
     return std::string(s.waiting_kind->name) + " (membermask " + hex(s.waiting_mask) +
            ") in warp " + std::to_string(s.thread.linear / 32);
@@ -192,6 +237,7 @@ void block() {
   s->scheduler = std::move(s->scheduler).resume();
   t_cta = &c;
   c.running = s;
+  s->waiting_mbarrier = false;
   if (c.aborting) throw Abort{};
 }
 
@@ -202,7 +248,7 @@ void wake(Cta& c, int thread) {
 
 void land(Cta& c, Thread::PendingCopy& copy) {
   std::memcpy(copy.dst, copy.data, copy.bytes);
-  const size_t offset = copy.dst - c.shared->data();
+  const size_t offset = copy.dst - c.shared_base;
   for (int i = 0; i < copy.bytes; ++i) --(*c.shared_pending)[offset + i];
 }
 
@@ -212,6 +258,15 @@ void thread_exit(Cta& c, Slot& s) {
   s.thread.copies.clear();
   const int warp = s.thread.linear / 32, lane = s.thread.linear % 32;
   c.exited[warp] |= 1u << lane;
+  const PendingWarpgroup& wg = c.warpgroups[s.thread.linear / 128];
+  if (wg.active) {
+    record_error(c, "thread " + std::to_string(s.thread.linear) + " exited while " +
+                        std::to_string(wg.arrived) + " threads of warpgroup " +
+                        std::to_string(s.thread.linear / 128) + " wait for it at " +
+                        wg.r.kind->name);
+  }
+  // wgmma results never waited for are lost with the thread's registers.
+  s.thread.wgmma.clear();
   for (const PendingRendezvous& p : c.rendezvous[warp]) {
     if (p.r.mask & (1u << lane)) {
       record_error(c, "lane " + std::to_string(lane) + " of warp " + std::to_string(warp) +
@@ -225,7 +280,7 @@ void thread_exit(Cta& c, Slot& s) {
 std::string deadlock_report(Cta& c) {
   std::map<std::string, std::vector<int>> by_state;
   for (const auto& s : c.slots) {
-    by_state[s->status == Status::kDone ? std::string("exited") : waiting(*s)].push_back(
+    by_state[s->status == Status::kDone ? std::string("exited") : waiting(c, *s)].push_back(
         s->thread.linear);
   }
   std::ostringstream out;
@@ -291,14 +346,14 @@ void fail(const std::string& message) {
 void* dynamic_shared(const char* name) {
   Cta& c = cta();
   if (name != nullptr && c.kernel.find('(') == std::string::npos) c.kernel = name;
-  return c.shared->data();
+  return c.shared_base;
 }
 int64_t dynamic_shared_bytes() { return cta().shared_bytes; }
 
 bool in_shared(const void* p, size_t bytes) {
   Cta& c = cta();
   const auto* b = static_cast<const unsigned char*>(p);
-  return b >= c.shared->data() && b + bytes <= c.shared->data() + c.shared_bytes;
+  return b >= c.shared_base && b + bytes <= c.shared_base + c.shared_bytes;
 }
 
 void barrier_sync(int id, int count) {
@@ -322,9 +377,30 @@ void barrier_sync(int id, int count) {
   }
   b.waiters.push_back(c.running->thread.linear);
   c.running->waiting_kind = nullptr;
+  c.running->waiting_what.clear();
   c.running->waiting_barrier = id;
   c.running->waiting_count = count;
   block();
+}
+
+void barrier_arrive(int id, int count) {
+  Cta& c = cta();
+  if (count <= 0 || count > c.threads() || count % 32 != 0) {
+    fail("bar.arrive " + std::to_string(id) + " with thread count " + std::to_string(count) +
+         " (must be a multiple of 32, at most the CTA's " + std::to_string(c.threads()) + ")");
+  }
+  BarrierState& b = c.barriers[id];
+  if (b.arrived > 0 && b.count != count) {
+    fail("bar.arrive " + std::to_string(id) + " with thread count " + std::to_string(count) +
+         " while " + std::to_string(b.arrived) + " threads wait there with count " +
+         std::to_string(b.count));
+  }
+  b.count = count;
+  if (++b.arrived == count) {
+    for (int t : b.waiters) wake(c, t);
+    b.waiters.clear();
+    b.arrived = 0;
+  }
 }
 
 void collective(const CollectiveKind& kind, unsigned mask, const void* in, void* out) {
@@ -381,9 +457,306 @@ void collective(const CollectiveKind& kind, unsigned mask, const void* in, void*
     return;
   }
   c.running->waiting_kind = &kind;
+  c.running->waiting_what.clear();
   c.running->waiting_mask = mask;
   block();
 }
+
+void warpgroup_collective(const CollectiveKind& kind, void (*exec)(WarpgroupRendezvous&),
+                          const void* in, void* out) {
+  Cta& c = cta();
+  const int linear = c.running->thread.linear;
+  const int wg = linear / 128, rank = linear % 128;
+  if (c.threads() < 128 * (wg + 1)) {
+    fail(std::string(kind.name) + " in a partial warpgroup (the CTA has " +
+         std::to_string(c.threads()) + " threads; a warpgroup is 4 whole warps)");
+  }
+  for (int w = 4 * wg; w < 4 * wg + 4; ++w) {
+    if (c.exited[w]) {
+      fail(std::string(kind.name) + ": lanes " + lanes(c.exited[w]) + " of warp " +
+           std::to_string(w) + " of warpgroup " + std::to_string(wg) +
+           " have exited (.sync.aligned needs all 128 threads)");
+    }
+  }
+  PendingWarpgroup& p = c.warpgroups[wg];
+  if (p.active && p.r.kind != &kind) {
+    fail("divergent warpgroup instruction in warpgroup " + std::to_string(wg) + ": " +
+         std::to_string(p.arrived) + " threads wait at " + p.r.kind->name + ", thread " +
+         std::to_string(linear) + " arrives at " + kind.name);
+  }
+  if (!p.active) {
+    p = PendingWarpgroup{};
+    p.active = true;
+    p.r.kind = &kind;
+    p.r.warpgroup = wg;
+    p.exec = exec;
+  }
+  p.r.in[rank] = in;
+  p.r.out[rank] = out;
+  if (++p.arrived == 128) {
+    WarpgroupRendezvous r = p.r;
+    p.active = false;
+    p.arrived = 0;
+    exec(r);
+    for (int t = 128 * wg; t < 128 * wg + 128; ++t) {
+      if (t != linear) wake(c, t);
+    }
+    return;
+  }
+  c.running->waiting_kind = &kind;
+  c.running->waiting_what = std::string(kind.name) + " (warpgroup " + std::to_string(wg) + ")";
+  block();
+}
+
+uint32_t shared_address(const void* p) {
+  Cta& c = cta();
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b < c.shared_base || b > c.shared_base + c.shared_bytes) {
+    fail("__cvta_generic_to_shared of a pointer outside the CTA's shared memory");
+  }
+  return kSharedBase + static_cast<uint32_t>(b - c.shared_base);
+}
+
+unsigned char* shared_pointer(uint32_t addr, size_t bytes, const char* what) {
+  Cta& c = cta();
+  if (addr < kSharedBase || addr - kSharedBase + bytes > static_cast<size_t>(c.shared_bytes)) {
+    std::ostringstream s;
+    s << what << ": shared address 0x" << std::hex << addr << std::dec << " (+" << bytes
+      << " bytes) is outside the CTA's dynamic shared memory [0x" << std::hex << kSharedBase
+      << ", 0x" << kSharedBase + c.shared_bytes << ")";
+    fail(s.str());
+  }
+  return c.shared_base + (addr - kSharedBase);
+}
+
+void mark_shared_pending(uint32_t addr, size_t bytes, int delta) {
+  Cta& c = cta();
+  const size_t offset = addr - kSharedBase;
+  for (size_t i = 0; i < bytes; ++i) (*c.shared_pending)[offset + i] += delta;
+}
+
+namespace {
+
+std::string mbarrier_name(uint32_t addr) {
+  std::ostringstream s;
+  s << "the mbarrier at shared address 0x" << std::hex << addr;
+  return s.str();
+}
+
+std::string mbarrier_wait_state(Cta& c, uint32_t addr, uint32_t parity) {
+  std::ostringstream s;
+  s << "mbarrier.try_wait.parity " << parity << " on " << mbarrier_name(addr);
+  auto it = c.mbarriers.find(addr);
+  if (it != c.mbarriers.end()) {
+    const Mbarrier& m = it->second;
+    s << " (phase " << m.phase << ", " << m.pending << " of " << m.expected
+      << " arrivals pending, transaction count " << m.tx << ")";
+  }
+  return s.str();
+}
+
+Mbarrier& find_mbarrier(Cta& c, uint32_t addr, const char* op) {
+  if (addr % 8 != 0) fail(std::string(op) + ": " + mbarrier_name(addr) + " is not 8-byte aligned");
+  shared_pointer(addr, 8, op);
+  auto it = c.mbarriers.find(addr);
+  if (it == c.mbarriers.end()) {
+    fail(std::string(op) + " on " + mbarrier_name(addr) + ", which mbarrier.init never initialized");
+  }
+  return it->second;
+}
+
+void complete_phase_if_done(Cta& c, Mbarrier& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    ++m.phase;
+    m.pending = m.expected;
+    for (int t : m.waiters) wake(c, t);
+    m.waiters.clear();
+  }
+}
+
+// The transactions of every asynchronous copy to `m` complete: the bytes land.
+void deliver(Cta& c, Mbarrier& m) {
+  std::vector<TxCopy> copies = std::move(m.copies);
+  m.copies.clear();
+  for (TxCopy& copy : copies) {
+    std::memcpy(c.shared_base + (copy.dst - kSharedBase), copy.data.data(), copy.data.size());
+    mark_shared_pending(copy.dst, copy.data.size(), -1);
+    m.tx -= copy.tx_bytes;
+    if (m.tx < -((int64_t{1} << 20) - 1)) fail("mbarrier transaction count below -(2^20 - 1)");
+    complete_phase_if_done(c, m);
+  }
+}
+
+}  // namespace
+
+void mbarrier_init(uint32_t addr, int count) {
+  Cta& c = cta();
+  if (addr % 8 != 0) fail("mbarrier.init: " + mbarrier_name(addr) + " is not 8-byte aligned");
+  shared_pointer(addr, 8, "mbarrier.init");
+  if (count < 1 || count > (1 << 20) - 1) {
+    fail("mbarrier.init with count " + std::to_string(count) + " (1 .. 2^20 - 1)");
+  }
+  Mbarrier& m = c.mbarriers[addr];
+  if (!m.waiters.empty() || !m.copies.empty()) {
+    fail("mbarrier.init of " + mbarrier_name(addr) + " while threads or copies use it");
+  }
+  m = Mbarrier{};
+  m.expected = m.pending = count;
+}
+
+void mbarrier_arrive(uint32_t addr, int count) {
+  Cta& c = cta();
+  Mbarrier& m = find_mbarrier(c, addr, "mbarrier.arrive");
+  if (count > m.pending) {
+    fail("mbarrier.arrive with count " + std::to_string(count) + " on " + mbarrier_name(addr) +
+         ", which expects only " + std::to_string(m.pending) +
+         " more arrivals in this phase (more arrivals than its init count)");
+  }
+  m.pending -= count;
+  complete_phase_if_done(c, m);
+}
+
+void mbarrier_expect_tx(uint32_t addr, int64_t bytes) {
+  Cta& c = cta();
+  Mbarrier& m = find_mbarrier(c, addr, "mbarrier.expect_tx");
+  if (bytes < 0 || m.tx + bytes > (int64_t{1} << 20) - 1) {
+    fail("mbarrier.expect_tx of " + std::to_string(bytes) + " bytes takes the transaction count of " +
+         mbarrier_name(addr) + " past 2^20 - 1");
+  }
+  m.tx += bytes;
+}
+
+void mbarrier_complete_tx(uint32_t addr, int64_t bytes) {
+  Cta& c = cta();
+  Mbarrier& m = find_mbarrier(c, addr, "mbarrier.complete_tx");
+  m.tx -= bytes;
+  complete_phase_if_done(c, m);
+}
+
+bool mbarrier_test_parity(uint32_t addr, uint32_t parity) {
+  Cta& c = cta();
+  Mbarrier& m = find_mbarrier(c, addr, "mbarrier.test_wait.parity");
+  deliver(c, m);
+  return static_cast<uint32_t>(m.phase & 1) != (parity & 1);
+}
+
+void mbarrier_wait_parity(uint32_t addr, uint32_t parity) {
+  Cta& c = cta();
+  for (;;) {
+    Mbarrier& m = find_mbarrier(c, addr, "mbarrier.try_wait.parity");
+    deliver(c, m);
+    if (static_cast<uint32_t>(m.phase & 1) != (parity & 1)) return;
+    m.waiters.push_back(c.running->thread.linear);
+    c.running->waiting_kind = nullptr;
+    c.running->waiting_mbarrier = true;
+    c.running->mbarrier_addr = addr;
+    c.running->mbarrier_parity = parity & 1;
+    block();
+  }
+}
+
+void async_tx_copy(uint32_t mbar, uint32_t dst, std::vector<unsigned char>&& data,
+                   int64_t tx_bytes) {
+  Cta& c = cta();
+  Mbarrier& m = find_mbarrier(c, mbar, "complete_tx::bytes");
+  shared_pointer(dst, data.size(), "asynchronous copy destination");
+  std::memset(c.shared_base + (dst - kSharedBase), 0xff, data.size());
+  mark_shared_pending(dst, data.size(), +1);
+  m.copies.push_back(TxCopy{dst, std::move(data), tx_bytes});
+  if (!m.waiters.empty()) deliver(c, m);
+}
+
+namespace {
+
+int total_registers(const Cta& c) {
+  int total = 0;
+  for (int r : c.registers) total += 128 * r;
+  return total;
+}
+
+// Grants the pending setmaxnreg.inc requests the register file can now hold.
+void grant_registers(Cta& c) {
+  for (size_t wg = 0; wg < c.register_requests.size(); ++wg) {
+    RegisterRequest& q = c.register_requests[wg];
+    if (!q.pending) continue;
+    if (total_registers(c) - 128 * c.registers[wg] + 128 * q.n > 65536) continue;
+    c.registers[wg] = q.n;
+    q.pending = false;
+    for (int t : q.waiters) wake(c, t);
+    q.waiters.clear();
+  }
+}
+
+struct SetmaxnregIn {
+  bool inc;
+  int n;
+};
+
+void setmaxnreg_exec(WarpgroupRendezvous& r) {
+  Cta& c = cta();
+  const auto& first = *static_cast<const SetmaxnregIn*>(r.in[0]);
+  for (int i = 1; i < 128; ++i) {
+    const auto& in = *static_cast<const SetmaxnregIn*>(r.in[i]);
+    if (in.inc != first.inc || in.n != first.n) {
+      fail("setmaxnreg: the threads of warpgroup " + std::to_string(r.warpgroup) +
+           " disagree on the register count (it must be warpgroup-uniform)");
+    }
+  }
+  const char* op = first.inc ? "setmaxnreg.inc" : "setmaxnreg.dec";
+  if (first.n < 24 || first.n > 256 || first.n % 8 != 0) {
+    fail(std::string(op) + " " + std::to_string(first.n) +
+         ": the count must be a multiple of 8 in [24, 256]");
+  }
+  const int now = c.registers[r.warpgroup];
+  if (first.inc ? first.n < now : first.n > now) {
+    fail(std::string(op) + " " + std::to_string(first.n) + " in warpgroup " +
+         std::to_string(r.warpgroup) + ", which holds " + std::to_string(now) +
+         " registers per thread (inc must not lower, dec must not raise the count)");
+  }
+  if (!first.inc) {
+    c.registers[r.warpgroup] = first.n;
+    grant_registers(c);
+    return;
+  }
+  RegisterRequest& q = c.register_requests[r.warpgroup];
+  q.n = first.n;
+  q.pending = true;
+  grant_registers(c);
+}
+
+const CollectiveKind kSetmaxnreg{"setmaxnreg.sync.aligned.u32", true, nullptr};
+
+}  // namespace
+
+void setmaxnreg(bool inc, int n) {
+  const SetmaxnregIn in{inc, n};
+  warpgroup_collective(kSetmaxnreg, setmaxnreg_exec, &in, nullptr);
+  Cta& c = cta();
+  const int wg = c.running->thread.linear / 128;
+  RegisterRequest& q = c.register_requests[wg];
+  while (q.pending) {
+    q.waiters.push_back(c.running->thread.linear);
+    c.running->waiting_kind = nullptr;
+    c.running->waiting_what =
+        "setmaxnreg.inc " + std::to_string(q.n) + " in warpgroup " + std::to_string(wg) +
+        " (the register file holds " + std::to_string(total_registers(c)) +
+        " of 65536 registers; other warpgroups must release some first)";
+    block();
+  }
+}
+
+bool wgmma_reads_shared(uint32_t begin, uint32_t end) {
+  Cta& c = cta();
+  for (const auto& slot : c.slots) {
+    for (const Thread::PendingWgmma& w : slot->thread.wgmma) {
+      if (w.smem_begin < end && begin < w.smem_end) return true;
+    }
+  }
+  return false;
+}
+
+void count_wgmma() { ++cta().record->wgmma; }
+void count_tma(int64_t bytes) { cta().record->tma_bytes += bytes; }
 
 void count_global_store(size_t bytes) {
   cta().record->global_store_bytes += static_cast<int64_t>(bytes);
@@ -408,7 +781,7 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
   std::memcpy(copy.data, src, src_bytes);  // global memory does not change during a kernel
   std::memset(copy.data + src_bytes, 0, bytes - src_bytes);
   std::memset(dst, 0xff, bytes);  // not visible before its wait: a read sees the NaN pattern
-  const size_t offset = copy.dst - c.shared->data();
+  const size_t offset = copy.dst - c.shared_base;
   for (int i = 0; i < bytes; ++i) ++(*c.shared_pending)[offset + i];
   c.running->thread.copies.push_back(copy);
   count_cp_async(bytes);
@@ -439,7 +812,7 @@ void cp_async_wait(int pending_groups) {
 
 bool shared_pending(const void* p, size_t bytes) {
   Cta& c = cta();
-  const size_t offset = static_cast<const unsigned char*>(p) - c.shared->data();
+  const size_t offset = static_cast<const unsigned char*>(p) - c.shared_base;
   for (size_t i = 0; i < bytes; ++i) {
     if ((*c.shared_pending)[offset + i]) return true;
   }
@@ -550,8 +923,13 @@ cudaError_t run_grid(const void* kernel, const std::string& name, dim3 grid, dim
   if (set.order == Order::kReverse) std::reverse(order.begin(), order.end());
   if (set.order == Order::kRandom) std::shuffle(order.begin(), order.end(), rng);
 
-  std::vector<unsigned char> shared(std::max<size_t>(shared_bytes, 16));
+  constexpr size_t kWindowAlign = 4096;
+  std::vector<unsigned char> shared(std::max<size_t>(shared_bytes, 16) + 2 * kWindowAlign);
   std::vector<uint16_t> pending(shared.size());
+  unsigned char* shared_base = shared.data();
+  while ((reinterpret_cast<uintptr_t>(shared_base) - kSharedBase) % kWindowAlign != 0) {
+    ++shared_base;
+  }
   Cta* outer = t_cta;
   std::vector<int> runnable;
   for (int64_t linear_cta : order) {
@@ -566,11 +944,18 @@ cudaError_t run_grid(const void* kernel, const std::string& name, dim3 grid, dim
     std::fill(shared.begin(), shared.end(), 0xff);
     std::fill(pending.begin(), pending.end(), 0);
     c.shared = &shared;
+    c.shared_base = shared_base;
     c.shared_pending = &pending;
     c.shared_bytes = static_cast<int64_t>(shared_bytes);
     const int n = static_cast<int>(threads);
     c.exited.assign((n + 31) / 32, 0u);
     c.rendezvous.resize((n + 31) / 32);
+    const int warpgroups = (n + 127) / 128;
+    c.warpgroups.resize(warpgroups);
+    c.register_requests.resize(warpgroups);
+    // Registers per thread at launch: what a kernel of this block size gets at one CTA per SM
+    // (65536 / threads, a multiple of 8, at most 255), the setmaxnreg starting point.
+    c.registers.assign(warpgroups, std::min(255, 65536 / n) / 8 * 8);
     c.slots.reserve(n);
     for (int t = 0; t < n; ++t) {
       auto slot = std::make_unique<Slot>();

@@ -58,6 +58,8 @@ struct LaunchRecord {
   int64_t ldmatrix = 0;        // ldmatrix instructions (one per warp)
   int64_t cp_async_bytes = 0;  // bytes requested by cp.async (zero-filled ones included)
   int64_t global_store_bytes = 0;  // bytes stored to global memory through emu::store
+  int64_t wgmma = 0;           // wgmma.mma_async instructions (one per warpgroup)
+  int64_t tma_bytes = 0;       // bytes cp.async.bulk.tensor wrote to shared memory (boxes)
 };
 // Launches since the last clear (the Python side clears before each call).
 std::vector<LaunchRecord>& launch_log();
@@ -89,6 +91,29 @@ struct Thread {
   };
   std::vector<PendingCopy> copies;
   int64_t committed_groups = 0;  // commit groups so far
+  // wgmma.mma_async in flight (sm90_ops.cpp): the accumulator registers each one writes, with
+  // the values they receive at the wgmma.wait_group that covers its commit group (-1: not yet
+  // committed), and the A-operand registers it reads (RS form), which must not change before.
+  struct PendingWgmma {
+    int64_t group;
+    std::vector<std::pair<float*, float>> d;
+    std::vector<std::pair<const uint32_t*, uint32_t>> a;
+    uint32_t smem_begin = 0, smem_end = 0;  // shared-memory bytes its operands span
+    const float* d_lo = nullptr;             // the accumulator registers' address range
+    const float* d_hi = nullptr;
+    // The value `reg` receives from this wgmma, if it writes it.
+    const float* find(const float* reg, size_t hint) const {
+      if (reg < d_lo || reg > d_hi) return nullptr;
+      if (hint < d.size() && d[hint].first == reg) return &d[hint].second;
+      for (const auto& [p, v] : d) {
+        if (p == reg) return &v;
+      }
+      return nullptr;
+    }
+  };
+  std::vector<PendingWgmma> wgmma;
+  int64_t wgmma_committed = 0;  // wgmma commit groups so far
+  bool wgmma_fenced = false;    // a wgmma.fence since the last wgmma.wait_group
 };
 
 Thread& self();        // the running fiber's thread (error outside a kernel)
@@ -105,12 +130,26 @@ void* dynamic_shared(const char* name);
 int64_t dynamic_shared_bytes();
 // Whether [p, p + bytes) lies in the running CTA's shared memory.
 bool in_shared(const void* p, size_t bytes);
+// Shared-window addresses (what __cvta_generic_to_shared returns and what wgmma descriptors,
+// mbarrier and TMA operands hold). Dynamic shared memory starts at kSharedBase: CUDA promises
+// only 16-byte alignment of it, and 0x480 is deliberately not a multiple of 1024, so a kernel
+// that needs a swizzle atom's alignment must align the buffer itself (as on a GPU).
+constexpr uint32_t kSharedBase = 0x480;
+uint32_t shared_address(const void* p);
+// The host pointer of shared address `addr`, after checking that [addr, addr + bytes) lies in
+// the CTA's dynamic shared memory (`what` names the operand in the error).
+unsigned char* shared_pointer(uint32_t addr, size_t bytes, const char* what);
+// Per byte of shared memory: copies in flight to it (cp.async not waited for, TMA boxes whose
+// mbarrier transaction has not completed).
+void mark_shared_pending(uint32_t addr, size_t bytes, int delta);
 
 // ---------------------------------------------------------------------------------------------
 // Blocking primitives.
 
 // bar.sync id, count: blocks until `count` threads have arrived at barrier `id`.
 void barrier_sync(int id, int count);
+// bar.arrive id, count: counts towards barrier `id` without waiting.
+void barrier_arrive(int id, int count);
 
 // A warp collective: every lane of `mask` calls it with the same `kind`; the last to arrive runs
 // kind->exec once with every lane's operands, then all lanes continue. `in`/`out` point into the
@@ -129,6 +168,41 @@ struct Rendezvous {
   int warp = 0;
 };
 void collective(const CollectiveKind& kind, unsigned mask, const void* in, void* out);
+// A .sync.aligned warpgroup instruction (wgmma, setmaxnreg): the 128 threads of the calling
+// thread's warpgroup must all arrive at the same kind; the last one runs kind->exec with
+// r.in / r.out indexed by the thread's rank in the warpgroup (0..127) and r.warp = warpgroup.
+struct WarpgroupRendezvous {
+  const CollectiveKind* kind = nullptr;
+  int warpgroup = 0;
+  const void* in[128] = {};
+  void* out[128] = {};
+};
+void warpgroup_collective(const CollectiveKind& kind, void (*exec)(WarpgroupRendezvous&),
+                          const void* in, void* out);
+
+// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"): a
+// 64-bit object in shared memory with a phase, an expected and a pending arrival count and a
+// transaction count. The phase completes when the pending arrivals and the transaction count
+// are both zero; then the phase advances and the pending count is reset to the expected one.
+void mbarrier_init(uint32_t addr, int count);
+void mbarrier_arrive(uint32_t addr, int count);
+void mbarrier_expect_tx(uint32_t addr, int64_t bytes);
+void mbarrier_complete_tx(uint32_t addr, int64_t bytes);
+// try_wait.parity in a loop: returns once the phase of parity `parity` has completed (the
+// current phase's parity differs). A wait no thread can complete is a reported deadlock.
+void mbarrier_wait_parity(uint32_t addr, uint32_t parity);
+bool mbarrier_test_parity(uint32_t addr, uint32_t parity);  // test_wait.parity, no blocking
+// An asynchronous copy whose bytes land in shared memory, and whose `tx_bytes` complete on the
+// mbarrier at `mbar`, when a thread next waits on that mbarrier (or at once if one waits
+// already): the destination holds the NaN pattern and counts as pending until then.
+void async_tx_copy(uint32_t mbar, uint32_t dst, std::vector<unsigned char>&& data,
+                   int64_t tx_bytes);
+// setmaxnreg.{inc,dec}.sync.aligned.u32 n for the calling thread's warpgroup. An inc waits
+// until the CTA's register file (64K 32-bit registers) can hold it.
+void setmaxnreg(bool inc, int n);
+// Whether a wgmma in flight (issued, its wait_group not reached) of any thread of the CTA reads
+// shared bytes in [begin, end): a copy into them now would race with it.
+bool wgmma_reads_shared(uint32_t begin, uint32_t end);
 
 // Global stores the kernels route through the seam (counted per launch).
 void count_global_store(size_t bytes);
@@ -136,6 +210,8 @@ void count_global_store(size_t bytes);
 void count_mma();
 void count_ldmatrix();
 void count_cp_async(int64_t bytes);
+void count_wgmma();
+void count_tma(int64_t bytes);
 
 // cp.async: records a copy of `bytes` (4, 8 or 16) from `src` (read now, zero-filled beyond
 // `src_bytes`) to shared `dst`. The destination holds the NaN pattern until the
@@ -215,6 +291,12 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+#undef __grid_constant__
+#define __grid_constant__
+// The shared-window address of a generic pointer into the CTA's shared memory (CUDA's
+// intrinsic, which cuda_runtime.h declares for device code only). CuTe's cast_smem_ptr_to_uint
+// calls it when CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED is set (sm90 seam).
+inline size_t __cvta_generic_to_shared(const void* p) { return ::nattn::emu::shared_address(p); }
 
 inline void __syncthreads() {
   const dim3 b = ::nattn::emu::block_dim();

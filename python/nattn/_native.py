@@ -135,9 +135,10 @@ def forward(kind: str, q, k, v, ak, av, window: Window, rpb=None):
     p.set_tensor("out", out.data_ptr(), _token_strides(out, rank))
     p.set_tensor("lse", lse.data_ptr(), _token_strides(lse, rank))
     with _launch(kind, q.device, p):
-        if kind == "hopper" and not _C.cuda_hopper_forward_reasons(p):
-            _C.cuda_hopper_forward(p)
-        elif kind in ("cuda", "hopper", "cuda-emu"):
+        if kind == "hopper":
+            if _C.cuda_hopper_forward(p):  # declined (reasons listed): the portable kernels
+                _C.cuda_forward(p)
+        elif kind in ("cuda", "cuda-emu"):
             lib.cuda_forward(p)
         else:
             _C.cpu_forward(p)

@@ -7,7 +7,9 @@ visible at the ``cp.async.wait_group`` that covers them, and shared memory start
 for verification, not speed (docs/emulator.md).
 
 Environment: ``NATTN_EMU_ARCH`` (``80``, the default, or ``90``) is the compute capability the
-dispatcher sees (and so its shared-memory limit: 163 KiB on sm80, 227 KiB on sm90).
+dispatcher sees (and so its shared-memory limit: 163 KiB on sm80, 227 KiB on sm90). With ``90``
+a forward runs on the Hopper kernels (wgmma, TMA, mbarriers, modeled from the PTX ISA) where
+they take the problem, as an H100 would serve it, and on the SM80/SIMT kernels otherwise.
 """
 
 from __future__ import annotations
@@ -74,5 +76,6 @@ def clear_launches() -> None:
 def launches() -> List[Dict]:
     """The launches since :func:`clear_launches`, each a dict: ``kernel`` (its C++ name),
     ``grid``, ``block``, ``shared_bytes``, and the counters ``mma`` and ``ldmatrix`` (warp
-    instructions), ``cp_async_bytes`` and ``global_store_bytes``."""
+    instructions), ``wgmma`` (warpgroup instructions), ``cp_async_bytes``, ``tma_bytes`` (TMA
+    box bytes written to shared memory) and ``global_store_bytes``."""
     return list(_lib().launches())

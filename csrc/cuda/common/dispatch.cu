@@ -221,6 +221,16 @@ std::string forward(const AttentionParams& p) {
   std::string error;
   const DeviceFacts device = current_device(&error);
   if (device.capability < 0) return error;
+#if defined(NATTN_EMU) && defined(NATTN_WITH_SM90)
+  // Under the emulator a compute capability 9.0 device is served as an H100 would be once the
+  // Hopper path is validated: the Hopper forward where it applies (real GPUs keep the opt-in of
+  // the "hopper" backend until then), the portable kernels where it declines.
+  if (device.capability == 90) {
+    std::vector<std::string> declined;
+    error = sm90::forward(p, device.capability, device.max_smem_optin, &declined);
+    if (declined.empty()) return error;
+  }
+#endif
   const Plan forward_plan = plan(p, false, device);
   if (!forward_plan.unsupported.empty()) return forward_plan.unsupported;
   if (!forward_plan.tensor_core) return simt::forward(p);
@@ -269,12 +279,25 @@ std::vector<std::string> hopper_forward_reasons(const AttentionParams& p) {
 #endif
 }
 
-std::string hopper_forward(const AttentionParams& p) {
+std::string hopper_forward(const AttentionParams& p, std::vector<std::string>* declined) {
 #ifdef NATTN_WITH_SM90
-  return sm90::forward(p);
+  std::string error;
+  const DeviceFacts device = current_device(&error);
+  if (device.capability < 0) {
+    *declined = {"no CUDA device: " + error};
+    return {};
+  }
+  if (device.capability != 90) {
+    *declined = {"compute capability " + std::to_string(device.capability / 10) + "." +
+                 std::to_string(device.capability % 10) +
+                 " is not 9.0 (wgmma/TMA are sm_90a only)"};
+    return {};
+  }
+  return sm90::forward(p, device.capability, device.max_smem_optin, declined);
 #else
   (void)p;
-  return "nattn._C was built without sm_90a";
+  *declined = {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  return {};
 #endif
 }
 

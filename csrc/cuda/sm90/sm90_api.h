@@ -12,17 +12,19 @@
 namespace nattn::cuda::sm90 {
 
 // Why the Hopper forward cannot serve `p` (empty when it can): dtype, head dims, additional
-// tokens, layout rules of TMA, grid limits, and, when known, the device (capability: major * 10
-// + minor, -1 = unchecked; max_smem: opt-in shared memory per CTA in bytes, 0 = unchecked).
-// Host-only, no device access. Defined inline in sm90_plan.h (forward_reasons); repeated here
-// as the documented entry point.
+// tokens, layout rules of TMA (K and V addressed by one coordinate), grid limits, the driver's
+// refusal of a tensor map, and, when known, the device (capability: major * 10 + minor, -1 =
+// unchecked; max_smem: opt-in shared memory per CTA in bytes, 0 = unchecked). Host-only, apart
+// from the driver's tensor-map encoder (no device memory is touched).
 std::vector<std::string> forward_support(const AttentionParams& p, int capability,
                                          int64_t max_smem);
 
 // Forward on the current device and p.stream: writes p.out ([B, *spatial, H, D], the head dim
-// contiguous) and p.lse (fp32). No workspace. Returns "" on success, else the reasons the path
-// declined the problem (joined with "; ") or the CUDA / driver error. Must only be called on a
-// compute capability 9.0 device.
-std::string forward(const AttentionParams& p);
+// contiguous) and p.lse (fp32). No workspace. The plan (tile search, TMA views, tensor maps) is
+// made once per call. If the path declines the problem, *declined receives the reasons, nothing
+// is launched and "" is returned: the caller runs the portable kernels. Otherwise returns "" on
+// success or the CUDA error. Must only be called on a compute capability 9.0 device.
+std::string forward(const AttentionParams& p, int capability, int64_t max_smem,
+                    std::vector<std::string>* declined);
 
 }  // namespace nattn::cuda::sm90

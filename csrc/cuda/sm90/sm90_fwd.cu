@@ -1,8 +1,9 @@
 // Hopper forward entry point (sm90_api.h): checks, tile choice, tensor maps, dispatch to the
 // (dtype, head dim) instantiations of sm90_fwd_{f16,bf16}_hdim{64,128}.cu.
+#include "cuda/sm90/sm90_fwd_launch.cuh"  // first: cudaTypedefs.h, then the sm90 seam
+
 #include <cuda.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <cmath>
 #include <mutex>
@@ -10,7 +11,6 @@
 #include <vector>
 
 #include "cuda/sm90/sm90_api.h"
-#include "cuda/sm90/sm90_fwd_launch.cuh"
 #include "cuda/sm90/sm90_plan.h"
 
 namespace nattn::cuda::sm90 {
@@ -23,11 +23,6 @@ extern template std::string launch_forward<DType::kBFloat16, 64>(const ForwardPa
                                                                   void*);
 extern template std::string launch_forward<DType::kBFloat16, 128>(const ForwardParams&, int64_t,
                                                                    void*);
-
-std::vector<std::string> forward_support(const AttentionParams& p, int capability,
-                                         int64_t max_smem) {
-  return forward_reasons(p, capability, max_smem);
-}
 
 std::string tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000* fn) {
   static std::once_flag once;
@@ -76,8 +71,12 @@ std::string encode_maps(const TmaPlan& plan, DType dtype, const void* data, CUte
                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
-      return "cuTensorMapEncodeTiled failed (CUresult " + std::to_string(static_cast<int>(r)) +
-             ")";
+      std::string detail;
+#ifdef NATTN_EMU
+      detail = ": " + ::nattn::emu::sm90::last_encode_error();
+#endif
+      return "cuTensorMapEncodeTiled rejected the " + plan.name + " map (CUresult " +
+             std::to_string(static_cast<int>(r)) + detail + ")";
     }
   }
   return {};
@@ -85,40 +84,41 @@ std::string encode_maps(const TmaPlan& plan, DType dtype, const void* data, CUte
 
 namespace {
 
-std::string join(const std::vector<std::string>& reasons) {
-  std::string out;
-  for (const std::string& r : reasons) out += (out.empty() ? "" : "; ") + r;
-  return out;
+// The plan of `p` and, when the host-side checks pass, its encoded tensor maps in `params`. A
+// map the driver refuses is one more reason to decline (the portable kernels then run).
+std::vector<std::string> prepare(const AttentionParams& p, int capability, int64_t max_smem,
+                                 ForwardPlan* plan, ForwardParams* params) {
+  *plan = plan_forward(p, capability, max_smem);
+  if (!plan->reasons.empty() || p.q.data == nullptr) return plan->reasons;
+  std::string error = encode_maps(plan->q, p.dtype, p.q.data, params->q_map);
+  if (error.empty()) error = encode_maps(plan->k, p.dtype, p.k.data, params->k_map);
+  if (error.empty()) error = encode_maps(plan->v, p.dtype, p.v.data, params->v_map);
+  if (!error.empty()) plan->reasons.push_back(error);
+  return plan->reasons;
 }
 
 }  // namespace
 
-std::string forward(const AttentionParams& p) {
-  const std::vector<std::string> reasons = forward_reasons(p, -1, 0);
-  if (!reasons.empty()) return "Hopper forward declined: " + join(reasons);
+std::vector<std::string> forward_support(const AttentionParams& p, int capability,
+                                         int64_t max_smem) {
+  ForwardPlan plan;
+  ForwardParams params = {};
+  return prepare(p, capability, max_smem, &plan, &params);
+}
+
+std::string forward(const AttentionParams& p, int capability, int64_t max_smem,
+                    std::vector<std::string>* declined) {
+  ForwardPlan plan;
+  ForwardParams params = {};
+  *declined = prepare(p, capability, max_smem, &plan, &params);
+  if (!declined->empty()) return {};
   if (p.tokens() == 0 || p.batch == 0 || p.heads == 0) return {};
 
-  const TileChoice tiles = choose_tiles(p.axes);
-  ForwardParams params = {};
-  const TmaPlan q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, tiles.q, "query");
-  const TmaPlan k = plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, tiles.kv, "key");
-  const TmaPlan v =
-      plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, tiles.kv, "value");
-  std::string error = encode_maps(q, p.dtype, p.q.data, params.q_map);
-  if (error.empty()) error = encode_maps(k, p.dtype, p.k.data, params.k_map);
-  if (error.empty()) error = encode_maps(v, p.dtype, p.v.data, params.v_map);
-  if (!error.empty()) return error;
-  if (k.coef.batch != v.coef.batch || k.coef.head != v.coef.head ||
-      k.coef.group[0] != v.coef.group[0] || k.coef.group[1] != v.coef.group[1] ||
-      k.coef.group[2] != v.coef.group[2]) {
-    // One offset coordinate addresses both K and V tiles (the producer computes it once).
-    return "Hopper forward declined: key and value need the same batch/head/token strides";
-  }
   for (int a = 0; a < kMaxRank; ++a) params.axes[a] = p.axes[a];
-  params.q = make_tiling(p.axes, tiles.q);
-  params.kv_box = tiles.kv;
-  params.q_coef = q.coef;
-  params.kv_coef = k.coef;
+  params.q = make_tiling(p.axes, plan.tiles.q);
+  params.kv_box = plan.tiles.kv;
+  params.q_coef = plan.q.coef;
+  params.kv_coef = plan.k.coef;
   params.heads = p.heads;
   params.heads_per_kv = p.heads_per_kv();
   params.out = p.out.data;

@@ -22,11 +22,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cute/arch/copy_sm90_desc.hpp>
-#include <cute/arch/copy_sm90_tma.hpp>
+#include "cuda/sm90/sm90_arch_ops.h"  // before CuTe: the emulator's seam sets CuTe options
 #include <cute/tensor.hpp>
-#include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "cuda/common/tensor_core.cuh"
 #include "cuda/sm90/sm90_config.h"
@@ -97,14 +94,9 @@ struct ForwardTraits {
   // O = P V with P in registers.
   using AtomLayout = cute::Layout<cute::Shape<cute::Int<kConsumerWarpgroups>, cute::_1, cute::_1>>;
   using MmaQK = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kHeadDim>>>(),
-      AtomLayout{}));
+      ops::WgmmaSS<Element, kN, ops::Major::K, ops::Major::K>{}, AtomLayout{}));
   using MmaPV = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kN>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
-      AtomLayout{}));
+      ops::WgmmaRS<Element, kHeadDim, ops::Major::K, ops::Major::MN>{}, AtomLayout{}));
 
   struct alignas(1024) Shared {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
@@ -118,28 +110,20 @@ struct ForwardTraits {
   static_assert(sizeof(Shared) + 1024 <= smem_bytes(kHeadDim), "sm90_config.h: smem_bytes");
 };
 
-// Named barriers of the ping-pong (id 0 is __syncthreads): consumer c waits on id 1 + c.
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 // C (+)= A B over all k-blocks of one wgmma batch; kZeroInit starts from C = 0.
 template <bool kZeroInit, class Mma, class TA, class TB, class TC>
 __device__ __forceinline__ void wgmma_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
   using namespace cute;
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
+  ops::fence_operand(c);
+  ops::wgmma_fence();
   mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
   CUTE_UNROLL
   for (int k = 0; k < size<2>(a); ++k) {
     cute::gemm(mma, a(_, _, k), b(_, _, k), c);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(c);
+  ops::wgmma_commit();
+  ops::fence_operand(c);
 }
 
 // Offset-dim coordinate of a tile (sm90_plan.h: plan_tma_view).
@@ -158,10 +142,10 @@ __device__ __forceinline__ void tma_load_tile(const CUtensorMap* map, uint64_t* 
                                               int32_t offset, int rows) {
 #pragma unroll
   for (int c = 0; c < Traits::kChunks; ++c) {
-    cute::SM90_TMA_LOAD_5D::copy(map, barrier,
-                                 static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                 smem + c * rows * kHeadDimChunk, c * kHeadDimChunk, pos[2],
-                                 pos[1], pos[0], offset);
+    ops::TmaLoad5D::copy(map, barrier,
+                         static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                         smem + c * rows * kHeadDimChunk, c * kHeadDimChunk, pos[2], pos[1],
+                         pos[0], offset);
   }
 }
 
@@ -171,15 +155,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   using namespace cute;
   using Element = typename Traits::Element;
   using Shared = typename Traits::Shared;
-  using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  using Barrier = ops::Barrier;
+  using TxBarrier = ops::TxBarrier;
   constexpr int kM = Traits::kM, kN = Traits::kN, kD = Traits::kHeadDim;
   constexpr int kStages = Traits::kStages;
   constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
 
-  extern __shared__ char smem_raw[];
+  NATTN_DYNAMIC_SHARED(char, smem_raw);
   // The 128-byte swizzle repeats every 1024 bytes and TMA swizzles by shared address: align.
-  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t raw_addr = ops::shared_address(smem_raw);
   Shared& s = *reinterpret_cast<Shared*>(smem_raw + ((1024 - raw_addr % 1024) % 1024));
 
   const int warpgroup = threadIdx.x / 128;
@@ -199,20 +183,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       TxBarrier::init(&s.v_full[i], 1);
       Barrier::init(&s.kv_empty[i], kConsumerThreads);
     }
-    cutlass::arch::fence_barrier_init();
+    ops::fence_barrier_init();
   }
   __syncthreads();
 
   if (warpgroup == 0) {
     // ---------------------------------------------------------------- producer
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    ops::reg_dealloc<kProducerRegisters>();
     if (threadIdx.x != 0) return;
     const CUtensorMap* q_map = &p.q_map[variant];
     const CUtensorMap* k_map = &p.k_map[variant];
     const CUtensorMap* v_map = &p.v_map[variant];
-    cute::prefetch_tma_descriptor(q_map);
-    cute::prefetch_tma_descriptor(k_map);
-    cute::prefetch_tma_descriptor(v_map);
+    ops::prefetch_tma_descriptor(q_map);
+    ops::prefetch_tma_descriptor(k_map);
+    ops::prefetch_tma_descriptor(v_map);
 
     int32_t pos[kMaxRank];
     for (int a = 0; a < kMaxRank; ++a) {
@@ -242,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ------------------------------------------------------------------ consumers
-  cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+  ops::reg_alloc<kConsumerRegisters>();
   const int consumer = warpgroup - 1;  // 0 or 1
   const int ctid = threadIdx.x - 128;  // 0 .. 255
 
@@ -376,11 +360,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Consumer 1 opens with a pass so that consumer 0 goes first, and skips the pass after its
   // last section, so every bar.sync meets exactly one bar.arrive of the other warpgroup.
   constexpr int kTurnThreads = 2 * 128;
-  auto my_turn = [&]() { named_sync(1 + consumer, kTurnThreads); };
+  auto my_turn = [&]() { ops::named_sync(1 + consumer, kTurnThreads); };
   auto pass_turn = [&](bool last) {
-    if (consumer == 0 || !last) named_arrive(1 + (1 - consumer), kTurnThreads);
+    if (consumer == 0 || !last) ops::named_arrive(1 + (1 - consumer), kTurnThreads);
   };
-  if (consumer == 1) named_arrive(1, kTurnThreads);
+  if (consumer == 1) ops::named_arrive(1, kTurnThreads);
 
   // The first tile is peeled and the loop body has no branch around a wgmma: a wgmma under a
   // divergent branch makes ptxas serialize all of them (warning C7518). Every Q tile visits at
@@ -392,7 +376,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   my_turn();
   wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
   pass_turn(false);
-  warpgroup_wait<0>();
+  ops::wgmma_wait<0>();
+  ops::fence_operand(tSrS);  // the softmax's reads of S must not move above the wait
   softmax(cur);
   convert_p();
   int prev_stage = 0;
@@ -403,13 +388,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     TxBarrier::wait(&s.v_full[prev_stage], ((j - 1) / kStages) & 1);
     my_turn();
     wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-    warpgroup_fence_operand(tOrP);
+    ops::fence_operand(tOrP);
     wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, prev_stage), tOrO);
     pass_turn(false);
-    warpgroup_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run during the softmax
+    ops::wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run during the softmax
+    ops::fence_operand(tSrS);
     softmax(cur);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tOrO);
+    ops::wgmma_wait<0>();
+    ops::fence_operand(tOrO);
     Barrier::arrive(&s.kv_empty[prev_stage]);
     rescale_o();
     convert_p();
@@ -417,11 +403,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   TxBarrier::wait(&s.v_full[prev_stage], ((n_tiles - 1) / kStages) & 1);
   my_turn();
-  warpgroup_fence_operand(tOrP);
+  ops::fence_operand(tOrP);
   wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, prev_stage), tOrO);
   pass_turn(true);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(tOrO);
+  ops::wgmma_wait<0>();
+  ops::fence_operand(tOrO);
   Barrier::arrive(&s.kv_empty[prev_stage]);
 
   // ---------------------------------------------------------------- epilogue
@@ -450,10 +436,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int col = get<1>(tOcO(make_coord(0, r, c), 0, 0));
       __align__(4) Element pair[2] = {Element(tOrO(make_coord(0, r, c), 0, 0) * inv),
                                       Element(tOrO(make_coord(1, r, c), 0, 0) * inv)};
-      *reinterpret_cast<uint32_t*>(out + out_off + col) = *reinterpret_cast<uint32_t*>(pair);
+      ops::store_global(reinterpret_cast<uint32_t*>(out + out_off + col),
+                        *reinterpret_cast<uint32_t*>(pair));
     }
     if (writes_lse) {
-      lse[lse_off] = row_max[r] * static_cast<float>(M_LN2) + logf(sum);
+      ops::store_global(&lse[lse_off], row_max[r] * static_cast<float>(M_LN2) + logf(sum));
     }
   }
 }

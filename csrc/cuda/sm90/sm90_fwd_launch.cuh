@@ -2,9 +2,13 @@
 // Instantiated per (dtype, head dim) in sm90_fwd_{f16,bf16}_hdim{64,128}.cu.
 #pragma once
 
+// <cudaTypedefs.h> before any CUTLASS header: cutlass/cuda_host_adapter.hpp includes it inside
+// namespace cutlass, which would hide its types from this global include.
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled: a pointer type, no libcuda link
+
+#include "cuda/sm90/sm90_arch_ops.h"  // before CuTe: under the emulator it sets CuTe options
 
 #include <string>
 
@@ -30,9 +34,22 @@ std::string launch_forward(const ForwardParams& params, int64_t batch, void* str
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return cudaGetErrorString(status);
+  const dim3 grid(static_cast<unsigned>(params.q.count() * params.heads),
+                  static_cast<unsigned>(batch), 1);
+#ifdef NATTN_EMU
+  // One CTA per work item (no grid-stride loop, so no grid cap); clusters are not modeled, and
+  // this launch uses none.
+  (void)stream;
+  status = ::nattn::emu::launch(kernel, grid, dim3(kThreads, 1, 1), static_cast<size_t>(smem),
+                                params);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cudaGetErrorString(status);
+  }
+  return {};
+#else
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(params.q.count() * params.heads),
-                        static_cast<unsigned>(batch), 1);
+  config.gridDim = grid;
   config.blockDim = dim3(kThreads, 1, 1);
   config.dynamicSmemBytes = static_cast<size_t>(smem);
   config.stream = static_cast<cudaStream_t>(stream);
@@ -49,6 +66,7 @@ std::string launch_forward(const ForwardParams& params, int64_t batch, void* str
   if (status != cudaSuccess) return cudaGetErrorString(status);
   status = cudaGetLastError();
   return status == cudaSuccess ? std::string() : std::string(cudaGetErrorString(status));
+#endif
 }
 
 }  // namespace nattn::cuda::sm90

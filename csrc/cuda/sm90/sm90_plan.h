@@ -139,6 +139,7 @@ struct OffsetCoefficients {
 };
 
 struct TmaPlan {
+  std::string name;   // "query", "key", "value"
   std::string error;  // empty when the views below are valid
   TmaView view[kMaxVariants];
   int variants = 1;   // maps that differ (2^(ragged axes)); the rest repeat view[0]
@@ -158,6 +159,7 @@ inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, 
   constexpr uint64_t kMaxStrideBytes = uint64_t{1} << 40;
   constexpr int64_t kMaxCoordinate = (int64_t{1} << 31) - 1;  // TMA coordinates are int32
   TmaPlan plan;
+  plan.name = name;
   auto fail = [&](const std::string& why) {
     plan.error = std::string(name) + ": " + why;
     return plan;
@@ -247,9 +249,18 @@ NATTN_HOST_DEVICE int tma_variant(const AxisParams (&axes)[kMaxRank],
 // `capability` (major * 10 + minor; -1 = unknown, not checked) allowing `max_smem` bytes of
 // shared memory per CTA (0 = unknown, not checked). Tensor checks need the real pointers.
 
-inline std::vector<std::string> forward_reasons(const AttentionParams& p, int capability,
-                                                int64_t max_smem) {
-  std::vector<std::string> r;
+// The plan of one Hopper forward call: the tile shapes (one search per call), the TMA views of
+// Q, K and V, and why the path cannot take the call (empty when it can). Everything the launch
+// needs except the encoded tensor maps (sm90_fwd.cu), which only the driver can make.
+struct ForwardPlan {
+  std::vector<std::string> reasons;
+  TileChoice tiles;
+  TmaPlan q, k, v;  // valid when the tensors are known (p.q.data != nullptr)
+};
+
+inline ForwardPlan plan_forward(const AttentionParams& p, int capability, int64_t max_smem) {
+  ForwardPlan plan;
+  std::vector<std::string>& r = plan.reasons;
   if (capability >= 0 && capability != 90) {
     r.push_back("compute capability " + std::to_string(capability / 10) + "." +
                 std::to_string(capability % 10) +
@@ -285,19 +296,28 @@ inline std::vector<std::string> forward_reasons(const AttentionParams& p, int ca
     }
   }
   if (p.batch > 65535) r.push_back("batch > 65535 (grid dimension y)");
-  if (!r.empty()) return r;
-  const TileChoice tiles = choose_tiles(p.axes);
-  if (tiles.summary.q_tiles * p.heads > 0x7fffffff) {
+  if (!r.empty()) return plan;
+  plan.tiles = choose_tiles(p.axes);
+  if (plan.tiles.summary.q_tiles * p.heads > 0x7fffffff) {
     r.push_back("Q tiles x heads >= 2^31 (grid dimension x)");
   }
   if (p.q.data != nullptr) {
-    const TmaPlan q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, tiles.q, "query");
-    const TmaPlan k =
-        plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, tiles.kv, "key");
-    const TmaPlan v =
-        plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, tiles.kv, "value");
-    for (const TmaPlan* t : {&q, &k, &v}) {
+    plan.q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, plan.tiles.q, "query");
+    plan.k = plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, plan.tiles.kv, "key");
+    plan.v =
+        plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, plan.tiles.kv, "value");
+    for (const TmaPlan* t : {&plan.q, &plan.k, &plan.v}) {
       if (!t->error.empty()) r.push_back(t->error);
+    }
+    const OffsetCoefficients& kc = plan.k.coef;
+    const OffsetCoefficients& vc = plan.v.coef;
+    if (plan.k.error.empty() && plan.v.error.empty() &&
+        (kc.batch != vc.batch || kc.head != vc.head || kc.group[0] != vc.group[0] ||
+         kc.group[1] != vc.group[1] || kc.group[2] != vc.group[2])) {
+      // One offset coordinate addresses both K and V tiles (the producer computes it once).
+      r.push_back("key and value have different batch/head/dilation-group strides (in units of "
+                  "their common divisor): the Hopper kernel addresses both with one TMA "
+                  "coordinate");
     }
     if (p.out.stride[5] != 1 || reinterpret_cast<uintptr_t>(p.out.data) % 4 != 0) {
       r.push_back("output: the head dim must be contiguous and 4-byte aligned (paired stores)");
@@ -309,7 +329,14 @@ inline std::vector<std::string> forward_reasons(const AttentionParams& p, int ca
       }
     }
   }
-  return r;
+  return plan;
+}
+
+// Why the Hopper forward declines `p` as far as the host can tell (the driver's encoding of the
+// tensor maps is checked in sm90_fwd.cu: forward_support).
+inline std::vector<std::string> forward_reasons(const AttentionParams& p, int capability,
+                                                int64_t max_smem) {
+  return plan_forward(p, capability, max_smem).reasons;
 }
 
 }  // namespace nattn::cuda::sm90
