@@ -401,3 +401,12 @@ def test_hopper_forward_declines_rpb():
     p, rank = _native._params(q, q, q, None, None, window, rpb=rpb)
     assert any("relative positional bias (rpb)" in r
                for r in _native._C.sm90_forward_reasons(p, 90, 0))
+
+
+def test_empty_batch_gives_zero_d_rpb():
+    q = torch.randn(0, 9, 2, 4, dtype=torch.float64, requires_grad=True)
+    rpb = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    out = nattn.na1d(q, q, q, 3, backend="cpu", rpb=rpb)
+    assert out.shape == (0, 9, 2, 4)
+    (d_rpb,) = torch.autograd.grad(out.sum(), rpb)
+    assert torch.equal(d_rpb, torch.zeros_like(rpb))
