@@ -214,3 +214,14 @@ def test_bad_input_raises_clear_error(name, change, exc, pattern):
     kwargs.update(change)
     with pytest.raises(exc, match=pattern):
         fn(**kwargs)
+
+
+def test_double_backward_is_a_clear_error():
+    """Second-order gradients are not supported: NotImplementedError naming nattn, raised when
+    the first-order graph is differentiated (create_graph=True itself works)."""
+    q = torch.randn(1, 6, 7, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 7, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = nattn.na2d(q, k, k, kernel_size=3)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="nattn: double backward"):
+        dq.sum().backward()

@@ -164,3 +164,19 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("nattn::na_forward", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "nattn: double backward (second-order gradients through neighborhood attention) is not "
+        "supported; torch.ops.nattn.na_backward has no derivative. First-order gradients work, "
+        "including with create_graph=True as long as the graph is not differentiated again.")
+
+
+# Second-order gradients: a clear error instead of torch's generic "no autograd formula".
+torch.library.register_autograd("nattn::na_backward", _no_double_backward,
+                                setup_context=_no_double_backward_setup)
