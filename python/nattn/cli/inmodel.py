@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
                    help="child processes per environment, alternating (default: 4)")
     p.add_argument("--repeats", type=int, default=10,
                    help="timed calls per sequence and mode in each child (default: 10)")
-    p.add_argument("--json", default=None, help="write the samples and medians here")
+    p.add_argument("--json", default=None, help="write the samples and medians here (default: none)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(run=run)
 
