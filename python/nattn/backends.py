@@ -146,7 +146,8 @@ class CudaBackend(Backend):
         if _native.IMPORT_ERROR is not None:
             return [_native.IMPORT_ERROR]
         if not getattr(_native._C, "with_cuda", False):
-            return ["nattn._C was built without the CUDA part (no nvcc at build time)"]
+            return ["nattn._C was built without the CUDA part (at build time: no nvcc, or no "
+                    "NVIDIA driver and no NATTN_CUDA=1)"]
         if problem.device.type != "cuda":
             return [f"runs on CUDA tensors only, got device {problem.device}"]
         if not torch.cuda.is_available():
