@@ -67,12 +67,13 @@ struct BackwardScratch {
 
 // One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
 // With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
-// out the same way) receives dS.
+// out the same way) receives dS. `contained`: dS K restricted to each row's keys
+// (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
 template <typename A>
 void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt, const A* vt,
               int64_t ld, const A* k_rows, int64_t k_step, int64_t n, const int64_t* clo,
               const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp,
-              const A* bias = nullptr, A* d_bias = nullptr) {
+              const A* bias, A* d_bias, bool contained) {
   static constexpr A kZeros[kCols] = {};
   A scale = static_cast<A>(p.scale);
   block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
@@ -84,16 +85,21 @@ void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt,
   block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
   // Masked entries of dS are exactly 0 (P = exp(-inf)), so the whole block may be added.
   if (d_bias != nullptr) block_add_bias_grad(dp, d_bias, -1);
-  block_accumulate(dp, n, k_rows, k_step, p.head_dim, dq, p.head_dim);
+  if (contained) {
+    block_accumulate_spans(dp, clo, chi, k_rows, k_step, p.head_dim, dq, p.head_dim);
+  } else {
+    block_accumulate(dp, n, k_rows, k_step, p.head_dim, dq, p.head_dim);
+  }
 }
 
 // One chunk of the dk/dv pass: the tile's key rows (k, v) against n queries (panels qt, dot;
 // rows q, dO; per-query lse, delta); bias from the reversed BiasTable lines, or null.
+// `contained`: P^T dO and dS^T Q restricted to each key's queries (block_accumulate_spans).
 template <typename A>
 void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, const A* dot,
                 int64_t ld, const A* q_rows, int64_t q_step, const A* do_rows, int64_t do_step,
                 int64_t n, const int64_t* clo, const int64_t* chi, const A* lse, const A* delta,
-                A* dk, A* dv, A* s, A* dp, const A* bias) {
+                A* dk, A* dv, A* s, A* dp, const A* bias, bool contained) {
   static constexpr A kZeros[kRows] = {};
   A scale = static_cast<A>(p.scale);
   block_dot(k, p.head_dim, qt, ld, p.head_dim, s);
@@ -103,8 +109,13 @@ void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, c
   }
   block_dot(v, p.value_dim, dot, ld, p.value_dim, dp);
   block_backward_probs(s, dp, clo, chi, scale, kZeros, lse, kZeros, delta, dp);
-  block_accumulate(s, n, do_rows, do_step, p.value_dim, dv, p.value_dim);
-  block_accumulate(dp, n, q_rows, q_step, p.head_dim, dk, p.head_dim);
+  if (contained) {
+    block_accumulate_spans(s, clo, chi, do_rows, do_step, p.value_dim, dv, p.value_dim);
+    block_accumulate_spans(dp, clo, chi, q_rows, q_step, p.head_dim, dk, p.head_dim);
+  } else {
+    block_accumulate(s, n, do_rows, do_step, p.value_dim, dv, p.value_dim);
+    block_accumulate(dp, n, q_rows, q_step, p.head_dim, dk, p.head_dim);
+  }
 }
 
 // Everything one (batch, kv head) group needs: its packed operands, the gradient accumulators
@@ -263,10 +274,8 @@ class Backward {
   // Gradients of kv head kvh of batch b and of its query heads, on nt threads (split) or on the
   // calling thread (fused, nt = 1).
   void run_group(int64_t b, int64_t kvh, int nt, bool fused, GroupStorage<A>& st) {
-    const T* q = static_cast<const T*>(p_.q.data);
     const T* k = static_cast<const T*>(p_.k.data);
     const T* v = static_cast<const T*>(p_.v.data);
-    const T* d_out = static_cast<const T*>(p_.d_out.data);
     if (st.scratch.size() < static_cast<size_t>(nt)) {
       st.scratch.assign(static_cast<size_t>(nt), BackwardScratch<A>(p_));
     }
@@ -334,6 +343,7 @@ class Backward {
       });
     }
     if (fused) {
+      contain_key_gradients(b, kvh, nt, st);
       store_dk_dv(b, kvh, nt, st);
       return;
     }
@@ -341,14 +351,7 @@ class Backward {
     // dk, dv: per key tile over the queries that attend to it.
     const int64_t key_items = n_x01_ * n_tiles_;
     for (int64_t h = kvh * hpk_; h < (kvh + 1) * hpk_; ++h) {
-      HeadQueries hq;
-      hq.lines = pack_lines(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_store);
-      hq.do_lines = pack_lines(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_store);
-      hq.rows = make_rows(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_rows_store);
-      hq.do_rows = make_rows(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_rows_store);
-      hq.h = h;
-      hq.lse = row_lse_.data() + stats_line(b, h, 0);
-      hq.delta = row_delta_.data() + stats_line(b, h, 0);
+      const HeadQueries hq = head_queries(b, h, nt, st);
       parallel_for(nt, key_items + m_tiles_ * n_parts_, [&](int64_t item, int thread) {
         BackwardScratch<A>& s = st.scratch[thread];
         if (item < key_items) {
@@ -359,6 +362,7 @@ class Backward {
         }
       });
     }
+    contain_key_gradients(b, kvh, nt, st);
     store_dk_dv(b, kvh, nt, st);
   }
 
@@ -379,6 +383,65 @@ class Backward {
     A* dv;           // dv_acc
     A* add_partial;  // d_add_k/d_add_v partial sums
   };
+
+  // Head h's operands for the key-side walk, packed into st.
+  HeadQueries head_queries(int64_t b, int64_t h, int nt, GroupStorage<A>& st) const {
+    const T* q = static_cast<const T*>(p_.q.data);
+    const T* d_out = static_cast<const T*>(p_.d_out.data);
+    HeadQueries hq;
+    hq.lines = pack_lines(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_store);
+    hq.do_lines = pack_lines(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_store);
+    hq.rows = make_rows(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_rows_store);
+    hq.do_rows = make_rows(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_rows_store);
+    hq.h = h;
+    hq.lse = row_lse_.data() + stats_line(b, h, 0);
+    hq.delta = row_delta_.data() + stats_line(b, h, 0);
+    return hq;
+  }
+
+  // A non-finite q or dO row multiplies the masked (exactly 0) P and dS entries of every key of
+  // its chunks (0 * NaN = NaN), so it may have reached keys outside its inverse window. Every key
+  // tile with a non-finite dk or dv row is recomputed from zero by the key-side walk with its sums
+  // restricted to each key's queries; the other keys keep their sums. A scan of the accumulators
+  // when every row is finite (the usual case).
+  void contain_key_gradients(int64_t b, int64_t kvh, int nt, GroupStorage<A>& st) {
+    const int64_t key_items = n_x01_ * n_tiles_;
+    std::vector<char> bad(static_cast<size_t>(key_items), 0);
+    parallel_for(nt, key_items, [&](int64_t item, int) {
+      const AxisTile& tile = tiles_[item % n_tiles_];
+      const int64_t first = (item / n_tiles_) * geo_.len[2] + tile.index(geo_, 0);
+      for (int64_t r = 0; r < tile.count && !bad[item]; ++r) {
+        const int64_t row = first + r * geo_.dilation;
+        bad[item] = !all_finite(st.dk_acc.data() + row * D_, D_) ||
+                    !all_finite(st.dv_acc.data() + row * Dv_, Dv_);
+      }
+    });
+    std::vector<int64_t> redo;
+    for (int64_t item = 0; item < key_items; ++item) {
+      if (bad[item]) redo.push_back(item);
+    }
+    if (redo.empty()) return;
+    for (const int64_t item : redo) {
+      const AxisTile& tile = tiles_[item % n_tiles_];
+      const int64_t first = (item / n_tiles_) * geo_.len[2] + tile.index(geo_, 0);
+      for (int64_t r = 0; r < tile.count; ++r) {
+        const int64_t row = first + r * geo_.dilation;
+        std::fill_n(st.dk_acc.data() + row * D_, D_, A(0));
+        std::fill_n(st.dv_acc.data() + row * Dv_, Dv_, A(0));
+      }
+    }
+    if (st.scratch.size() < static_cast<size_t>(nt)) {
+      st.scratch.assign(static_cast<size_t>(nt), BackwardScratch<A>(p_));
+    }
+    for (int64_t h = kvh * hpk_; h < (kvh + 1) * hpk_; ++h) {
+      const HeadQueries hq = head_queries(b, h, nt, st);
+      parallel_for(nt, static_cast<int64_t>(redo.size()), [&](int64_t i, int thread) {
+        const int64_t item = redo[static_cast<size_t>(i)];
+        key_tile(b, kvh, item / n_tiles_, tiles_[item % n_tiles_], hq, st, st.scratch[thread],
+                 true);
+      });
+    }
+  }
 
   // dq of one query tile at (x0, x1) of head h; with kg (fused schedule) also its terms of dk,
   // dv and the additional tokens' partial sums; with d_bias (rpb) its dS into that d_rpb partial
@@ -405,63 +468,72 @@ class Backward {
     }
     const int64_t k_step = geo_.dilation * k_rows.s[2];
     A* dq = s.acc_a.data();
-    std::fill(s.acc_a.begin(), s.acc_a.end(), A(0));
-    for (int64_t i0 = 0; i0 < w0.count; ++i0) {
-      const int64_t y0 = w0.first + i0 * w0.step;
-      for (int64_t i1 = 0; i1 < w1.count; ++i1) {
-        const int64_t y1 = w1.first + i1 * w1.step;
-        const int64_t line = geo_.line(y0, y1, tile.group);
-        const A* kt = k_lines + line * D_ * geo_.ld;
-        const A* vt = v_lines + line * Dv_ * geo_.ld;
-        const A* kr = k_rows.line(0, y0, y1, tile.group);
-        // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
-        const int64_t key_row0 = (y0 * geo_.len[1] + y1) * geo_.len[2] + tile.group;
-        const A* b_line = nullptr;
-        A* db_line = nullptr;
-        if (d_bias != nullptr) {
-          const int64_t off = bias_line(bias_, p_, h, x0, x1, y0, y1);
-          b_line = bias_.forward.data() + off;
-          db_line = d_bias + (off - bias_.lines_offset(h, 0, 0));
-        }
-        for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
-          const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
-          chunk_spans(lo, hi, c0, n, clo, chi);
-          const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
-                                                                       tile.j0, c0);
-          dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
-                   k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
-                   b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr);
-          if (kg != nullptr) {  // s.s holds P, s.dp holds dS
-            const int64_t row = key_row0 + geo_.dilation * c0;
-            block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
-                                        kg->dv + row * Dv_, geo_.dilation * Dv_);
-            block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, kg->dk + row * D_,
-                                        geo_.dilation * D_);
+    // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
+    // to each row's keys; dk, dv and d_rpb are not touched again (contain_key_gradients repairs
+    // dk, dv; dS itself is exact either way).
+    const auto walk = [&](const KeyGradients* into, A* bias_into, bool contained) {
+      std::fill(s.acc_a.begin(), s.acc_a.end(), A(0));
+      for (int64_t i0 = 0; i0 < w0.count; ++i0) {
+        const int64_t y0 = w0.first + i0 * w0.step;
+        for (int64_t i1 = 0; i1 < w1.count; ++i1) {
+          const int64_t y1 = w1.first + i1 * w1.step;
+          const int64_t line = geo_.line(y0, y1, tile.group);
+          const A* kt = k_lines + line * D_ * geo_.ld;
+          const A* vt = v_lines + line * Dv_ * geo_.ld;
+          const A* kr = k_rows.line(0, y0, y1, tile.group);
+          // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
+          const int64_t key_row0 = (y0 * geo_.len[1] + y1) * geo_.len[2] + tile.group;
+          const A* b_line = nullptr;
+          A* db_line = nullptr;
+          if (bias_into != nullptr) {
+            const int64_t off = bias_line(bias_, p_, h, x0, x1, y0, y1);
+            b_line = bias_.forward.data() + off;
+            db_line = bias_into + (off - bias_.lines_offset(h, 0, 0));
+          }
+          for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
+            const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
+            chunk_spans(lo, hi, c0, n, clo, chi);
+            const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
+                                                                         tile.j0, c0);
+            dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
+                     k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
+                     b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr,
+                     contained);
+            if (into != nullptr) {  // s.s holds P, s.dp holds dS
+              const int64_t row = key_row0 + geo_.dilation * c0;
+              block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
+                                          into->dv + row * Dv_, geo_.dilation * Dv_);
+              block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, into->dk + row * D_,
+                                          geo_.dilation * D_);
+            }
           }
         }
       }
-    }
-    for (int64_t c0 = 0; c0 < M_; c0 += kCols) {
-      const int64_t n = std::min<int64_t>(kCols, M_ - c0);
-      for (int r = 0; r < kRows; ++r) {
-        clo[r] = 0;
-        chi[r] = r < tile.count ? n : 0;
+      for (int64_t c0 = 0; c0 < M_; c0 += kCols) {
+        const int64_t n = std::min<int64_t>(kCols, M_ - c0);
+        for (int r = 0; r < kRows; ++r) {
+          clo[r] = 0;
+          chi[r] = r < tile.count ? n : 0;
+        }
+        dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
+                 M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
+                 s.s.data(), s.dp.data(), static_cast<const A*>(nullptr),
+                 static_cast<A*>(nullptr), contained);
+        if (into == nullptr) continue;
+        // Into the partial sums of (tile of kRows additional tokens, part of this query line).
+        const int64_t part = geo_.line(x0, x1, tile.group) / lines_per_part_;
+        for (int64_t m0 = c0; m0 < c0 + n; m0 += kRows) {
+          A* partial = into->add_partial + (m0 / kRows * n_parts_ + part) * partial_size_;
+          const int64_t count = std::min<int64_t>(kRows, c0 + n - m0);
+          block_accumulate_transposed(s.dp.data() + (m0 - c0), count, s.a.data(), D_, D_, partial,
+                                      D_);
+          block_accumulate_transposed(s.s.data() + (m0 - c0), count, s.b.data(), Dv_, Dv_,
+                                      partial + kRows * D_, Dv_);
+        }
       }
-      dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
-               M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
-               s.s.data(), s.dp.data());
-      if (kg == nullptr) continue;
-      // Into the partial sums of (tile of kRows additional tokens, part of this query line).
-      const int64_t part = geo_.line(x0, x1, tile.group) / lines_per_part_;
-      for (int64_t m0 = c0; m0 < c0 + n; m0 += kRows) {
-        A* partial = kg->add_partial + (m0 / kRows * n_parts_ + part) * partial_size_;
-        const int64_t count = std::min<int64_t>(kRows, c0 + n - m0);
-        block_accumulate_transposed(s.dp.data() + (m0 - c0), count, s.a.data(), D_, D_, partial,
-                                    D_);
-        block_accumulate_transposed(s.s.data() + (m0 - c0), count, s.b.data(), Dv_, Dv_,
-                                    partial + kRows * D_, Dv_);
-      }
-    }
+    };
+    walk(kg, d_bias, false);
+    if (!all_finite(dq, tile.count * D_)) walk(nullptr, nullptr, true);
     T* dq_out = static_cast<T*>(p_.dq.data);
     const A scale = static_cast<A>(p_.scale);
     for (int64_t r = 0; r < tile.count; ++r) {
@@ -478,7 +550,8 @@ class Backward {
   // rpb, or additional keys); the key tile starts at group position j0.
   void walk_line(const HeadQueries& hq, BackwardScratch<A>& s, int64_t x0, int64_t x1,
                  int64_t group, const int64_t* lo, const int64_t* hi, int64_t c_begin,
-                 int64_t c_end, const A* bias_line_ptr = nullptr, int64_t j0 = 0) const {
+                 int64_t c_end, const A* bias_line_ptr = nullptr, int64_t j0 = 0,
+                 bool contained = false) const {
     const int64_t line = geo_.line(x0, x1, group);
     const A* qt = hq.lines + line * D_ * geo_.ld;
     const A* dot = hq.do_lines + line * Dv_ * geo_.ld;
@@ -495,14 +568,14 @@ class Backward {
       dkdv_chunk(p_, s.a.data(), s.b.data(), qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,
                  s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data(),
-                 bias_line_ptr ? bias_.chunk(bias_line_ptr, j0, c0) : nullptr);
+                 bias_line_ptr ? bias_.chunk(bias_line_ptr, j0, c0) : nullptr, contained);
     }
   }
 
   // dk, dv of the key tile at (y0, y1) = x01, accumulated over its inverse windows onto the sums
-  // of the group's earlier heads.
+  // of the group's earlier heads; `contained`: sums restricted to each key's queries.
   void key_tile(int64_t b, int64_t kvh, int64_t x01, const AxisTile& tile, const HeadQueries& hq,
-                GroupStorage<A>& st, BackwardScratch<A>& s) const {
+                GroupStorage<A>& st, BackwardScratch<A>& s, bool contained = false) const {
     const int64_t y0 = x01 / geo_.len[1], y1 = x01 % geo_.len[1];
     load_tile(static_cast<const T*>(p_.k.data), p_.k.stride, b, kvh, y0, y1, tile, geo_, D_,
               s.a.data());
@@ -539,7 +612,7 @@ class Backward {
         if (p_.has_rpb()) {
           b_line = bias_.reversed.data() + bias_line(bias_, p_, hq.h, x0, x1, y0, y1);
         }
-        walk_line(hq, s, x0, x1, tile.group, lo, hi, u_lo, u_hi, b_line, tile.j0);
+        walk_line(hq, s, x0, x1, tile.group, lo, hi, u_lo, u_hi, b_line, tile.j0, contained);
       }
     }
     for (int64_t r = 0; r < tile.count; ++r) {

@@ -317,8 +317,11 @@ NATTN_INLINE void block_backward_probs_impl(A* s, const A* dp, const int64_t* cl
     const int64_t lo = clo[r], hi = chi[r];
     for (int c = 0; c < kCols; ++c) {
       const A x = row[c] * scale - (row_lse[r] + col_lse[c]);
-      row[c] = exp_any((c >= lo && c < hi) ? x : kNegInf);
-      ds[r * kCols + c] = row[c] * (dp[r * kCols + c] - (row_delta[r] + col_delta[c]));
+      const bool valid = c >= lo && c < hi;
+      row[c] = exp_any(valid ? x : kNegInf);
+      // Selected, not multiplied by P = 0: a masked entry's dp may be NaN (0 * NaN = NaN).
+      ds[r * kCols + c] =
+          valid ? row[c] * (dp[r * kCols + c] - (row_delta[r] + col_delta[c])) : A(0);
     }
   }
 }
@@ -372,7 +375,9 @@ NATTN_INLINE void block_backward_probs_impl(float* s, const float* dp, const int
     select(x, valid, x, F16{} + kNegInf);
     exp_fp32(p, x);
     Vec<float>::store(s + r * kCols, p);
-    Vec<float>::store(ds + r * kCols, p * (d - (row_delta[r] + c_delta)));
+    F16 g;  // selected, not multiplied by P = 0: a masked entry's dp may be NaN (0 * NaN = NaN)
+    select(g, valid, p * (d - (row_delta[r] + c_delta)), F16{});
+    Vec<float>::store(ds + r * kCols, g);
   }
 }
 

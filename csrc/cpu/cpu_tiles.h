@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -259,6 +260,43 @@ int64_t bias_line(const BiasTable<A>& t, const AttentionParams& p, int64_t h, in
   return t.lines_offset(h, rpb_index(p.axes[0], x0, y0), rpb_index(p.axes[1], x1, y1));
 }
 
+// block_accumulate restricted to each row's own columns: o[r * ldo + w] += sum over clo[r] <= c <
+// chi[r] of p[r * kCols + c] * b[c * ldb + w]. block_accumulate multiplies every row's masked
+// weights (exactly 0) by every b row of the chunk, and 0 * NaN = NaN, so a non-finite b row would
+// reach rows whose window does not contain it; here it reaches only its own rows. Scalar: it runs
+// only on the rare tiles whose fast result came out non-finite (finite_rows).
+template <typename A>
+void block_accumulate_spans(const A* p, const int64_t* clo, const int64_t* chi, const A* b,
+                            int64_t ldb, int64_t width, A* o, int64_t ldo) {
+  for (int r = 0; r < kRows; ++r) {
+    for (int64_t c = clo[r]; c < chi[r]; ++c) {
+      const A w = p[r * kCols + c];
+      const A* src = b + c * ldb;
+      A* dst = o + r * ldo;
+      for (int64_t i = 0; i < width; ++i) dst[i] += w * src[i];
+    }
+  }
+}
+
+// Whether all n entries of x are finite. The kernels check their results with it and recompute a
+// non-finite tile with its sums restricted to each row's window (block_accumulate_spans), so that
+// a non-finite input affects exactly the outputs whose window (or gradient path) contains it. The
+// test is on the exponent bits (all ones: NaN or +-inf), an OR over integers that the compiler
+// vectorizes, unlike a floating-point reduction it may not reorder.
+template <typename A>
+bool all_finite(const A* x, int64_t n) {
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(A) == sizeof(U) && std::numeric_limits<A>::is_iec559);
+  constexpr U kExp = static_cast<U>(sizeof(A) == 4 ? 0x7f800000ull : 0x7ff0000000000000ull);
+  U bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    U u;
+    std::memcpy(&u, x + i, sizeof u);
+    bad |= static_cast<U>((u & kExp) == kExp);
+  }
+  return bad == 0;
+}
+
 // Keys of one (b, kv head) as the forward tile reads them.
 template <typename A>
 struct ForwardKeys {
@@ -278,11 +316,14 @@ struct ForwardScratch {
 
 // One chunk of the online softmax: scores of the tile's queries against n keys (panel kt, rows
 // v), plus the relative bias (BiasTable::chunk, rows step -1) when bias is not null, masked to
-// each row's [clo, chi), folded into the running max m, sum l and output o.
+// each row's [clo, chi), folded into the running max m, sum l and output o. `contained`: P V
+// restricted to each row's columns (block_accumulate_spans), for a tile recomputed because its
+// result was non-finite.
 template <typename A>
 void softmax_chunk(const A* q, int64_t head_dim, const A* kt, int64_t ldk, const A* v,
                    int64_t ldv, int64_t n, int64_t value_dim, const int64_t* clo,
-                   const int64_t* chi, A scale, A* m, A* l, A* o, A* s, const A* bias = nullptr) {
+                   const int64_t* chi, A scale, A* m, A* l, A* o, A* s, const A* bias,
+                   bool contained) {
   block_dot(q, head_dim, kt, ldk, head_dim, s);
   if (bias != nullptr) {
     block_add_bias(s, scale, bias, -1);
@@ -294,15 +335,20 @@ void softmax_chunk(const A* q, int64_t head_dim, const A* kt, int64_t ldk, const
     if (corr[r] == A(1)) continue;
     for (int64_t w = 0; w < value_dim; ++w) o[r * value_dim + w] *= corr[r];
   }
-  block_accumulate(s, n, v, ldv, value_dim, o, value_dim);
+  if (contained) {
+    block_accumulate_spans(s, clo, chi, v, ldv, value_dim, o, value_dim);
+  } else {
+    block_accumulate(s, n, v, ldv, value_dim, o, value_dim);
+  }
 }
 
 // Forward of one query tile of head h at (x0, x1): scratch.q must hold the tile's queries;
 // leaves the normalized output in scratch.o and the natural-log LSE of the scores in lse.
+// `contained`: the slow form whose P V sums stay inside each row's window (softmax_chunk).
 template <typename A>
 void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile, int64_t h,
                   int64_t x0, int64_t x1, const ForwardKeys<A>& keys, ForwardScratch<A>& scratch,
-                  A* lse) {
+                  A* lse, bool contained) {
   const int64_t D = p.head_dim, Dv = p.value_dim;
   const A scale = static_cast<A>(p.scale);
   const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
@@ -336,7 +382,7 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
         chunk_spans(lo, hi, c0, n, clo, chi);
         softmax_chunk(scratch.q.data(), D, kt + c0, geo.ld, v + c0 * v_step, v_step, n, Dv, clo,
                       chi, scale, m, l, o, scratch.s.data(),
-                      b_line ? keys.bias->chunk(b_line, tile.j0, c0) : nullptr);
+                      b_line ? keys.bias->chunk(b_line, tile.j0, c0) : nullptr, contained);
       }
     }
   }
@@ -347,7 +393,8 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
       chi[r] = r < tile.count ? n : 0;
     }
     softmax_chunk(scratch.q.data(), D, keys.add_kt + c0, p.num_additional + kCols,
-                  keys.add_v + c0 * Dv, Dv, n, Dv, clo, chi, scale, m, l, o, scratch.s.data());
+                  keys.add_v + c0 * Dv, Dv, n, Dv, clo, chi, scale, m, l, o, scratch.s.data(),
+                  static_cast<const A*>(nullptr), contained);
   }
   for (int r = 0; r < tile.count; ++r) {
     const A inv = A(1) / l[r];
@@ -375,7 +422,12 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
     ForwardScratch<A>& s = scratch[thread];
     load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, p.head_dim, s.q.data());
     A tile_lse[kRows];
-    forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse);
+    forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, false);
+    // A non-finite input among the chunk's keys or values may have reached rows whose window
+    // does not hold it (0 * NaN in block_accumulate): recompute such a tile contained.
+    if (!all_finite(s.o.data(), tile.count * p.value_dim) || !all_finite(tile_lse, tile.count)) {
+      forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, true);
+    }
     done(h, x0, x1, tile, s, tile_lse);
   });
 }

@@ -189,16 +189,39 @@ def neighborhood_attention(
     Memory: O(B * H * N^2) for N tokens. This function does not validate its arguments beyond
     what it needs; the public API (``nattn.neighborhood_attention``) does.
     """
-    _, _, v, scores, shape = _dense_scores(
+    _, _, v, scores, shape, mask = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values, rpb,
     )
     lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    out = _heads_last(torch.matmul(probs, v), shape)
+    # A NaN score makes softmax NaN across its whole row, masked entries included: keep those 0.
+    probs = torch.where(mask, torch.softmax(scores, dim=-1), 0)
+    out = _heads_last(_masked_matmul(probs, v, mask), shape)
     if not return_lse:
         return out
     return out, _heads_last(lse.to(torch.float32)[..., None], shape)[..., 0]
+
+
+def _masked_matmul(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` summed only where ``mask`` (broadcast like ``a``, [..., n, t]) holds: the
+    neighborhood's own terms. ``a`` is 0 outside the mask, but a dense product would still
+    multiply that 0 by every row of ``b`` (0 * NaN = NaN), so a non-finite entry of ``b`` would
+    reach rows whose window does not contain it. The finite part of ``b`` goes through one dense
+    product; the rows of ``b`` with a non-finite entry (rare) are added term by term, masked."""
+    bad = ~torch.isfinite(b)
+    if not bool(bad.any()):
+        return torch.matmul(a, b)
+    out = torch.matmul(a, b.masked_fill(bad, 0))
+    rows = bad.any(-1)  # [..., t]
+    while rows.dim() > 1:
+        rows = rows.any(0)
+    idx = rows.nonzero()[:, 0]
+    a_bad = a.index_select(-1, idx)  # [..., n, j]
+    m_bad = mask.expand(a.shape).index_select(-1, idx)
+    b_bad = b.index_select(-2, idx).masked_fill(~bad.index_select(-2, idx), 0)  # [..., j, c]
+    terms = a_bad.unsqueeze(-1) * b_bad.unsqueeze(-3)  # [..., n, j, c]
+    terms = terms.masked_fill(~m_bad.unsqueeze(-1), 0)
+    return out + terms.sum(-2)
 
 
 def _heads_last(x: torch.Tensor, shape) -> torch.Tensor:
@@ -211,7 +234,7 @@ def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, s
     """Queries [B, H, N, D], keys [B, H, N(+M), D] and values [B, H, N(+M), D_v] (kv heads
     repeated per query head, additional tokens appended), the masked scaled scores
     [B, H, N, N(+M)] (-inf outside the neighborhood; plus the relative bias when rpb is given),
-    and query's shape without its head dim."""
+    query's shape without its head dim, and the mask [N, N(+M)] (True inside the window)."""
     rank = query.dim() - 3
     spatial = tuple(query.shape[1:-2])
     batch, heads, head_dim = query.shape[0], query.shape[-2], query.shape[-1]
@@ -249,7 +272,7 @@ def _dense_scores(query, key, value, kernel_size, stride, dilation, is_causal, s
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
     scores = scores.masked_fill(~mask, float("-inf"))
-    return q, k, v, scores, tuple(query.shape[:-1])
+    return q, k, v, scores, tuple(query.shape[:-1]), mask
 
 
 def neighborhood_attention_backward(
@@ -282,23 +305,26 @@ def neighborhood_attention_backward(
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    q, k, v, scores, shape = _dense_scores(
+    q, k, v, scores, shape, mask = _dense_scores(
         query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
         additional_values, rpb,
     )
     batch, heads = query.shape[0], query.shape[-2]
     kv_heads = key.shape[-2]
     n = scores.shape[-2]
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(mask, torch.softmax(scores, dim=-1), 0)  # as in the forward
     d_out = grad_out.reshape(batch, n, heads, -1).transpose(1, 2).to(probs.dtype)
-    out = torch.matmul(probs, v)
+    # Every product sums only the neighborhood's terms (_masked_matmul) and dS is selected, not
+    # multiplied by P = 0, outside the window: a non-finite input reaches exactly the gradients
+    # whose path contains it.
+    out = _masked_matmul(probs, v, mask)
     row = (d_out * out).sum(-1, keepdim=True)
     if grad_lse is not None:
         row = row - grad_lse.reshape(batch, n, heads).transpose(1, 2)[..., None].to(row.dtype)
-    d_scores = probs * (torch.matmul(d_out, v.transpose(-1, -2)) - row)
-    dq = torch.matmul(d_scores, k) * scale
-    dk_all = torch.matmul(d_scores.transpose(-1, -2), q) * scale
-    dv_all = torch.matmul(probs.transpose(-1, -2), d_out)
+    d_scores = torch.where(mask, probs * (torch.matmul(d_out, v.transpose(-1, -2)) - row), 0)
+    dq = _masked_matmul(d_scores, k, mask) * scale
+    dk_all = _masked_matmul(d_scores.transpose(-1, -2), q, mask.transpose(-1, -2)) * scale
+    dv_all = _masked_matmul(probs.transpose(-1, -2), d_out, mask.transpose(-1, -2))
 
     def per_kv_head(x):  # [B, H, T, C] -> [B, H_kv, T, C], summed over each kv head's group
         return x.reshape(batch, kv_heads, heads // kv_heads, x.shape[2], x.shape[3]).sum(2)
