@@ -239,6 +239,11 @@ def test_scaling_pair_is_measured_interleaved(monkeypatch):
     assert (sc["small"], sc["large"], sc["token_ratio"]) == ("tiny-a", "tiny-b", 4)
     assert sc["small_s"] > 0 and sc["large_s"] > 0
     assert sc["time_ratio"] == pytest.approx(sc["large_s"] / sc["small_s"])
+    # NATTEN's ratio comes from the same rounds when it is installed, else it is named absent.
+    if sc["natten_ratio"] is None:
+        assert sc["natten_note"] and sc["natten_small_s"] is None
+    else:
+        assert sc["natten_ratio"] == pytest.approx(sc["natten_large_s"] / sc["natten_small_s"])
     # A scaled-down pair (scale != 1) is not the named pair: nothing is measured.
     results[0]["scale"] = 0.5
     assert bench._scaling(results, torch.device("cpu"), warmup=1, repeats=3) == []

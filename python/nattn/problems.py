@@ -113,6 +113,10 @@ PROBLEMS: Dict[str, NamedProblem] = {
            _CPU + "; 4x cpu-2d-64's tokens: time ratio should be <= 4.5", dtype=torch.float32),
         _p("cpu-3d-16", (16, 16, 16), 4, 64, (5, 5, 5), (1, 1, 1), (1, 1, 1), _CPU,
            dtype=torch.float32),
+        _p("cpu-3d-1k", (8, 8, 16), 4, 64, (5, 5, 5), (1, 1, 1), (1, 1, 1),
+           _CPU + "; a quarter of cpu-3d-16's tokens (its scaling pair)", dtype=torch.float32),
+        _p("cpu-1d-4k", (4096,), 4, 64, (255,), (1,), (1,),
+           _CPU + "; a quarter of cpu-1d-16k's tokens (its scaling pair)", dtype=torch.float32),
         _p("cpu-1d-16k", (16384,), 4, 64, (255,), (1,), (1,), _CPU, dtype=torch.float32),
     ]
 }

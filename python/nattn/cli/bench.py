@@ -328,11 +328,11 @@ def _footer(device, backward: bool, scaling: List[Dict], hidden: List[str]) -> L
         lines.append(
             f"linear scaling: {sc['large']} has {sc['token_ratio']}x the tokens of "
             f"{sc['small']}; nattn's forward took {common.fmt_time(sc['large_s'])} / "
-            f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f}x the time. These two "
-            "medians come from a second, separate measurement with the calls of the two "
-            "problems interleaved, so that drift of a shared machine's speed over the minutes "
-            "between the two table rows does not enter the ratio; they differ from the table's "
-            "medians by that drift.")
+            f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f}x the time; "
+            f"{_natten_scaling_text(sc)}. These medians come from a second, separate "
+            "measurement with the calls of the two problems interleaved, so that drift of a "
+            "shared machine's speed over the minutes between the two table rows does not enter "
+            "the ratio; they differ from the table's medians by that drift.")
     if hidden:
         lines.append("not shown: " + ", ".join(hidden) + " (cannot run on this device; "
                      "--all-backends shows them)")
@@ -390,7 +390,7 @@ def _markdown(results: List[Dict], device, backward: bool, meta: Dict) -> str:
         lines += [f"Linear scaling (nattn auto forward, calls of the two problems interleaved): "
                   f"{sc['large']} / {sc['small']} = {common.fmt_time(sc['large_s'])} / "
                   f"{common.fmt_time(sc['small_s'])} = {sc['time_ratio']:.2f} for "
-                  f"{sc['token_ratio']}x the tokens.", ""]
+                  f"{sc['token_ratio']}x the tokens; {_natten_scaling_text(sc)}.", ""]
     head = ["problem", "scale", "layout", "impl", "fwd", unit, "%mm", "%bound", "speedup"]
     if backward:
         head += ["fwd+bwd", unit, "%mm", "%bound", "speedup"]
@@ -440,34 +440,59 @@ def compare(results: List[Dict], baseline_path: str) -> List[Dict]:
 # (smaller, larger, token ratio): pairs whose time ratio checks linear scaling in N. The two
 # problems of a pair run minutes apart in the suite, and a shared machine's speed drifts over
 # minutes, so the ratio is measured again with their calls interleaved.
-SCALING_PAIRS = [("cpu-2d-64", "cpu-2d-128", 4)]
+SCALING_PAIRS = [("cpu-2d-64", "cpu-2d-128", 4), ("cpu-3d-1k", "cpu-3d-16", 4),
+                 ("cpu-1d-4k", "cpu-1d-16k", 4)]
 
 
-def _scaling(results: List[Dict], device, warmup: int, repeats: int) -> List[Dict]:
+def _scaling(results: List[Dict], device, warmup: int, repeats: int,
+             with_natten: bool = True) -> List[Dict]:
     """For each SCALING_PAIRS pair in ``results`` (unscaled): medians of nattn (auto)'s forward
-    over ``repeats`` alternating calls of the two problems, and their ratio."""
+    over ``repeats`` alternating calls of the two problems, and their ratio; the same for
+    NATTEN's forward (``natten_*`` keys; None, with ``natten_note``, when it is absent or cannot
+    run the pair), its calls in the same rounds."""
     by_name = {r["name"]: r for r in results if r["scale"] == 1}
     out = []
     for small, large, tokens in SCALING_PAIRS:
         if small not in by_name or large not in by_name:
             continue
-        fns = []
+        fns, natten_fns, note = [], [], None
         for name in (small, large):
             problem = by_name[name]["_problem"]
             inputs = common.make_inputs(problem, device, problem.dtype)
             auto = common.auto_backend(problem, device, problem.dtype)
             fns.append(common.nattn_impls(problem, inputs, device, problem.dtype, [auto])[0]
                        .forward)
-        times = [[], []]
-        for fn in fns:
+            if with_natten and note is None:
+                impl = peers.natten_impl(problem, inputs, device, problem.dtype)
+                if impl.forward is None:
+                    note = impl.skip
+                natten_fns.append(impl.forward)
+        if note is not None or not with_natten:
+            natten_fns = []
+        all_fns = fns + natten_fns
+        times = [[] for _ in all_fns]
+        for fn in all_fns:
             common.time_calls(fn, device, warmup, 0)
         for _ in range(repeats):
-            for i, fn in enumerate(fns):
+            for i, fn in enumerate(all_fns):
                 times[i] += common.time_calls(fn, device, 0, 1)
         med = [common.median(t) for t in times]
-        out.append({"small": small, "large": large, "token_ratio": tokens,
-                    "small_s": med[0], "large_s": med[1], "time_ratio": med[1] / med[0]})
+        row = {"small": small, "large": large, "token_ratio": tokens,
+               "small_s": med[0], "large_s": med[1], "time_ratio": med[1] / med[0],
+               "natten_small_s": None, "natten_large_s": None, "natten_ratio": None,
+               "natten_note": note if with_natten else "not measured"}
+        if natten_fns:
+            row.update(natten_small_s=med[2], natten_large_s=med[3],
+                       natten_ratio=med[3] / med[2])
+        out.append(row)
     return out
+
+
+def _natten_scaling_text(sc: Dict) -> str:
+    if sc.get("natten_ratio") is None:
+        return f"NATTEN: not measured ({sc.get('natten_note') or 'absent'})"
+    return (f"NATTEN's: {common.fmt_time(sc['natten_large_s'])} / "
+            f"{common.fmt_time(sc['natten_small_s'])} = {sc['natten_ratio']:.2f}x")
 
 
 def run(args) -> int:
@@ -509,7 +534,8 @@ def run(args) -> int:
         for p, factor in sweep_jobs:
             sweep.append(_run_problem(p, p.name, factor, args, device, ceilings, warmup,
                                       repeats, progress, task))
-    scaling = _scaling(results, device, warmup, repeats)  # before _finish drops "_problem"
+    scaling = _scaling(results, device, warmup, repeats,  # before _finish drops "_problem"
+                       with_natten="natten" not in args.skip)
     for res in results + sweep:
         _finish(res, ceilings.best, args.backward, device.type)
     for key, c in ceilings.best.items():
