@@ -25,70 +25,95 @@ namespace {
 // 64-byte vectors through GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones or
 // four SSE ones, whichever the level being compiled has. kCols fp32 values are one such vector,
 // kCols fp64 values two. Loads go through memcpy because the rows are not 64-byte aligned.
-template <typename A>
+//
+// The product kernels (block_dot, block_accumulate) take the level's own register width instead
+// (kBytes: 32 for AVX2, 16 for SSE): GCC lowers arithmetic on 64-byte vectors at AVX2 through
+// the stack and general registers (vmovq/vpinsrq per half), which measured the AVX2 forward
+// slower than the SSE baseline on a Zen 3 VM.
+template <typename A, int kBytes = 64>
 struct Vec {
-  using type __attribute__((vector_size(64))) = A;
-  static constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
+  using type __attribute__((vector_size(kBytes))) = A;
+  static constexpr int kLanes = kBytes / static_cast<int>(sizeof(A));
   static constexpr int kPerPanel = kCols / kLanes;  // vectors per kCols-wide panel
   // By reference: passing a 64-byte vector by value has a different ABI at each level.
   static NATTN_INLINE void load(type& v, const A* p) { std::memcpy(&v, p, sizeof v); }
   static NATTN_INLINE void store(A* p, const type& v) { std::memcpy(p, &v, sizeof v); }
 };
 
-template <typename A>
+// Rows of the kRows x kCols accumulator block kept in registers at once, at a level whose vector
+// registers are kRegBytes wide and number kRegs: the block takes kRows * kCols * sizeof(A) /
+// kRegBytes registers, which fits AVX-512 (8 x 16 fp32 = 8 of 32 zmm; fp64 16) but not AVX2 (16
+// of 16 ymm for fp32: every FMA then spills, and the AVX2 kernels measured slower than the SSE
+// baseline on a 2-core Zen 3 VM) or SSE. Passes of kRowPass rows keep at most about half the
+// registers as accumulators and reload the shared operand row per pass from L1.
+template <typename A, int kRegBytes, int kRegs>
+constexpr int row_pass() {
+  int rows = kRows;
+  while (rows > 1 && rows * kCols * static_cast<int>(sizeof(A)) / kRegBytes > kRegs / 2) {
+    rows /= 2;
+  }
+  return rows;
+}
+
+template <int kRowPass, int kBytes, typename A>
 NATTN_INLINE void block_dot_impl(const A* a, int64_t lda, const A* bt, int64_t ldb,
                                  int64_t depth, A* s) {
-  using V = Vec<A>;
+  using V = Vec<A, kBytes>;
   constexpr int kN = V::kPerPanel;
-  typename V::type acc[kRows][kN] = {};
-  for (int64_t i = 0; i < depth; ++i) {
-    typename V::type b[kN];
-    for (int j = 0; j < kN; ++j) V::load(b[j], bt + i * ldb + j * V::kLanes);
-    for (int r = 0; r < kRows; ++r) {
-      const A a_ri = a[r * lda + i];
-      for (int j = 0; j < kN; ++j) acc[r][j] += a_ri * b[j];
+  for (int r0 = 0; r0 < kRows; r0 += kRowPass) {
+    typename V::type acc[kRowPass][kN] = {};
+    for (int64_t i = 0; i < depth; ++i) {
+      typename V::type b[kN];
+      for (int j = 0; j < kN; ++j) V::load(b[j], bt + i * ldb + j * V::kLanes);
+      for (int r = 0; r < kRowPass; ++r) {
+        const A a_ri = a[(r0 + r) * lda + i];
+        for (int j = 0; j < kN; ++j) acc[r][j] += a_ri * b[j];
+      }
     }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int j = 0; j < kN; ++j) V::store(s + r * kCols + j * V::kLanes, acc[r][j]);
+    for (int r = 0; r < kRowPass; ++r) {
+      for (int j = 0; j < kN; ++j) V::store(s + (r0 + r) * kCols + j * V::kLanes, acc[r][j]);
+    }
   }
 }
 
 // Output row r, term c reads p[r * kCols + c], or p[c * kCols + r] when kTransposedP. Only the
 // first `rows` rows of o are read and written (the others are computed on zeros and dropped,
 // so the FMA loop keeps its fixed shape).
-template <bool kTransposedP = false, typename A>
+template <int kRowPass, int kBytes, bool kTransposedP = false, typename A>
 NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
                                         int64_t width, A* o, int64_t ldo, int rows = kRows) {
-  using V = Vec<A>;
+  using V = Vec<A, kBytes>;
   constexpr int kN = V::kPerPanel;
-  // Column panels of kCols: the kRows x kCols accumulator block stays in registers across the
-  // n rows of b; the last, partial panel (width not a multiple of kCols) runs a scalar loop.
+  // Column panels of kCols: a kRowPass x kCols accumulator block stays in registers across the
+  // n rows of b (row_pass); the last, partial panel (width not a multiple of kCols) runs a
+  // scalar loop. Each output element sees the same sequence of FMAs whatever kRowPass is.
   int64_t w0 = 0;
   for (; w0 + kCols <= width; w0 += kCols) {
-    // Loops over all kRows with the row test inside, so that they unroll with constant indices
-    // and acc stays in registers.
-    typename V::type acc[kRows][kN];
-    for (int r = 0; r < kRows; ++r) {
-      for (int j = 0; j < kN; ++j) {
-        if (r < rows) {
-          V::load(acc[r][j], o + r * ldo + w0 + j * V::kLanes);
-        } else {
-          acc[r][j] = typename V::type{};
+    for (int r0 = 0; r0 < rows; r0 += kRowPass) {
+      // Loops over all kRowPass rows with the row test inside, so that they unroll with
+      // constant indices and acc stays in registers.
+      typename V::type acc[kRowPass][kN];
+      for (int r = 0; r < kRowPass; ++r) {
+        for (int j = 0; j < kN; ++j) {
+          if (r0 + r < rows) {
+            V::load(acc[r][j], o + (r0 + r) * ldo + w0 + j * V::kLanes);
+          } else {
+            acc[r][j] = typename V::type{};
+          }
         }
       }
-    }
-    for (int64_t c = 0; c < n; ++c) {
-      typename V::type b_row[kN];
-      for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
-      for (int r = 0; r < kRows; ++r) {
-        const A p_rc = kTransposedP ? p[c * kCols + r] : p[r * kCols + c];
-        for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
+      for (int64_t c = 0; c < n; ++c) {
+        typename V::type b_row[kN];
+        for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
+        for (int r = 0; r < kRowPass; ++r) {
+          const A p_rc = kTransposedP ? p[c * kCols + r0 + r] : p[(r0 + r) * kCols + c];
+          for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
+        }
       }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      for (int j = 0; j < kN; ++j) {
-        if (r < rows) V::store(o + r * ldo + w0 + j * V::kLanes, acc[r][j]);
+      for (int r = 0; r < kRowPass; ++r) {
+        for (int j = 0; j < kN; ++j) {
+          if (r0 + r < rows) V::store(o + (r0 + r) * ldo + w0 + j * V::kLanes, acc[r][j]);
+        }
       }
     }
   }
@@ -108,13 +133,14 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
 // kRows output rows (columns of p) at a time: every output row sums its kRows products in r
 // order, the same sequence of fused multiply-adds block_accumulate applies to a row whose block
 // holds the same values.
-template <typename A>
+template <int kRowPass, int kBytes, typename A>
 NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const A* b,
                                                    int64_t ldb, int64_t width, A* o,
                                                    int64_t ldo) {
   for (int c0 = 0; c0 < n; c0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - c0));
-    block_accumulate_impl<true>(p + c0, kRows, b, ldb, width, o + c0 * ldo, ldo, rows);
+    block_accumulate_impl<kRowPass, kBytes, true>(p + c0, kRows, b, ldb, width, o + c0 * ldo,
+                                                  ldo, rows);
   }
 }
 
@@ -410,21 +436,23 @@ NATTN_INLINE void block_add_bias_grad_impl(const A* ds, A* acc, int64_t acc_row_
 // One set of entry points per instruction-set level: each is the always-inlined template above
 // compiled under that level's target attribute (so with its vector width), and a table of them
 // is picked once per process (block_kernels.h: cpu_isa).
-#define NATTN_LEVEL(NS, ATTR)                                                                  \
+#define NATTN_LEVEL(NS, ATTR, REG_BYTES, REGS)                                                  \
   namespace NS {                                                                               \
   template <typename A>                                                                        \
+  constexpr int kPass = row_pass<A, REG_BYTES, REGS>();                                        \
+  template <typename A>                                                                        \
   ATTR void dot(const A* a, int64_t lda, const A* bt, int64_t ldb, int64_t depth, A* s) {      \
-    block_dot_impl(a, lda, bt, ldb, depth, s);                                                 \
+    block_dot_impl<kPass<A>, REG_BYTES>(a, lda, bt, ldb, depth, s);                            \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,           \
                 int64_t ldo) {                                                                 \
-    block_accumulate_impl(p, n, b, ldb, width, o, ldo);                                        \
+    block_accumulate_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo);                   \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc_t(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,         \
                   int64_t ldo) {                                                               \
-    block_accumulate_transposed_impl(p, n, b, ldb, width, o, ldo);                             \
+    block_accumulate_transposed_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo);        \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void softmax(A* s, const int64_t* clo, const int64_t* chi, A scale, A* m, A* l,         \
@@ -472,10 +500,14 @@ struct Kernels {
   void (*bias_grad_d)(const double*, double*, int64_t);
 };
 
-NATTN_LEVEL(baseline, )
+// Vector register width and count per level (the baseline: x86-64's SSE2, 16 x 16 bytes; on
+// other architectures a 16-byte, 32-register guess such as AArch64's NEON).
 #if NATTN_X86
-NATTN_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))))
-NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))))
+NATTN_LEVEL(baseline, , 16, 16)
+NATTN_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))), 32, 16)
+NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
+#else
+NATTN_LEVEL(baseline, , 16, 32)
 #endif
 #undef NATTN_LEVEL
 
