@@ -5,6 +5,7 @@ the timing is interleaved."""
 import itertools
 import random
 import sys
+import time
 
 import pytest
 import torch
@@ -140,6 +141,27 @@ def test_timing_is_interleaved():
     assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "c"]
     assert rows[0]["status"] == "ok" and len(rows[0]["fwd_times"]) == 3
     assert rows[1]["status"] == "error" and "boom" in rows[1]["reason"] and "fwd_s" not in rows[1]
+
+
+def test_slow_implementation_is_timed_fewer_rounds(monkeypatch):
+    """A peer whose first call takes longer than SLOW_CALL_S (NATTEN on CPU: ~50 s a call at
+    128 x 128) takes part in SLOW_REPEATS rounds only, and its row says so."""
+    monkeypatch.setattr(peers, "SLOW_CALL_S", 0.05)
+    calls = []
+
+    def impl(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return common.Impl(name=name, kind="x", forward=fn)
+
+    rows = peers.measure_interleaved([impl("fast", 0.0), impl("slow", 0.06)],
+                                     torch.device("cpu"), warmup=2, repeats=4, backward=False)
+    assert calls == ["fast", "fast", "slow"] + ["fast", "slow"] * peers.SLOW_REPEATS + \
+        ["fast"] * (4 - peers.SLOW_REPEATS)
+    assert len(rows[0]["fwd_times"]) == 4 and len(rows[1]["fwd_times"]) == peers.SLOW_REPEATS
+    assert any("timed 2 times" in n for n in rows[1]["notes"])
 
 
 def test_inmodel_runs_both_environments(tmp_path):

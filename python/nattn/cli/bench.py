@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from dataclasses import asdict, replace
 from typing import Dict, List, Optional
 
@@ -471,11 +472,17 @@ def _scaling(results: List[Dict], device, warmup: int, repeats: int,
             natten_fns = []
         all_fns = fns + natten_fns
         times = [[] for _ in all_fns]
+        caps = []
         for fn in all_fns:
-            common.time_calls(fn, device, warmup, 0)
-        for _ in range(repeats):
+            t0 = time.perf_counter()
+            common.time_calls(fn, device, 1, 0)
+            caps.append(peers.repeats_for(time.perf_counter() - t0, repeats))
+            if caps[-1] == repeats:
+                common.time_calls(fn, device, max(warmup - 1, 0), 0)
+        for rnd in range(repeats):
             for i, fn in enumerate(all_fns):
-                times[i] += common.time_calls(fn, device, 0, 1)
+                if rnd < caps[i]:
+                    times[i] += common.time_calls(fn, device, 0, 1)
         med = [common.median(t) for t in times]
         row = {"small": small, "large": large, "token_ratio": tokens,
                "small_s": med[0], "large_s": med[1], "time_ratio": med[1] / med[0],

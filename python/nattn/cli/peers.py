@@ -163,11 +163,24 @@ def natten_impl(problem: NamedProblem, inputs: common.Inputs, device: torch.devi
 # Interleaved timing and the best form of each peer
 
 
+# An implementation whose warm-up call takes longer than this (seconds; NATTEN's unfused CPU path
+# takes ~50 s a call at 128 x 128) is timed in only the first SLOW_REPEATS rounds, so that one
+# slow peer does not hold the whole run for tens of minutes; its row says so.
+SLOW_CALL_S = 5.0
+SLOW_REPEATS = 2
+
+
+def repeats_for(first_call_s: float, repeats: int) -> int:
+    """Timed calls for an implementation whose warm-up call took ``first_call_s``."""
+    return min(repeats, SLOW_REPEATS) if first_call_s > SLOW_CALL_S else repeats
+
+
 def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warmup: int,
                         repeats: int, backward: bool) -> List[Dict]:
     """Rows as ``common.measure`` makes them, timed round-robin: after each implementation's
     warm-up, repeat r times one call of every implementation in turn, so that all of them see
-    the same machine (this VM's speed drifts by tens of percent within minutes). Medians."""
+    the same machine (this VM's speed drifts by tens of percent within minutes). Medians. An
+    implementation slower than SLOW_CALL_S a call takes part in SLOW_REPEATS rounds only."""
     rows = []
     for impl in impls:
         row = common.measure(impl, device, warmup=0, repeats=0, backward=False) \
@@ -188,16 +201,25 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
                 row[f"{key}_reason"] = skip or "not available"
                 continue
             try:
-                for _ in range(max(warmup, 1)):
+                t0 = time.perf_counter()
+                fn()
+                common.synchronize(device)
+                first = time.perf_counter() - t0
+                n_warm = max(warmup, 1) if first <= SLOW_CALL_S else 1
+                for _ in range(n_warm - 1):
                     fn()
                 common.synchronize(device)
-                live.append((fn, row))
+                cap = repeats_for(first, repeats)
+                if cap < repeats:
+                    row["notes"].append(f"{key}: {first:.0f} s a call, so timed {cap} times "
+                                        f"(not {repeats})")
+                live.append((fn, row, cap))
                 row[f"{key}_times"] = []
             except Exception as exc:  # noqa: BLE001
                 _fail(row, key, exc)
-        for _ in range(repeats):
-            for fn, row in live:
-                if row.get(f"{key}_failed"):
+        for rnd in range(repeats):
+            for fn, row, cap in live:
+                if row.get(f"{key}_failed") or rnd >= cap:
                     continue
                 try:
                     common.synchronize(device)
@@ -207,7 +229,7 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
                     row[f"{key}_times"].append(time.perf_counter() - t0)
                 except Exception as exc:  # noqa: BLE001
                     _fail(row, key, exc)
-        for _, row in live:
+        for _, row, _ in live:
             if row.get(f"{key}_times"):
                 row[f"{key}_s"] = common.median(row[f"{key}_times"])
             row.pop(f"{key}_failed", None)
