@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/common/box_tiling.h"
@@ -337,6 +338,99 @@ inline ForwardPlan plan_forward(const AttentionParams& p, int capability, int64_
 inline std::vector<std::string> forward_reasons(const AttentionParams& p, int capability,
                                                 int64_t max_smem) {
   return plan_forward(p, capability, max_smem).reasons;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan of one Hopper backward call (sm90_bwd.cu): the forward's tile shapes (choose_tiles,
+// once per call), the TMA views of Q, K, V and dO, and why the path declines the call (empty when
+// it takes it). Q and dO are streamed by the dK/dV kernel and resident in the dQ kernel (both
+// tiled by the Q box); K and V the other way round (KV box). Each tensor has its own offset
+// coefficients, so unlike the forward K and V may lie differently.
+struct BackwardPlan {
+  std::vector<std::string> reasons;
+  TileChoice tiles;
+  TmaPlan q, k, v, d_out;  // valid when the tensors are known (p.q.data != nullptr)
+};
+
+inline BackwardPlan plan_backward(const AttentionParams& p, int capability, int64_t max_smem) {
+  BackwardPlan plan;
+  std::vector<std::string>& r = plan.reasons;
+  if (capability >= 0 && capability != 90) {
+    r.push_back("compute capability " + std::to_string(capability / 10) + "." +
+                std::to_string(capability % 10) +
+                ": the Hopper kernels are built for sm_90a (compute capability 9.0) only");
+  }
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    r.push_back("the Hopper backward takes float16 and bfloat16 only");
+  }
+  if (p.value_dim != p.head_dim) {
+    r.push_back("value_dim " + std::to_string(p.value_dim) + " != head_dim " +
+                std::to_string(p.head_dim) + ": the Hopper backward needs them equal");
+  }
+  if (!backward_head_dim_supported(p.head_dim)) {
+    r.push_back("head_dim " + std::to_string(p.head_dim) +
+                ": the Hopper backward exists for head_dim 64 and 128");
+  }
+  if (p.num_additional > 0) {
+    r.push_back("additional keys/values are not implemented in the Hopper backward (SM80 path)");
+  }
+  if (p.has_rpb()) {
+    r.push_back("relative positional bias (rpb) is not fused in the Hopper backward (SM80 path)");
+  }
+  if (p.kv_heads < 1 || p.heads % p.kv_heads != 0) {
+    r.push_back("heads must be a multiple of kv_heads");
+  }
+  if (max_smem > 0 && backward_head_dim_supported(p.head_dim) &&
+      backward_smem_bytes(p.head_dim) > max_smem) {
+    r.push_back("the Hopper backward needs " + std::to_string(backward_smem_bytes(p.head_dim)) +
+                " bytes of shared memory per CTA, the device allows " + std::to_string(max_smem));
+  }
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (p.axes[a].length >= (int64_t{1} << 31)) {
+      r.push_back("an axis of 2^31 or more tokens: tile coordinates are 32-bit");
+    }
+  }
+  if (p.batch > 65535) r.push_back("batch > 65535 (grid dimension y)");
+  if (!r.empty()) return plan;
+  plan.tiles = choose_tiles(p.axes);
+  if (plan.tiles.summary.q_tiles * p.heads > 0x7fffffff ||
+      make_tiling(p.axes, plan.tiles.kv).count() * p.kv_heads > 0x7fffffff) {
+    r.push_back("tiles x heads >= 2^31 (grid dimension x)");
+  }
+  if (p.q.data != nullptr) {
+    plan.q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, plan.tiles.q, "query");
+    plan.d_out = plan_tma_view(p.axes, p.batch, p.heads, p.value_dim, p.d_out, plan.tiles.q,
+                               "grad_out");
+    plan.k = plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, plan.tiles.kv, "key");
+    plan.v =
+        plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, plan.tiles.kv, "value");
+    for (const TmaPlan* t : {&plan.q, &plan.k, &plan.v, &plan.d_out}) {
+      if (!t->error.empty()) r.push_back(t->error);
+    }
+    const std::pair<const char*, const TensorRef<6>*> grads[] = {
+        {"dq", &p.dq}, {"dk", &p.dk}, {"dv", &p.dv}};
+    for (const auto& [name, t] : grads) {
+      if (t->stride[5] != 1 || reinterpret_cast<uintptr_t>(t->data) % 4 != 0) {
+        r.push_back(std::string(name) +
+                    ": the head dim must be contiguous and 4-byte aligned (paired stores)");
+        continue;
+      }
+      for (int i = 0; i < 5; ++i) {
+        if (t->stride[i] % 2 != 0) {
+          r.push_back(std::string(name) + ": strides must be even (paired 4-byte stores)");
+          break;
+        }
+      }
+    }
+  }
+  return plan;
+}
+
+// Why the Hopper backward declines `p` as far as the host can tell (the driver's encoding of the
+// tensor maps is checked in sm90_bwd.cu: backward_support).
+inline std::vector<std::string> backward_reasons(const AttentionParams& p, int capability,
+                                                 int64_t max_smem) {
+  return plan_backward(p, capability, max_smem).reasons;
 }
 
 }  // namespace nattn::cuda::sm90
