@@ -472,7 +472,8 @@ def test_rpb_takes_the_tensor_core_path(target):
 # own that the Hopper kernel takes (fp16/bf16, head_dim = value_dim in {64, 128}, no additional
 # tokens, 16-byte-aligned rows), with the same error rule and the same two-schedule race check;
 # the rest of the sweep declines to the SM80 kernels, which the emu sweep above already covers.
-# Forward only: the backward runs on the SM80 kernels (no Hopper backward yet).
+# The Hopper backward (dQ and dK/dV kernels) takes the same configurations: its part below runs
+# forward and backward with the gradients' 3x error-ratio rule.
 
 def hopper_eligible(c: Case) -> bool:
     return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
@@ -496,6 +497,10 @@ HOPPER_SWEEP = HOPPER_EDGE_CASES + [c for c in SWEEP if hopper_eligible(c)][:14]
 
 def _hopper_launches():
     return [r for r in emu.launches() if "sm90::forward_kernel" in r["kernel"]]
+
+
+def _hopper_backward_launches():
+    return [r for r in emu.launches() if "sm90::backward_kernel" in r["kernel"]]
 
 
 def check_forward(c: Case, seed: int, target: str, expect_hopper: bool):
@@ -619,6 +624,84 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
     ref = nattn.reference.neighborhood_attention(q.double(), k.double(), v.double(),
                                                  c.kernel_size)
     assert (out.double() - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+def test_hopper_backward_sweep_emulated(hopper_emu, index):
+    """Forward and backward of each Hopper configuration under the emulator, as an H100 would
+    serve them: out / lse (2x) and dq, dk, dv (3x) against the fp64 reference with the error-ratio
+    rule, in two schedules (index order; a seeded random order of CTAs and fibers) that must give
+    the same bits. Both Hopper backward kernels (dQ, dK/dV) must have run, and nothing of the
+    SM80 backward."""
+    c = HOPPER_SWEEP[index]
+    emu.clear_launches()
+    check_case(c, seed=index, target="cuda-emu")
+    kernels = [r["kernel"] for r in emu.launches()]
+    bwd = _hopper_backward_launches()
+    assert len(bwd) == 4, (c, kernels)  # dQ and dK/dV, in each of the two schedules
+    assert not any("sm80::" in k and ("dq_kernel" in k or "dkdv_kernel" in k)
+                   for k in kernels), (c, kernels)
+
+
+def test_hopper_backward_bit_identical_over_repeated_runs(hopper_emu):
+    """GQA 2:1, dilation and a causal axis: the Hopper gradients are the same bits over runs in
+    different schedules (no atomics: each gradient row is written once by its owner CTA)."""
+    c = Case(2, (20, 20), 4, 2, 64, 64, (7, 5), (1, 2), (2, 1), (False, True), 0,
+             torch.float16, 0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = make_inputs(c, gen, "cpu")
+    shape = (c.batch, *c.shape, c.heads)
+    grads = (torch.randn(*shape, c.dim_v, generator=gen).half(),
+             torch.randn(*shape, generator=gen))
+    emu.clear_launches()
+    first = run_kernels("cuda-emu", c, inputs, grads)
+    assert _hopper_backward_launches()
+    for i in range(2):
+        again = run_kernels("cuda-emu", c, inputs, grads, seed=i + 1)
+        for name, a, b in zip(NAMES, first, again):
+            assert torch.equal(a, b), name
+
+
+def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
+    """What the Hopper backward cannot serve is declined with a reason before anything runs
+    (the delta pass included) and runs on the SM80 backward: additional tokens, rpb, head_dim 32,
+    a grad_out whose rows are not 16-byte aligned; gradients still right."""
+    c = Case(1, (12, 12), 2, 2, 64, 64, (5, 5), (1, 1), (1, 1), (False, False), 3,
+             torch.float16, 0)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, ak, av = make_inputs(c, gen, "cpu")
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.125)
+
+    def reasons(q, k, v, ak=None, av=None, d_out=None, rpb=None):
+        p = _native._params(q, k, v, ak, av, window, _native._emu, rpb)[0]
+        d_out = torch.empty_like(q) if d_out is None else d_out
+        p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
+        for name, t in (("dq", torch.empty_like(q)), ("dk", torch.empty_like(k)),
+                        ("dv", torch.empty_like(v))):
+            p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        return " | ".join(_native._emu.cuda_hopper_backward_reasons(p))
+
+    assert reasons(q, k, v) == ""
+    assert "additional keys/values" in reasons(q, k, v, ak, av)
+    rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
+    assert "relative positional bias" in reasons(q, k, v, rpb=rpb)
+    q32, k32, v32 = (t[..., :32].contiguous() for t in (q, k, v))
+    assert "head_dim 32" in reasons(q32, k32, v32)
+    misaligned = torch.cat([q, q[..., :2]], -1)[..., :64]
+    assert "grad_out" in reasons(q, k, v, d_out=misaligned)
+
+    g_out = torch.randn(1, 12, 12, 2, 64, generator=gen).half()
+    for inputs in ([q, k, v, ak, av], [q32, k32, v32, None, None]):
+        emu.clear_launches()
+        kern = run(kernel_fn("cuda-emu"), c, inputs, (g_out[..., :inputs[0].shape[-1]],
+                                                      torch.zeros(1, 12, 12, 2)))
+        assert not _hopper_backward_launches() and emu.launches()
+        exact = run(nattn.reference.neighborhood_attention, c,
+                    [None if t is None else t.double() for t in inputs],
+                    (g_out[..., :inputs[0].shape[-1]].double(),
+                     torch.zeros(1, 12, 12, 2, dtype=torch.float64)))
+        for name, e, kk in zip(NAMES, exact, kern):
+            assert (kk.double() - e).abs().max().item() < 2e-2 * max(1.0, e.abs().max().item()), name
 
 
 hopper_gpu = pytest.mark.skipif(
