@@ -408,6 +408,50 @@ def test_hopper_forward_counters_match_tile_plan(c, monkeypatch):
     assert launch["mma"] == 0 and launch["cp_async_bytes"] == 0
 
 
+@pytest.mark.parametrize("c", HOPPER_COUNTER_CASES, ids=lambda c: f"{len(c.shape)}d-hd{c.dim}")
+def test_hopper_backward_counters_match_tile_plan(c, monkeypatch):
+    """The Hopper backward's two kernels against the tile planner: the dQ kernel visits the
+    forward's (Q tile, KV tile) pairs, the dK/dV kernel the same pairs from the key side (the
+    inverse walk) for each query head, and nothing more."""
+    monkeypatch.setenv("NATTN_EMU_ARCH", "90")
+    emu.configure()
+    q, k, v, _, _ = _inputs(c)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = nattn.neighborhood_attention(
+        q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation, is_causal=c.is_causal,
+        backend="cuda-emu")
+    g_out = torch.randn_like(out)
+    emu.clear_launches()
+    out.backward(g_out)
+    launches = [r for r in emu.launches() if "sm90::backward_kernel" in r["kernel"]]
+    assert len(launches) == 2, [r["kernel"] for r in emu.launches()]
+    dq_launch, dkdv_launch = launches
+    assert ", false>" in dq_launch["kernel"] and ", true>" in dkdv_launch["kernel"]
+    axes = [(n, ks, s, d, causal) for n, ks, s, d, causal in
+            zip(c.shape, c.kernel_size, c.stride, c.dilation, c.is_causal)]
+    _, _, q_tiles, visited, _, _ = _native._C.sm90_choose_tiles(axes)
+    work = c.batch * c.heads
+    d = c.dim
+    tile_bytes = 128 * d * 2
+    # Per visited pair, each of the 2 consumer warpgroups takes the streamed tile in 2 halves of
+    # 64 rows: S and dP are d/16 m64n64k16 each, dQ += dS K is 64/16 m64n{d}k16, and the dK/dV
+    # kernel's dV += P^T dO and dK += dS^T Q are 4 each.
+    assert dq_launch["wgmma"] == work * visited * 2 * 2 * (2 * d // 16 + 4)
+    assert dkdv_launch["wgmma"] == work * visited * 2 * 2 * (2 * d // 16 + 8)
+    assert dq_launch["grid"] == [q_tiles * c.heads, c.batch, 1]
+    kv_tiles = dkdv_launch["grid"][0] // c.kv_heads
+    assert dkdv_launch["grid"] == [kv_tiles * c.kv_heads, c.batch, 1]
+    # TMA: the resident pair once per CTA, the streamed pair once per visited pair (dK/dV: per
+    # query head of the group).
+    assert dq_launch["tma_bytes"] == 2 * tile_bytes * work * (q_tiles + visited)
+    assert dkdv_launch["tma_bytes"] == 2 * tile_bytes * (
+        c.batch * c.kv_heads * kv_tiles + work * visited)
+    assert dq_launch["global_store_bytes"] == q.grad.numel() * 2
+    assert dkdv_launch["global_store_bytes"] == (k.grad.numel() + v.grad.numel()) * 2
+    for launch in launches:
+        assert launch["mma"] == 0 and launch["cp_async_bytes"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # SM90 planted defects (tests/emu/defects_sm90.cpp)
 
