@@ -296,14 +296,17 @@ needs_nvcc = pytest.mark.skipif(
 )
 # The smallest instantiation: about 10 s and 1 GB of compiler memory on 2 cores.
 SM90_TU = ROOT / "csrc" / "cuda" / "sm90" / "sm90_fwd_bf16_hdim64.cu"
+# The smallest backward instantiation (both passes), never compiled where it was written (no
+# nvcc there): this test is its first compile check on a machine that has nvcc.
+SM90_BWD_TU = ROOT / "csrc" / "cuda" / "sm90" / "sm90_bwd_bf16_hdim64.cu"
 
 
-def _nvcc_ptx(arch, out):
+def _nvcc_ptx(arch, out, tu=SM90_TU):
     return subprocess.run(
         [
             NVCC, "-std=c++17", f"-gencode=arch=compute_{arch},code=compute_{arch}",
             "--expt-relaxed-constexpr", "-O3", "--ptx", "-I", str(ROOT / "include"),
-            "-I", str(ROOT / "csrc"), "-isystem", CUTLASS, str(SM90_TU), "-o", str(out),
+            "-I", str(ROOT / "csrc"), "-isystem", CUTLASS, str(tu), "-o", str(out),
         ],
         capture_output=True, text=True, timeout=170,
     )
@@ -314,6 +317,17 @@ def test_sm90_ptx_has_wgmma_and_tma(tmp_path):
     res = _nvcc_ptx("90a", tmp_path / "fwd.ptx")
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = (tmp_path / "fwd.ptx").read_text()
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx
+    assert "setmaxnreg" in ptx
+    assert "mbarrier" in ptx
+
+
+@needs_nvcc
+def test_sm90_backward_ptx_has_wgmma_and_tma(tmp_path):
+    res = _nvcc_ptx("90a", tmp_path / "bwd.ptx", SM90_BWD_TU)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = (tmp_path / "bwd.ptx").read_text()
     assert "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor" in ptx
     assert "setmaxnreg" in ptx

@@ -173,8 +173,9 @@ HOPPER_OPT_IN = "NATTN_EXPERIMENTAL_HOPPER"
 class HopperBackend(CudaBackend):
     name = "hopper"
     description = (
-        "Hopper forward (csrc/cuda/sm90): warp-specialized wgmma + TMA on multi-dimensional "
-        "tiles, fp16/bf16, head dims 64/128; backward on the portable CUDA kernels. "
+        "Hopper forward and backward (csrc/cuda/sm90): warp-specialized wgmma + TMA on "
+        "multi-dimensional tiles, fp16/bf16, head dims 64/128 (what they decline runs on the "
+        "portable CUDA kernels). "
         f"Not yet validated on a GPU: opt in with {HOPPER_OPT_IN}=1"
     )
     kind = "hopper"
