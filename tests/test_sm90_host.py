@@ -285,6 +285,40 @@ def test_forward_reasons_decline_kv_stride_mismatch():
     assert any("key and value have different" in r for r in reasons(other, 90, 232448))
 
 
+def test_backward_reasons():
+    """The Hopper backward's planner: what it serves (K and V in different layouts included:
+    each tensor has its own TMA coordinate) and what it declines, each with its reason."""
+    reasons = _binding("sm90_backward_reasons")
+    from nattn import _native
+    q = torch.randn(2, 12, 12, 2, 64, dtype=torch.float16)
+    window = _native.Window((5, 5), (1, 1), (1, 1), (False, False), 0.125)
+
+    def params(q, k, v, d_out=None, ak=None, rpb=None):
+        p = _native._params(q, k, v, ak, ak, window, _C, rpb)[0]
+        d_out = q if d_out is None else d_out
+        p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
+        for name, t in (("dq", q), ("dk", k), ("dv", v)):
+            p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        return p
+
+    assert reasons(params(q, q, q), 90, 232448) == []
+    v = q.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)  # heads-first V
+    assert reasons(params(q, q, v), 90, 232448) == []
+    joined = lambda p, cap=90, smem=232448: " | ".join(reasons(p, cap, smem))  # noqa: E731
+    assert "9.0" in joined(params(q, q, q), 80)
+    assert "shared memory" in joined(params(q, q, q), 90, 100 * 1024)
+    ak = torch.randn(2, 3, 2, 64, dtype=torch.float16)
+    assert "additional keys/values" in joined(params(q, q, q, ak=ak))
+    rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
+    assert "relative positional bias" in joined(params(q, q, q, rpb=rpb))
+    q32 = q[..., :32].contiguous()
+    assert "head_dim 32" in joined(params(q32, q32, q32))
+    qf = q.float()
+    assert "float16 and bfloat16" in joined(params(qf, qf, qf))
+    misaligned = torch.cat([q, q[..., :2]], -1)[..., :64]
+    assert "grad_out" in joined(params(q, q, q, d_out=misaligned))
+
+
 # ------------------------------------------------------------------------------------------------
 # Compile checks (nvcc, no GPU).
 
