@@ -495,6 +495,23 @@ HOPPER_EDGE_CASES = [
 HOPPER_SWEEP = HOPPER_EDGE_CASES + [c for c in SWEEP if hopper_eligible(c)][:14]
 
 
+def hopper_backward_eligible(c: Case) -> bool:
+    return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
+            and c.dim in (32, 64, 128) and c.additional == 0 and c.pad in (0, 8))
+
+
+# The backward also takes head_dim 32 (the forward of those runs on the SM80 kernels): the
+# Hopper configurations plus the sweep's head_dim 32 ones it takes (the 56 x 56 NAT and DiNAT
+# stages of EDGE_CASES among them).
+HOPPER_BACKWARD_SWEEP = HOPPER_SWEEP + [
+    # 3-D: ragged dilation on two axes, a causal axis, blocked stride on the last, GQA 2:1
+    Case(1, (6, 10, 12), 2, 1, 32, 32, (3, 5, 5), (1, 2, 5), (2, 1, 2), (True, False, False), 0,
+         torch.bfloat16, 0),
+    # 1-D strided causal over several tiles, GQA 4:1, two batches
+    Case(2, (300,), 4, 1, 32, 32, (65,), (4,), (1,), (True,), 0, torch.float16, 8),
+] + [c for c in SWEEP if hopper_backward_eligible(c) and c.dim == 32][:6]
+
+
 def _hopper_launches():
     return [r for r in emu.launches() if "sm90::forward_kernel" in r["kernel"]]
 
@@ -626,14 +643,19 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
     assert (out.double() - ref).abs().max().item() < 1e-2
 
 
-@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+def test_hopper_backward_sweep_size():
+    assert {c.dim for c in HOPPER_BACKWARD_SWEEP} == {32, 64, 128}
+    assert len(HOPPER_BACKWARD_SWEEP) >= len(HOPPER_SWEEP) + 6
+
+
+@pytest.mark.parametrize("index", range(len(HOPPER_BACKWARD_SWEEP)))
 def test_hopper_backward_sweep_emulated(hopper_emu, index):
     """Forward and backward of each Hopper configuration under the emulator, as an H100 would
     serve them: out / lse (2x) and dq, dk, dv (3x) against the fp64 reference with the error-ratio
     rule, in two schedules (index order; a seeded random order of CTAs and fibers) that must give
     the same bits. Both Hopper backward kernels (dQ, dK/dV) must have run, and nothing of the
     SM80 backward."""
-    c = HOPPER_SWEEP[index]
+    c = HOPPER_BACKWARD_SWEEP[index]
     emu.clear_launches()
     check_case(c, seed=index, target="cuda-emu")
     kernels = [r["kernel"] for r in emu.launches()]
@@ -696,8 +718,8 @@ def test_hopper_backward_heads_first_views(hopper_emu):
 
 def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
     """What the Hopper backward cannot serve is declined with a reason before anything runs
-    (the delta pass included) and runs on the SM80 backward: additional tokens, rpb, head_dim 32,
-    a grad_out whose rows are not 16-byte aligned; gradients still right."""
+    (the delta pass included) and runs on the SM80 / SIMT backward: additional tokens, rpb,
+    head_dim 16, a grad_out whose rows are not 16-byte aligned; gradients still right."""
     c = Case(1, (12, 12), 2, 2, 64, 64, (5, 5), (1, 1), (1, 1), (False, False), 3,
              torch.float16, 0)
     gen = torch.Generator().manual_seed(2)
@@ -717,13 +739,13 @@ def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
     assert "additional keys/values" in reasons(q, k, v, ak, av)
     rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
     assert "relative positional bias" in reasons(q, k, v, rpb=rpb)
-    q32, k32, v32 = (t[..., :32].contiguous() for t in (q, k, v))
-    assert "head_dim 32" in reasons(q32, k32, v32)
+    q16, k16, v16 = (t[..., :16].contiguous() for t in (q, k, v))
+    assert "head_dim 16" in reasons(q16, k16, v16)
     misaligned = torch.cat([q, q[..., :2]], -1)[..., :64]
     assert "grad_out" in reasons(q, k, v, d_out=misaligned)
 
     g_out = torch.randn(1, 12, 12, 2, 64, generator=gen).half()
-    for inputs in ([q, k, v, ak, av], [q32, k32, v32, None, None]):
+    for inputs in ([q, k, v, ak, av], [q16, k16, v16, None, None]):
         emu.clear_launches()
         kern = run(kernel_fn("cuda-emu"), c, inputs, (g_out[..., :inputs[0].shape[-1]],
                                                       torch.zeros(1, 12, 12, 2)))
@@ -780,14 +802,14 @@ def test_hopper_forward_sweep_gpu(monkeypatch, index):
 
 
 @hopper_gpu
-@pytest.mark.parametrize("index", range(len(HOPPER_SWEEP)))
+@pytest.mark.parametrize("index", range(len(HOPPER_BACKWARD_SWEEP)))
 def test_hopper_backward_sweep_gpu(monkeypatch, index):
     """The Hopper backward on a real H100/H200 through the opt-in `hopper` backend
     (scripts/gpu_check.sh runs this file): it must take each call, and every output and gradient
     follows the error-ratio rule (3x for gradients) against the fp32 reference on the GPU; a
     second run gives the same bits."""
     monkeypatch.setenv("NATTN_EXPERIMENTAL_HOPPER", "1")
-    c = HOPPER_SWEEP[index]
+    c = HOPPER_BACKWARD_SWEEP[index]
     gen = torch.Generator(device="cuda").manual_seed(index)
     low = make_inputs(c, gen, "cuda")
     q, k, v, _, _ = low

@@ -408,7 +408,13 @@ def test_hopper_forward_counters_match_tile_plan(c, monkeypatch):
     assert launch["mma"] == 0 and launch["cp_async_bytes"] == 0
 
 
-@pytest.mark.parametrize("c", HOPPER_COUNTER_CASES, ids=lambda c: f"{len(c.shape)}d-hd{c.dim}")
+HOPPER_BACKWARD_COUNTER_CASES = HOPPER_COUNTER_CASES + [
+    Case(2, (30,), 2, 2, 32, 32, (9,), (1,), (3,), (False,), 0, torch.float16, 0),
+]
+
+
+@pytest.mark.parametrize("c", HOPPER_BACKWARD_COUNTER_CASES,
+                         ids=lambda c: f"{len(c.shape)}d-hd{c.dim}")
 def test_hopper_backward_counters_match_tile_plan(c, monkeypatch):
     """The Hopper backward's two kernels against the tile planner: the dQ kernel visits the
     forward's (Q tile, KV tile) pairs, the dK/dV kernel the same pairs from the key side (the

@@ -1,6 +1,6 @@
 // Hopper backward entry point (sm90_api.h): one plan per call (plan_backward: reasons, tile
 // choice, TMA views), tensor maps, then the delta pass the caller provides, then dispatch to the
-// (dtype, head dim) instantiations of sm90_bwd_{f16,bf16}_hdim{64,128}.cu.
+// (dtype, head dim) instantiations of sm90_bwd_{f16,bf16}_hdim{32,64,128}.cu.
 #include "cuda/sm90/sm90_bwd_launch.cuh"  // first: cudaTypedefs.h, then the sm90 seam
 
 #include <cuda.h>
@@ -16,6 +16,10 @@
 
 namespace nattn::cuda::sm90 {
 
+extern template std::string launch_backward<DType::kFloat16, 32>(const BackwardParams&, int64_t,
+                                                                  void*);
+extern template std::string launch_backward<DType::kBFloat16, 32>(const BackwardParams&, int64_t,
+                                                                   void*);
 extern template std::string launch_backward<DType::kFloat16, 64>(const BackwardParams&, int64_t,
                                                                   void*);
 extern template std::string launch_backward<DType::kFloat16, 128>(const BackwardParams&, int64_t,
@@ -89,6 +93,10 @@ std::string backward(const AttentionParams& p, int capability, int64_t max_smem,
   params.scale_log2 = static_cast<float>(p.scale * M_LOG2E);
 
   const bool f16 = p.dtype == DType::kFloat16;
+  if (p.head_dim == 32) {
+    return f16 ? launch_backward<DType::kFloat16, 32>(params, p.batch, p.stream)
+               : launch_backward<DType::kBFloat16, 32>(params, p.batch, p.stream);
+  }
   if (p.head_dim == 64) {
     return f16 ? launch_backward<DType::kFloat16, 64>(params, p.batch, p.stream)
                : launch_backward<DType::kBFloat16, 64>(params, p.batch, p.stream);

@@ -87,7 +87,7 @@ static_assert(sizeof(BackwardParams) <= 32764, "kernel parameters are limited to
 
 // Compile-time shape of one backward instantiation (both passes).
 //   Element   cute::half_t or cute::bfloat16_t (fp32 accumulation)
-//   kHeadDim  head_dim == value_dim, 64 or 128
+//   kHeadDim  head_dim == value_dim, 32, 64 or 128
 template <class Element_, int kHeadDim_>
 struct BackwardTraits {
   using Element = Element_;
@@ -98,15 +98,19 @@ struct BackwardTraits {
   static constexpr int kHalves = kRows / kHalf;
   static_assert(kHalves == 2, "the half views below split a 128-row tile in two");
   static constexpr int kStages = backward_stages(kHeadDim);
-  static constexpr int kChunks = kHeadDim / kHeadDimChunk;  // TMA boxes per tile
-  static_assert(kHeadDim % kHeadDimChunk == 0, "a tile row is whole 128-byte swizzle rows");
+  // TMA boxes per tile: 64-column chunks (128-byte swizzle), or one 32-column box (64-byte).
+  static constexpr bool kNarrow = kHeadDim < kHeadDimChunk;
+  static constexpr int kChunks = kNarrow ? 1 : kHeadDim / kHeadDimChunk;
+  static_assert(kHeadDim == 32 || kHeadDim % kHeadDimChunk == 0,
+                "a tile row is one 64-byte or whole 128-byte swizzle rows");
   static_assert(std::is_same_v<Element, cute::half_t> || std::is_same_v<Element, cute::bfloat16_t>,
                 "wgmma path is fp16/bf16 only");
   static constexpr uint32_t kTileBytes = kRows * kHeadDim * sizeof(Element);
 
   // K-major tiles with a 128-byte swizzle, chunk by chunk, exactly as the forward's (and as one
-  // TMA box per 64-column chunk writes them).
-  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  // TMA box per 64-column chunk writes them); head dim 32: 64-byte rows, 64-byte swizzle.
+  using SmemAtom = std::conditional_t<kNarrow, cute::GMMA::Layout_K_SW64_Atom<Element>,
+                                      cute::GMMA::Layout_K_SW128_Atom<Element>>;
   using SmemLayoutRes = decltype(cute::tile_to_shape(
       SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kHeadDim>>{}));
   using SmemLayoutStr = decltype(cute::tile_to_shape(

@@ -64,7 +64,8 @@ constexpr double kMaskedTileCost = 1.25;
 // (32 registers each), so the dK/dV kernel at head_dim 128 holds dK and dV (64 + 64), S and dP
 // (32 + 32) and the two 16-bit A operands (16 + 16): about 224 live registers, under the 240 of
 // kConsumerRegisters; the dQ kernel needs about 160.
-constexpr bool backward_head_dim_supported(int64_t d) { return d == 64 || d == 128; }
+// Head dim 32 rows are 64 bytes: one TMA box of 32 columns with the 64-byte swizzle, SW64 atoms.
+constexpr bool backward_head_dim_supported(int64_t d) { return d == 32 || d == 64 || d == 128; }
 constexpr int kBackwardHalf = 64;
 // Stages of streamed tile pairs: as the forward (2 at head_dim 128, 3 at 64). At head_dim 128 a
 // CTA holds the resident pair (64 KiB), 2 stages of the streamed pair (128 KiB), the row terms

@@ -207,7 +207,8 @@ inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, 
   for (int v = 0; v < kMaxVariants; ++v) {
     TmaView& view = plan.view[v];
     view.dim[0] = static_cast<uint64_t>(head_dim);
-    view.box[0] = kHeadDimChunk;
+    // Head dim 32 (backward only) is one box of 32 columns (64 bytes, 64-byte swizzle).
+    view.box[0] = static_cast<uint32_t>(head_dim < kHeadDimChunk ? head_dim : kHeadDimChunk);
     for (int a = 0; a < kMaxRank; ++a) {
       const int d = 3 - a;  // axis 2 is dim 1 (fastest box rows), axis 0 is dim 3
       const AxisParams& ax = axes[a];
@@ -369,7 +370,7 @@ inline BackwardPlan plan_backward(const AttentionParams& p, int capability, int6
   }
   if (!backward_head_dim_supported(p.head_dim)) {
     r.push_back("head_dim " + std::to_string(p.head_dim) +
-                ": the Hopper backward exists for head_dim 64 and 128");
+                ": the Hopper backward exists for head_dim 32, 64 and 128");
   }
   if (p.num_additional > 0) {
     r.push_back("additional keys/values are not implemented in the Hopper backward (SM80 path)");
