@@ -174,8 +174,8 @@ class HopperBackend(CudaBackend):
     name = "hopper"
     description = (
         "Hopper forward and backward (csrc/cuda/sm90): warp-specialized wgmma + TMA on "
-        "multi-dimensional tiles, fp16/bf16, head dims 64/128 (what they decline runs on the "
-        "portable CUDA kernels). "
+        "multi-dimensional tiles, fp16/bf16, head dims 64/128 (backward also 32; what they "
+        "decline runs on the portable CUDA kernels). "
         f"Not yet validated on a GPU: opt in with {HOPPER_OPT_IN}=1"
     )
     kind = "hopper"
