@@ -1,6 +1,6 @@
 // Host side of the Hopper backward: the launches of one (dtype, head dim) instantiation, the dQ
 // pass then the dK/dV pass (independent: both read delta, each writes its own gradients).
-// Instantiated per (dtype, head dim) in sm90_bwd_{f16,bf16}_hdim{64,128}.cu.
+// Instantiated per (dtype, head dim) in sm90_bwd_{f16,bf16}_hdim{32,64,128}.cu.
 #pragma once
 
 #include "cuda/sm90/sm90_fwd_launch.cuh"  // first: cudaTypedefs.h, the seam, encode_maps
