@@ -497,19 +497,21 @@ HOPPER_SWEEP = HOPPER_EDGE_CASES + [c for c in SWEEP if hopper_eligible(c)][:14]
 
 def hopper_backward_eligible(c: Case) -> bool:
     return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
-            and c.dim in (32, 64, 128) and c.additional == 0 and c.pad in (0, 8))
+            and c.dim in (32, 64, 128) and c.pad in (0, 8))
 
 
-# The backward also takes head_dim 32 (the forward of those runs on the SM80 kernels): the
-# Hopper configurations plus the sweep's head_dim 32 ones it takes (the 56 x 56 NAT and DiNAT
-# stages of EDGE_CASES among them).
+# The backward also takes head_dim 32 and additional tokens (the forward of those runs on the
+# SM80 kernels): the Hopper configurations, two head_dim 32 edge cases, the sweep's head_dim 32
+# ones it takes (the 56 x 56 NAT and DiNAT stages of EDGE_CASES among them) and the sweep's ones
+# with additional tokens (1-D sliding-window causal GQA 4:1 of EDGE_CASES first).
 HOPPER_BACKWARD_SWEEP = HOPPER_SWEEP + [
     # 3-D: ragged dilation on two axes, a causal axis, blocked stride on the last, GQA 2:1
     Case(1, (6, 10, 12), 2, 1, 32, 32, (3, 5, 5), (1, 2, 5), (2, 1, 2), (True, False, False), 0,
          torch.bfloat16, 0),
     # 1-D strided causal over several tiles, GQA 4:1, two batches
     Case(2, (300,), 4, 1, 32, 32, (65,), (4,), (1,), (True,), 0, torch.float16, 8),
-] + [c for c in SWEEP if hopper_backward_eligible(c) and c.dim == 32][:6]
+] + [c for c in SWEEP if hopper_backward_eligible(c) and c.dim == 32 and not c.additional][:6] + [
+    c for c in SWEEP if hopper_backward_eligible(c) and c.additional][:6]
 
 
 def _hopper_launches():
@@ -645,7 +647,8 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
 
 def test_hopper_backward_sweep_size():
     assert {c.dim for c in HOPPER_BACKWARD_SWEEP} == {32, 64, 128}
-    assert len(HOPPER_BACKWARD_SWEEP) >= len(HOPPER_SWEEP) + 6
+    assert len(HOPPER_BACKWARD_SWEEP) >= len(HOPPER_SWEEP) + 12
+    assert sum(1 for c in HOPPER_BACKWARD_SWEEP if c.additional) >= 5
 
 
 @pytest.mark.parametrize("index", range(len(HOPPER_BACKWARD_SWEEP)))
@@ -718,8 +721,8 @@ def test_hopper_backward_heads_first_views(hopper_emu):
 
 def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
     """What the Hopper backward cannot serve is declined with a reason before anything runs
-    (the delta pass included) and runs on the SM80 / SIMT backward: additional tokens, rpb,
-    head_dim 16, a grad_out whose rows are not 16-byte aligned; gradients still right."""
+    (the delta pass included) and runs on the SM80 / SIMT backward: additional tokens whose rows
+    are not 16-byte aligned, rpb, head_dim 16, such a grad_out; gradients still right."""
     c = Case(1, (12, 12), 2, 2, 64, 64, (5, 5), (1, 1), (1, 1), (False, False), 3,
              torch.float16, 0)
     gen = torch.Generator().manual_seed(2)
@@ -730,13 +733,19 @@ def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
         p = _native._params(q, k, v, ak, av, window, _native._emu, rpb)[0]
         d_out = torch.empty_like(q) if d_out is None else d_out
         p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
-        for name, t in (("dq", torch.empty_like(q)), ("dk", torch.empty_like(k)),
-                        ("dv", torch.empty_like(v))):
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for name, t in zip(("dq", "dk", "dv"), grads):
             p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        if ak is not None:
+            grads += [torch.empty(ak.shape, dtype=ak.dtype), torch.empty(av.shape, dtype=av.dtype)]
+            for name, t in zip(("d_add_k", "d_add_v"), grads[3:]):
+                p.set_tensor(name, t.data_ptr(), list(t.stride()))
         return " | ".join(_native._emu.cuda_hopper_backward_reasons(p))
 
     assert reasons(q, k, v) == ""
-    assert "additional keys/values" in reasons(q, k, v, ak, av)
+    assert reasons(q, k, v, ak, av) == ""
+    ak = torch.cat([ak, ak[..., :2]], -1)[..., :64]  # rows 132 bytes apart
+    assert "additional_keys" in reasons(q, k, v, ak, av)
     rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
     assert "relative positional bias" in reasons(q, k, v, rpb=rpb)
     q16, k16, v16 = (t[..., :16].contiguous() for t in (q, k, v))

@@ -299,6 +299,9 @@ def test_backward_reasons():
         p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
         for name, t in (("dq", q), ("dk", k), ("dv", v)):
             p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        if ak is not None:
+            for name in ("d_add_k", "d_add_v"):
+                p.set_tensor(name, ak.data_ptr(), list(ak.stride()))
         return p
 
     assert reasons(params(q, q, q), 90, 232448) == []
@@ -308,7 +311,9 @@ def test_backward_reasons():
     assert "9.0" in joined(params(q, q, q), 80)
     assert "shared memory" in joined(params(q, q, q), 90, 100 * 1024)
     ak = torch.randn(2, 3, 2, 64, dtype=torch.float16)
-    assert "additional keys/values" in joined(params(q, q, q, ak=ak))
+    assert reasons(params(q, q, q, ak=ak), 90, 232448) == []
+    ak = torch.cat([ak, ak[..., :2]], -1)[..., :64]  # token rows 132 bytes apart
+    assert "additional_keys" in joined(params(q, q, q, ak=ak))
     rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
     assert "relative positional bias" in joined(params(q, q, q, rpb=rpb))
     assert reasons(params(*(q[..., :32].contiguous(),) * 3), 90, 232448) == []

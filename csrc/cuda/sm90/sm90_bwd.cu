@@ -41,6 +41,14 @@ std::vector<std::string> prepare(const AttentionParams& p, int capability, int64
   if (error.empty()) error = encode_maps(plan->k, p.dtype, p.k.data, params->k_map);
   if (error.empty()) error = encode_maps(plan->v, p.dtype, p.v.data, params->v_map);
   if (error.empty()) error = encode_maps(plan->d_out, p.dtype, p.d_out.data, params->do_map);
+  if (p.num_additional > 0) {
+    // One map each (the views' variants are all equal): encode into a scratch array.
+    CUtensorMap scratch[kMaxVariants];
+    if (error.empty()) error = encode_maps(plan->add_k, p.dtype, p.add_k.data, scratch);
+    params->add_k_map = scratch[0];
+    if (error.empty()) error = encode_maps(plan->add_v, p.dtype, p.add_v.data, scratch);
+    params->add_v_map = scratch[0];
+  }
   if (!error.empty()) plan->reasons.push_back(error);
   return plan->reasons;
 }
@@ -72,6 +80,16 @@ std::string backward(const AttentionParams& p, int capability, int64_t max_smem,
   params.k_coef = plan.k.coef;
   params.v_coef = plan.v.coef;
   params.do_coef = plan.d_out.coef;
+  params.add_k_coef = plan.add_k.coef;
+  params.add_v_coef = plan.add_v.coef;
+  params.num_additional = p.num_additional;
+  params.add_tiles = static_cast<int32_t>((p.num_additional + kKvRows - 1) / kKvRows);
+  params.d_add_k = p.d_add_k.data;
+  params.d_add_v = p.d_add_v.data;
+  for (int i = 0; i < 4; ++i) {
+    params.d_add_k_stride[i] = p.d_add_k.stride[i];
+    params.d_add_v_stride[i] = p.d_add_v.stride[i];
+  }
   params.heads = p.heads;
   params.kv_heads = p.kv_heads;
   params.heads_per_kv = p.heads_per_kv();

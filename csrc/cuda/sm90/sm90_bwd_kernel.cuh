@@ -12,6 +12,9 @@
 //             and V tile Y; streamed: the Q tile U and dO tile W of each Q tile of the inverse
 //             walk (box_tiling.h: backward_walk, window.h's inverse windows), for every query head
 //             of the GQA group in turn (K and V are never repeated).
+// Additional (global) key/value tokens: the dQ pass walks their tiles after the spatial ones
+// (stage kAdditional of the forward walk, masked by the token count); the dK/dV pass has one
+// more CTA per additional tile (and kv head, batch), which walks every Q tile of the layout.
 //             S^T = K Q^T, P^T, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dV += P^T dO,
 //             dK += dS^T Q.
 // delta = rowsum(dO * O) - d_lse comes from the preprocessing kernel (common/simt_kernels.cu).
@@ -52,7 +55,8 @@
 namespace nattn::cuda::sm90 {
 
 // Everything the two kernels read, passed by value as a __grid_constant__ parameter: 32 tensor
-// maps of 128 bytes (Q, K, V, dO x 8 ragged-group variants) and the rest, about 4.6 KiB. Kernel
+// maps of 128 bytes (Q, K, V, dO x 8 ragged-group variants), 2 for additional tokens and the
+// rest, about 4.9 KiB. Kernel
 // parameters beyond 4 KiB need CUDA 12.1 or newer (toolkit and driver, 32764 bytes), which
 // every toolkit that builds these kernels (nvcc 13) and its sm_90 drivers have.
 struct BackwardParams {
@@ -60,6 +64,8 @@ struct BackwardParams {
   CUtensorMap k_map[kMaxVariants];
   CUtensorMap v_map[kMaxVariants];
   CUtensorMap do_map[kMaxVariants];
+  CUtensorMap add_k_map;  // additional keys / values (sm90_plan.h: plan_additional_view)
+  CUtensorMap add_v_map;
   AxisParams axes[kMaxRank];
   BoxTiling q;   // Q tiles: the dQ pass's CTAs, the dK/dV pass's streamed tiles
   BoxTiling kv;  // KV tiles: the dK/dV pass's CTAs, the dQ pass's streamed tiles
@@ -67,6 +73,10 @@ struct BackwardParams {
   OffsetCoefficients k_coef;
   OffsetCoefficients v_coef;
   OffsetCoefficients do_coef;
+  OffsetCoefficients add_k_coef;
+  OffsetCoefficients add_v_coef;
+  int64_t num_additional;
+  int32_t add_tiles;  // tiles of kKvRows additional tokens
   int64_t heads;
   int64_t kv_heads;
   int64_t heads_per_kv;
@@ -80,6 +90,10 @@ struct BackwardParams {
   int64_t dk_stride[6];
   void* dv;
   int64_t dv_stride[6];
+  void* d_add_k;
+  int64_t d_add_k_stride[4];
+  void* d_add_v;
+  int64_t d_add_v_stride[4];
   float scale;       // dQ and dK carry the softmax scale of S = scale Q K^T
   float scale_log2;  // scale * log2(e): scores in log2 units, exp2
 };
@@ -195,24 +209,55 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   const BoxTiling& res_tiling = kKeySide ? p.kv : p.q;
   const BoxShape str_box = kKeySide ? p.q.box : p.kv.box;
-  const int64_t res_tiles = res_tiling.count();
+  const int64_t spatial_tiles = res_tiling.count();
+  const int64_t res_tiles = spatial_tiles + (kKeySide ? p.add_tiles : 0);
   const int64_t rt = blockIdx.x % res_tiles;
   const int64_t hr = blockIdx.x / res_tiles;  // kv head (dK/dV) or query head (dQ)
   const int64_t b = blockIdx.y;
-  const TileOrigin origin = res_tiling.locate(p.axes, rt);
+  // dK/dV pass: a resident tile of additional tokens (attended by every query).
+  const bool additional = kKeySide && rt >= spatial_tiles;
+  const int64_t add_first = (rt - spatial_tiles) * kRows;  // its first token
+  const TileOrigin origin = res_tiling.locate(p.axes, additional ? 0 : rt);
   const TileWalk walk = kKeySide ? backward_walk(p.axes, origin, p.kv.box, p.q.box)
-                                 : forward_walk(p.axes, origin, p.q.box, p.kv.box);
-  // Streamed steps: the walk once (dQ), or once per query head of the GQA group (dK/dV).
-  const int32_t n_steps =
-      walk.visited() * static_cast<int32_t>(kKeySide ? p.heads_per_kv : 1);
+                                 : forward_walk(p.axes, origin, p.q.box, p.kv.box, p.add_tiles);
+  const int32_t q_count = static_cast<int32_t>(p.q.count());
+  // Streamed steps: the walk once, then the additional tiles (dQ); the walk, or every Q tile of
+  // the layout for an additional tile, once per query head of the GQA group (dK/dV).
+  const int32_t hpk = static_cast<int32_t>(p.heads_per_kv);
+  const int32_t n_steps = !kKeySide   ? walk.visited() + p.add_tiles
+                          : additional ? q_count * hpk
+                                       : walk.visited() * hpk;
   const int variant = tma_variant(p.axes, origin.group);
-  // Same cursor on both sides: the walk, restarted for the next query head when it ends.
+  // Same cursor on both sides: the walk (restarted for the next query head when it ends), or for
+  // an additional tile stage kAdditional with n the linear Q tile.
+  auto begin = [&]() {
+    WalkCursor c = WalkCursor::begin(walk);
+    if (additional) {
+      c.stage = Stage::kAdditional;
+      c.n = 0;
+    }
+    return c;
+  };
   auto advance = [&](WalkCursor& cur, int32_t& head) {
+    if (additional) {
+      if (++cur.n == q_count) {
+        cur.n = 0;
+        ++head;
+      }
+      return;
+    }
     cur.advance(walk);
     if (cur.done()) {
       cur = WalkCursor::begin(walk);
       ++head;
     }
+  };
+  // The tile origin (dilation groups, tile indices) of the streamed tile at `cur`.
+  auto streamed_origin = [&](const WalkCursor& cur) {
+    if (additional) return p.q.locate(p.axes, cur.n);
+    TileOrigin o = origin;
+    for (int a = 0; a < kMaxRank; ++a) o.tile[a] = cur.tile[a];
+    return o;
   };
 
   if (threadIdx.x == 0) {
@@ -230,22 +275,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     ops::reg_dealloc<kProducerRegisters>();
     if (!kKeySide && threadIdx.x != 0) return;
     const bool leader = threadIdx.x == 0;
-    const CUtensorMap* x_map = kKeySide ? &p.k_map[variant] : &p.q_map[variant];
-    const CUtensorMap* y_map = kKeySide ? &p.v_map[variant] : &p.do_map[variant];
-    const CUtensorMap* u_map = kKeySide ? &p.q_map[variant] : &p.k_map[variant];
-    const CUtensorMap* w_map = kKeySide ? &p.do_map[variant] : &p.v_map[variant];
-    const OffsetCoefficients& x_coef = kKeySide ? p.k_coef : p.q_coef;
-    const OffsetCoefficients& y_coef = kKeySide ? p.v_coef : p.do_coef;
+    const CUtensorMap* x_map = kKeySide ? (additional ? &p.add_k_map : &p.k_map[variant])
+                                        : &p.q_map[variant];
+    const CUtensorMap* y_map = kKeySide ? (additional ? &p.add_v_map : &p.v_map[variant])
+                                        : &p.do_map[variant];
+    const OffsetCoefficients& x_coef = kKeySide ? (additional ? p.add_k_coef : p.k_coef)
+                                                : p.q_coef;
+    const OffsetCoefficients& y_coef = kKeySide ? (additional ? p.add_v_coef : p.v_coef)
+                                                : p.do_coef;
     const OffsetCoefficients& u_coef = kKeySide ? p.q_coef : p.k_coef;
     const OffsetCoefficients& w_coef = kKeySide ? p.do_coef : p.v_coef;
     int32_t pos[kMaxRank];
     if (leader) {
       ops::prefetch_tma_descriptor(x_map);
       ops::prefetch_tma_descriptor(y_map);
-      ops::prefetch_tma_descriptor(u_map);
-      ops::prefetch_tma_descriptor(w_map);
       for (int a = 0; a < kMaxRank; ++a) {
         pos[a] = static_cast<int32_t>(origin.tile[a] * res_tiling.box.extent(a));
+      }
+      if (additional) {  // the 5-D view of additional tokens: tokens along dim 1 (pos[2])
+        pos[0] = pos[1] = 0;
+        pos[2] = static_cast<int32_t>(add_first);
       }
       TxBarrier::arrive_and_expect_tx(&s.res_full, 2 * Traits::kTileBytes);
       tma_load_tile<Traits>(x_map, &s.res_full, s.x.data(), pos,
@@ -253,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma_load_tile<Traits>(y_map, &s.res_full, s.y.data(), pos,
                             offset_coordinate(y_coef, b, hr, origin), kRows);
     }
-    WalkCursor cur = WalkCursor::begin(walk);
+    WalkCursor cur = begin();
     int32_t head = 0;
     for (int32_t j = 0; j < n_steps; ++j, advance(cur, head)) {
       const int stage = j % kStages;
@@ -261,16 +310,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::wait(&s.empty[stage], phase ^ 1);  // the first pass finds every stage free
       // The streamed tiles' head: a query head of the group (dK/dV) or the kv head (dQ).
       const int64_t hs = kKeySide ? hr * p.heads_per_kv + head : hr / p.heads_per_kv;
+      const TileOrigin so = streamed_origin(cur);
       if constexpr (kKeySide) {
         // Row terms of streamed query threadIdx.x, written before this thread's arrival (the
         // mbarrier's release / acquire orders them before the consumers' reads). Queries that
         // are no token get lse = +inf (P = 0) and delta = 0.
-        TileOrigin q_origin = origin;
-        for (int a = 0; a < kMaxRank; ++a) q_origin.tile[a] = cur.tile[a];
         int64_t lse_off, delta_off;
         const int r = threadIdx.x;
-        const bool valid = box_row_token(p.axes, q_origin, str_box, r, &p.lse_stride[1], lse_off);
-        box_row_token(p.axes, q_origin, str_box, r, &p.delta_stride[1], delta_off);
+        const bool valid = box_row_token(p.axes, so, str_box, r, &p.lse_stride[1], lse_off);
+        box_row_token(p.axes, so, str_box, r, &p.delta_stride[1], delta_off);
         s.lse_log2[stage][r] =
             valid ? p.lse[b * p.lse_stride[0] + hs * p.lse_stride[4] + lse_off] *
                         static_cast<float>(M_LOG2E)
@@ -280,16 +328,31 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (!leader) Barrier::arrive(&s.full[stage]);
       }
       if (leader) {
+        // dQ: a tile of additional keys/values, or a spatial KV tile; dK/dV: a Q tile, whose
+        // dilation groups (hence map variant) are the resident tile's unless that one holds
+        // additional tokens.
+        const bool add_stream = !kKeySide && cur.stage == Stage::kAdditional;
+        const int sv = tma_variant(p.axes, so.group);
+        const CUtensorMap* u_map =
+            kKeySide ? &p.q_map[sv] : (add_stream ? &p.add_k_map : &p.k_map[sv]);
+        const CUtensorMap* w_map =
+            kKeySide ? &p.do_map[sv] : (add_stream ? &p.add_v_map : &p.v_map[sv]);
+        const OffsetCoefficients& uc = add_stream ? p.add_k_coef : u_coef;
+        const OffsetCoefficients& wc = add_stream ? p.add_v_coef : w_coef;
         for (int a = 0; a < kMaxRank; ++a) {
-          pos[a] = static_cast<int32_t>(cur.tile[a] * str_box.extent(a));
+          pos[a] = static_cast<int32_t>(so.tile[a] * str_box.extent(a));
+        }
+        if (add_stream) {
+          pos[0] = pos[1] = 0;
+          pos[2] = cur.n * kRows;
         }
         Element* u_tile = s.u.data() + stage * kRows * kD;
         Element* w_tile = s.w.data() + stage * kRows * kD;
         TxBarrier::arrive_and_expect_tx(&s.full[stage], 2 * Traits::kTileBytes);
         tma_load_tile<Traits>(u_map, &s.full[stage], u_tile, pos,
-                              offset_coordinate(u_coef, b, hs, origin), kRows);
+                              offset_coordinate(uc, b, hs, so), kRows);
         tma_load_tile<Traits>(w_map, &s.full[stage], w_tile, pos,
-                              offset_coordinate(w_coef, b, hs, origin), kRows);
+                              offset_coordinate(wc, b, hs, so), kRows);
       }
     }
     return;
@@ -376,6 +439,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       col_origin[a] = static_cast<int32_t>(cur.tile[a] * str_box.extent(a));
     }
     const bool masked = cur.stage == Stage::kMasked;
+    // dQ over a tile of additional tokens: the tokens past num_additional (TMA zero rows).
+    const bool token_bound = !kKeySide && cur.stage == Stage::kAdditional;
+    const int64_t token_first = static_cast<int64_t>(cur.n) * kRows;
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
       CUTE_UNROLL
@@ -393,6 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             if (!in) score = -INFINITY;
           }
+          if (token_bound && token_first + col >= p.num_additional) score = -INFINITY;
           const float lse = kKeySide ? s.lse_log2[stage][col] : row_lse[r];
           const float delta = kKeySide ? s.delta[stage][col] : row_delta[r];
           const float prob = exp2f(score - lse);
@@ -421,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   TxBarrier::wait(&s.res_full, 0);
   clear(tGrA);
   clear(tGrB);
-  WalkCursor cur = WalkCursor::begin(walk);
+  WalkCursor cur = begin();
   int32_t head = 0;
   for (int32_t j = 0; j < n_steps; ++j, advance(cur, head)) {
     const int stage = j % kStages;
@@ -451,13 +518,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---------------------------------------------------------------- epilogue
   // The resident rows that exist, paired 4-byte stores: dQ and dK times the softmax scale.
+  // Spatial rows: [B, x0, x1, x2, heads, D] strides; rows of additional tokens: [B, M, heads, D].
   auto store = [&](void* base, const int64_t* stride, int64_t head_index, const auto& acc,
                    float factor) {
-    Element* out = static_cast<Element*>(base) + b * stride[0] + head_index * stride[4];
+    Element* out = static_cast<Element*>(base) + b * stride[0] +
+                   head_index * stride[additional ? 2 : 4];
     CUTE_UNROLL
     for (int r = 0; r < 2; ++r) {
       int64_t off;
-      if (!box_row_token(p.axes, origin, res_box, row[r], &stride[1], off)) continue;
+      if (additional) {
+        off = (add_first + row[r]) * stride[1];
+        if (add_first + row[r] >= p.num_additional) continue;
+      } else if (!box_row_token(p.axes, origin, res_box, row[r], &stride[1], off)) {
+        continue;
+      }
       CUTE_UNROLL
       for (int c = 0; c < kD / 8; ++c) {
         const int col = get<1>(tGcG(make_coord(0, r, c), 0, 0));
@@ -469,8 +543,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   if constexpr (kKeySide) {
-    store(p.dk, p.dk_stride, hr, tGrA, p.scale);
-    store(p.dv, p.dv_stride, hr, tGrB, 1.f);
+    store(additional ? p.d_add_k : p.dk, additional ? p.d_add_k_stride : p.dk_stride, hr, tGrA,
+          p.scale);
+    store(additional ? p.d_add_v : p.dv, additional ? p.d_add_v_stride : p.dv_stride, hr, tGrB,
+          1.f);
   } else {
     store(p.dq, p.dq_stride, hr, tGrA, p.scale);
   }

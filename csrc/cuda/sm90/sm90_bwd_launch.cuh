@@ -51,7 +51,8 @@ std::string launch_backward(const BackwardParams& params, int64_t batch, void* s
   };
   std::string err = run(backward_kernel<Traits, false>, params.q.count() * params.heads);
   if (!err.empty()) return err;
-  return run(backward_kernel<Traits, true>, params.kv.count() * params.kv_heads);
+  return run(backward_kernel<Traits, true>,
+             (params.kv.count() + params.add_tiles) * params.kv_heads);
 }
 
 }  // namespace nattn::cuda::sm90
