@@ -130,4 +130,27 @@ void register_cuda(py::module_& m) {
       py::arg("params"),
       "Hopper forward on the current device and params' stream (one plan per call). Returns "
       "the reasons it declined the call (nothing ran: run cuda_forward), empty when it ran.");
+  m.def(
+      "cuda_hopper_backward_reasons",
+      [](const nattn::AttentionParams& p) { return nattn::cuda::hopper_backward_reasons(p); },
+      py::arg("params"),
+      "Why the Hopper (sm_90a) backward cannot serve params on the current device; empty when "
+      "it can.");
+  m.def(
+      "cuda_hopper_backward",
+      [](const nattn::AttentionParams& p) {
+        check_common(p, true);
+        std::string err;
+        std::vector<std::string> declined;
+        {
+          py::gil_scoped_release release;
+          err = nattn::cuda::hopper_backward(p, &declined);
+        }
+        if (!err.empty()) throw std::runtime_error("nattn Hopper backward: " + err);
+        return declined;
+      },
+      py::arg("params"),
+      "Hopper backward on the current device and params' stream (one plan per call): the delta "
+      "pass, then dq, dk, dv, atomic-free. Returns the reasons it declined the call (nothing "
+      "ran: run cuda_backward), empty when it ran.");
 }

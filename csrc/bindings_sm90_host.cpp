@@ -69,4 +69,11 @@ void register_sm90_host_tools(py::module_& m) {
       },
       py::arg("params"), py::arg("capability") = -1, py::arg("max_smem") = 0,
       "Why the Hopper forward would decline params (host-only; empty when it would serve).");
+  m.def(
+      "sm90_backward_reasons",
+      [](const nattn::AttentionParams& p, int capability, int64_t max_smem) {
+        return nattn::cuda::sm90::backward_reasons(p, capability, max_smem);
+      },
+      py::arg("params"), py::arg("capability") = -1, py::arg("max_smem") = 0,
+      "Why the Hopper backward would decline params (host-only; empty when it would serve).");
 }

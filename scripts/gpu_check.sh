@@ -70,7 +70,14 @@ sanitizer() {
   # One small forward + backward (20 x 20 tokens, fp16, additional tokens) under memcheck: an
   # out-of-bounds or misaligned access fails the stage.
   timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    "$py" -m pytest -q -x tests/test_cuda.py -k "bit_identical"
+    "$py" -m pytest -q -x tests/test_cuda.py -k "bit_identical" || return 1
+  # The Hopper forward + backward (opt-in backend) on one small ragged-dilation problem: TMA
+  # bounds (memcheck), the mbarrier pipelines (racecheck, synccheck).
+  local hopper="tests/test_cuda.py::test_hopper_backward_sweep_gpu[0]"
+  for tool in memcheck racecheck synccheck; do
+    timeout 900 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      "$py" -m pytest -q -x "$hopper" || return 1
+  done
 }
 
 bench() {

@@ -472,7 +472,8 @@ def test_rpb_takes_the_tensor_core_path(target):
 # own that the Hopper kernel takes (fp16/bf16, head_dim = value_dim in {64, 128}, no additional
 # tokens, 16-byte-aligned rows), with the same error rule and the same two-schedule race check;
 # the rest of the sweep declines to the SM80 kernels, which the emu sweep above already covers.
-# Forward only: the backward runs on the SM80 kernels (no Hopper backward yet).
+# The Hopper backward (dQ and dK/dV kernels) takes the same configurations: its part below runs
+# forward and backward with the gradients' 3x error-ratio rule.
 
 def hopper_eligible(c: Case) -> bool:
     return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
@@ -494,8 +495,31 @@ HOPPER_EDGE_CASES = [
 HOPPER_SWEEP = HOPPER_EDGE_CASES + [c for c in SWEEP if hopper_eligible(c)][:14]
 
 
+def hopper_backward_eligible(c: Case) -> bool:
+    return (c.dtype in (torch.float16, torch.bfloat16) and c.dim == c.dim_v
+            and c.dim in (32, 64, 128) and c.pad in (0, 8))
+
+
+# The backward also takes head_dim 32 and additional tokens (the forward of those runs on the
+# SM80 kernels): the Hopper configurations, two head_dim 32 edge cases, the sweep's head_dim 32
+# ones it takes (the 56 x 56 NAT and DiNAT stages of EDGE_CASES among them) and the sweep's ones
+# with additional tokens (1-D sliding-window causal GQA 4:1 of EDGE_CASES first).
+HOPPER_BACKWARD_SWEEP = HOPPER_SWEEP + [
+    # 3-D: ragged dilation on two axes, a causal axis, blocked stride on the last, GQA 2:1
+    Case(1, (6, 10, 12), 2, 1, 32, 32, (3, 5, 5), (1, 2, 5), (2, 1, 2), (True, False, False), 0,
+         torch.bfloat16, 0),
+    # 1-D strided causal over several tiles, GQA 4:1, two batches
+    Case(2, (300,), 4, 1, 32, 32, (65,), (4,), (1,), (True,), 0, torch.float16, 8),
+] + [c for c in SWEEP if hopper_backward_eligible(c) and c.dim == 32 and not c.additional][:6] + [
+    c for c in SWEEP if hopper_backward_eligible(c) and c.additional][:6]
+
+
 def _hopper_launches():
     return [r for r in emu.launches() if "sm90::forward_kernel" in r["kernel"]]
+
+
+def _hopper_backward_launches():
+    return [r for r in emu.launches() if "sm90::backward_kernel" in r["kernel"]]
 
 
 def check_forward(c: Case, seed: int, target: str, expect_hopper: bool):
@@ -621,6 +645,128 @@ def test_hopper_declines_to_portable_kernels(hopper_emu):
     assert (out.double() - ref).abs().max().item() < 1e-2
 
 
+def test_hopper_backward_sweep_size():
+    assert {c.dim for c in HOPPER_BACKWARD_SWEEP} == {32, 64, 128}
+    assert len(HOPPER_BACKWARD_SWEEP) >= len(HOPPER_SWEEP) + 12
+    assert sum(1 for c in HOPPER_BACKWARD_SWEEP if c.additional) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(HOPPER_BACKWARD_SWEEP)))
+def test_hopper_backward_sweep_emulated(hopper_emu, index):
+    """Forward and backward of each Hopper configuration under the emulator, as an H100 would
+    serve them: out / lse (2x) and dq, dk, dv (3x) against the fp64 reference with the error-ratio
+    rule, in two schedules (index order; a seeded random order of CTAs and fibers) that must give
+    the same bits. Both Hopper backward kernels (dQ, dK/dV) must have run, and nothing of the
+    SM80 backward."""
+    c = HOPPER_BACKWARD_SWEEP[index]
+    emu.clear_launches()
+    check_case(c, seed=index, target="cuda-emu")
+    kernels = [r["kernel"] for r in emu.launches()]
+    bwd = _hopper_backward_launches()
+    assert len(bwd) == 4, (c, kernels)  # dQ and dK/dV, in each of the two schedules
+    assert not any("sm80::" in k and ("dq_kernel" in k or "dkdv_kernel" in k)
+                   for k in kernels), (c, kernels)
+
+
+def test_hopper_backward_bit_identical_over_repeated_runs(hopper_emu):
+    """GQA 2:1, dilation and a causal axis: the Hopper gradients are the same bits over runs in
+    different schedules (no atomics: each gradient row is written once by its owner CTA)."""
+    c = Case(2, (20, 20), 4, 2, 64, 64, (7, 5), (1, 2), (2, 1), (False, True), 0,
+             torch.float16, 0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = make_inputs(c, gen, "cpu")
+    shape = (c.batch, *c.shape, c.heads)
+    grads = (torch.randn(*shape, c.dim_v, generator=gen).half(),
+             torch.randn(*shape, generator=gen))
+    emu.clear_launches()
+    first = run_kernels("cuda-emu", c, inputs, grads)
+    assert _hopper_backward_launches()
+    for i in range(2):
+        again = run_kernels("cuda-emu", c, inputs, grads, seed=i + 1)
+        for name, a, b in zip(NAMES, first, again):
+            assert torch.equal(a, b), name
+
+
+def test_hopper_backward_heads_first_views(hopper_emu):
+    """Q, K, V and grad_out as heads-first views, V in another layout than K (the forward
+    declines that pair, the backward addresses each tensor with its own TMA coordinate): the
+    Hopper backward reads them where they lie, gradients under the 3x rule."""
+    gen = torch.Generator().manual_seed(12)
+
+    def heads_first(heads, dtype=torch.bfloat16):
+        t = torch.randn(2, heads, 9, 14, 64, generator=gen).to(dtype)
+        return t.permute(0, 2, 3, 1, 4)
+
+    q, k = heads_first(4), heads_first(2)
+    v = torch.randn(2, 9, 14, 2, 64, generator=gen).to(torch.bfloat16)  # heads-last
+    g_out = heads_first(4)
+    assert not q.is_contiguous() and not g_out.is_contiguous()
+    c = Case(2, (9, 14), 4, 2, 64, 64, (5, 7), (1, 2), (1, 2), (True, False), 0,
+             torch.bfloat16, 0)
+    g_lse = torch.zeros(2, 9, 14, 4)
+    emu.clear_launches()
+    kern = run(kernel_fn("cuda-emu"), c, [q, k, v, None, None], (g_out, g_lse))
+    assert len(_hopper_backward_launches()) == 2, [r["kernel"] for r in emu.launches()]
+    exact = run(nattn.reference.neighborhood_attention, c,
+                [q.double(), k.double(), v.double(), None, None],
+                (g_out.double(), g_lse.double()))
+    low = run(nattn.reference.neighborhood_attention, c, [q, k, v, None, None], (g_out, g_lse))
+    for n, (e, t, kk) in enumerate(zip(exact, low, kern)):
+        k_err = (kk.double() - e).abs().max().item()
+        t_err = (t.double() - e).abs().max().item()
+        ratio = 2.0 if n < 2 else 3.0
+        assert k_err <= ratio * t_err + FLOOR[torch.bfloat16] * max(1.0, e.abs().max().item()), (
+            NAMES[n], k_err, t_err)
+
+
+def test_hopper_backward_declines_to_portable_kernels(hopper_emu):
+    """What the Hopper backward cannot serve is declined with a reason before anything runs
+    (the delta pass included) and runs on the SM80 / SIMT backward: additional tokens whose rows
+    are not 16-byte aligned, rpb, head_dim 16, such a grad_out; gradients still right."""
+    c = Case(1, (12, 12), 2, 2, 64, 64, (5, 5), (1, 1), (1, 1), (False, False), 3,
+             torch.float16, 0)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, ak, av = make_inputs(c, gen, "cpu")
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, 0.125)
+
+    def reasons(q, k, v, ak=None, av=None, d_out=None, rpb=None):
+        p = _native._params(q, k, v, ak, av, window, _native._emu, rpb)[0]
+        d_out = torch.empty_like(q) if d_out is None else d_out
+        p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        for name, t in zip(("dq", "dk", "dv"), grads):
+            p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        if ak is not None:
+            grads += [torch.empty(ak.shape, dtype=ak.dtype), torch.empty(av.shape, dtype=av.dtype)]
+            for name, t in zip(("d_add_k", "d_add_v"), grads[3:]):
+                p.set_tensor(name, t.data_ptr(), list(t.stride()))
+        return " | ".join(_native._emu.cuda_hopper_backward_reasons(p))
+
+    assert reasons(q, k, v) == ""
+    assert reasons(q, k, v, ak, av) == ""
+    ak = torch.cat([ak, ak[..., :2]], -1)[..., :64]  # rows 132 bytes apart
+    assert "additional_keys" in reasons(q, k, v, ak, av)
+    rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
+    assert "relative positional bias" in reasons(q, k, v, rpb=rpb)
+    q16, k16, v16 = (t[..., :16].contiguous() for t in (q, k, v))
+    assert "head_dim 16" in reasons(q16, k16, v16)
+    misaligned = torch.cat([q, q[..., :2]], -1)[..., :64]
+    assert "grad_out" in reasons(q, k, v, d_out=misaligned)
+
+    g_out = torch.randn(1, 12, 12, 2, 64, generator=gen).half()
+    for inputs in ([q, k, v, ak, av], [q16, k16, v16, None, None]):
+        emu.clear_launches()
+        kern = run(kernel_fn("cuda-emu"), c, inputs, (g_out[..., :inputs[0].shape[-1]],
+                                                      torch.zeros(1, 12, 12, 2)))
+        assert not _hopper_backward_launches() and emu.launches()
+        exact = run(nattn.reference.neighborhood_attention, c,
+                    [None if t is None else t.double() for t in inputs],
+                    (g_out[..., :inputs[0].shape[-1]].double(),
+                     torch.zeros(1, 12, 12, 2, dtype=torch.float64)))
+        for name, e, kk in zip(NAMES, exact, kern):
+            assert (kk.double() - e).abs().max().item() < 2e-2 * max(1.0, e.abs().max().item()), name
+
+
 hopper_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or _C is None or not getattr(_C, "with_cuda", False)
     or torch.cuda.get_device_capability() != (9, 0),
@@ -662,3 +808,40 @@ def test_hopper_forward_sweep_gpu(monkeypatch, index):
         t_err = (tk.float() - ek).abs().max().item()
         scale = max(1.0, ek.abs().max().item())
         assert k_err <= 2.0 * t_err + FLOOR[c.dtype] * scale, (NAMES[n], k_err, t_err, c)
+
+
+@hopper_gpu
+@pytest.mark.parametrize("index", range(len(HOPPER_BACKWARD_SWEEP)))
+def test_hopper_backward_sweep_gpu(monkeypatch, index):
+    """The Hopper backward on a real H100/H200 through the opt-in `hopper` backend
+    (scripts/gpu_check.sh runs this file): it must take each call, and every output and gradient
+    follows the error-ratio rule (3x for gradients) against the fp32 reference on the GPU; a
+    second run gives the same bits."""
+    monkeypatch.setenv("NATTN_EXPERIMENTAL_HOPPER", "1")
+    c = HOPPER_BACKWARD_SWEEP[index]
+    gen = torch.Generator(device="cuda").manual_seed(index)
+    low = make_inputs(c, gen, "cuda")
+    q, k, v, _, _ = low
+    shape = (c.batch, *c.shape, c.heads)
+    g_out = torch.randn(*shape, c.dim_v, generator=gen, device="cuda").to(c.dtype)
+    g_lse = torch.randn(*shape, generator=gen, device="cuda") * 0.5
+    window = _native.Window(c.kernel_size, c.stride, c.dilation, c.is_causal, c.dim ** -0.5)
+    p = _native._params(q, k, v, None, None, window, _C)[0]
+    p.set_tensor("d_out", g_out.data_ptr(), _native._token_strides(g_out, len(c.shape)))
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    for name, t in zip(("dq", "dk", "dv"), grads):
+        p.set_tensor(name, t.data_ptr(), _native._token_strides(t, len(c.shape)))
+    assert _C.cuda_hopper_backward_reasons(p) == [], c
+    exact = run(nattn.reference.neighborhood_attention, c,
+                [t if t is None else t.float() for t in low], (g_out.float(), g_lse))
+    torch_low = run(nattn.reference.neighborhood_attention, c, low, (g_out, g_lse))
+    kern = run(kernel_fn("hopper"), c, low, (g_out, g_lse))
+    again = run(kernel_fn("hopper"), c, low, (g_out, g_lse))
+    for n, (ek, tk, kk, k2) in enumerate(zip(exact, torch_low, kern, again)):
+        assert not torch.isnan(kk).any(), (NAMES[n], c)
+        assert torch.equal(kk, k2), (NAMES[n], "not bit-identical", c)
+        k_err = (kk.float() - ek).abs().max().item()
+        t_err = (tk.float() - ek).abs().max().item()
+        ratio = 2.0 if n < 2 else 3.0
+        scale = max(1.0, ek.abs().max().item())
+        assert k_err <= ratio * t_err + FLOOR[c.dtype] * scale, (NAMES[n], k_err, t_err, c)

@@ -408,6 +408,65 @@ def test_hopper_forward_counters_match_tile_plan(c, monkeypatch):
     assert launch["mma"] == 0 and launch["cp_async_bytes"] == 0
 
 
+HOPPER_BACKWARD_COUNTER_CASES = HOPPER_COUNTER_CASES + [
+    Case(2, (30,), 2, 2, 32, 32, (9,), (1,), (3,), (False,), 0, torch.float16, 0),
+    # 130 additional tokens: 2 additional tiles
+    Case(1, (9, 20), 4, 2, 64, 64, (3, 7), (1, 1), (1, 2), (False, True), 130, torch.bfloat16, 0),
+]
+
+
+@pytest.mark.parametrize("c", HOPPER_BACKWARD_COUNTER_CASES,
+                         ids=lambda c: f"{len(c.shape)}d-hd{c.dim}")
+def test_hopper_backward_counters_match_tile_plan(c, monkeypatch):
+    """The Hopper backward's two kernels against the tile planner: the dQ kernel visits the
+    forward's (Q tile, KV tile) pairs, the dK/dV kernel the same pairs from the key side (the
+    inverse walk) for each query head, and nothing more."""
+    monkeypatch.setenv("NATTN_EMU_ARCH", "90")
+    emu.configure()
+    q, k, v, ak, av = _inputs(c)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if c.additional:
+        ak, av = (t.detach().requires_grad_() for t in (ak, av))
+    out = nattn.neighborhood_attention(
+        q, k, v, c.kernel_size, stride=c.stride, dilation=c.dilation, is_causal=c.is_causal,
+        additional_keys=ak, additional_values=av, backend="cuda-emu")
+    g_out = torch.randn_like(out)
+    emu.clear_launches()
+    out.backward(g_out)
+    launches = [r for r in emu.launches() if "sm90::backward_kernel" in r["kernel"]]
+    assert len(launches) == 2, [r["kernel"] for r in emu.launches()]
+    dq_launch, dkdv_launch = launches
+    assert ", false>" in dq_launch["kernel"] and ", true>" in dkdv_launch["kernel"]
+    axes = [(n, ks, s, d, causal) for n, ks, s, d, causal in
+            zip(c.shape, c.kernel_size, c.stride, c.dilation, c.is_causal)]
+    _, _, q_tiles, visited, _, _ = _native._C.sm90_choose_tiles(axes)
+    work = c.batch * c.heads
+    d = c.dim
+    tile_bytes = 128 * d * 2
+    # Additional tokens: every Q tile also pairs with each of their tiles (dQ: after its walk;
+    # dK/dV: one more CTA per additional tile walking every Q tile).
+    add_tiles = (c.additional + 127) // 128
+    pairs = visited + q_tiles * add_tiles
+    # Per pair, each of the 2 consumer warpgroups takes the streamed tile in 2 halves of 64
+    # rows: S and dP are d/16 m64n64k16 each, dQ += dS K is 64/16 m64n{d}k16, and the dK/dV
+    # kernel's dV += P^T dO and dK += dS^T Q are 4 each.
+    assert dq_launch["wgmma"] == work * pairs * 2 * 2 * (2 * d // 16 + 4)
+    assert dkdv_launch["wgmma"] == work * pairs * 2 * 2 * (2 * d // 16 + 8)
+    assert dq_launch["grid"] == [q_tiles * c.heads, c.batch, 1]
+    kv_tiles = dkdv_launch["grid"][0] // c.kv_heads - add_tiles
+    assert dkdv_launch["grid"] == [(kv_tiles + add_tiles) * c.kv_heads, c.batch, 1]
+    # TMA: the resident pair once per CTA, the streamed pair once per pair (dK/dV: per query
+    # head of the group).
+    assert dq_launch["tma_bytes"] == 2 * tile_bytes * work * (q_tiles + pairs)
+    assert dkdv_launch["tma_bytes"] == 2 * tile_bytes * (
+        c.batch * c.kv_heads * (kv_tiles + add_tiles) + work * pairs)
+    assert dq_launch["global_store_bytes"] == q.grad.numel() * 2
+    add_bytes = (ak.grad.numel() + av.grad.numel()) * 2 if c.additional else 0
+    assert dkdv_launch["global_store_bytes"] == (k.grad.numel() + v.grad.numel()) * 2 + add_bytes
+    for launch in launches:
+        assert launch["mma"] == 0 and launch["cp_async_bytes"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # SM90 planted defects (tests/emu/defects_sm90.cpp)
 

@@ -285,6 +285,46 @@ def test_forward_reasons_decline_kv_stride_mismatch():
     assert any("key and value have different" in r for r in reasons(other, 90, 232448))
 
 
+def test_backward_reasons():
+    """The Hopper backward's planner: what it serves (K and V in different layouts included:
+    each tensor has its own TMA coordinate) and what it declines, each with its reason."""
+    reasons = _binding("sm90_backward_reasons")
+    from nattn import _native
+    q = torch.randn(2, 12, 12, 2, 64, dtype=torch.float16)
+    window = _native.Window((5, 5), (1, 1), (1, 1), (False, False), 0.125)
+
+    def params(q, k, v, d_out=None, ak=None, rpb=None):
+        p = _native._params(q, k, v, ak, ak, window, _C, rpb)[0]
+        d_out = q if d_out is None else d_out
+        p.set_tensor("d_out", d_out.data_ptr(), _native._token_strides(d_out, 2))
+        for name, t in (("dq", q), ("dk", k), ("dv", v)):
+            p.set_tensor(name, t.data_ptr(), _native._token_strides(t, 2))
+        if ak is not None:
+            for name in ("d_add_k", "d_add_v"):
+                p.set_tensor(name, ak.data_ptr(), list(ak.stride()))
+        return p
+
+    assert reasons(params(q, q, q), 90, 232448) == []
+    v = q.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)  # heads-first V
+    assert reasons(params(q, q, v), 90, 232448) == []
+    joined = lambda p, cap=90, smem=232448: " | ".join(reasons(p, cap, smem))  # noqa: E731
+    assert "9.0" in joined(params(q, q, q), 80)
+    assert "shared memory" in joined(params(q, q, q), 90, 100 * 1024)
+    ak = torch.randn(2, 3, 2, 64, dtype=torch.float16)
+    assert reasons(params(q, q, q, ak=ak), 90, 232448) == []
+    ak = torch.cat([ak, ak[..., :2]], -1)[..., :64]  # token rows 132 bytes apart
+    assert "additional_keys" in joined(params(q, q, q, ak=ak))
+    rpb = torch.zeros(2, 9, 9, dtype=torch.float16)
+    assert "relative positional bias" in joined(params(q, q, q, rpb=rpb))
+    assert reasons(params(*(q[..., :32].contiguous(),) * 3), 90, 232448) == []
+    q16 = q[..., :16].contiguous()
+    assert "head_dim 16" in joined(params(q16, q16, q16))
+    qf = q.float()
+    assert "float16 and bfloat16" in joined(params(qf, qf, qf))
+    misaligned = torch.cat([q, q[..., :2]], -1)[..., :64]
+    assert "grad_out" in joined(params(q, q, q, d_out=misaligned))
+
+
 # ------------------------------------------------------------------------------------------------
 # Compile checks (nvcc, no GPU).
 
@@ -296,14 +336,17 @@ needs_nvcc = pytest.mark.skipif(
 )
 # The smallest instantiation: about 10 s and 1 GB of compiler memory on 2 cores.
 SM90_TU = ROOT / "csrc" / "cuda" / "sm90" / "sm90_fwd_bf16_hdim64.cu"
+# The smallest backward instantiation (both passes), never compiled where it was written (no
+# nvcc there): this test is its first compile check on a machine that has nvcc.
+SM90_BWD_TU = ROOT / "csrc" / "cuda" / "sm90" / "sm90_bwd_bf16_hdim64.cu"
 
 
-def _nvcc_ptx(arch, out):
+def _nvcc_ptx(arch, out, tu=SM90_TU):
     return subprocess.run(
         [
             NVCC, "-std=c++17", f"-gencode=arch=compute_{arch},code=compute_{arch}",
             "--expt-relaxed-constexpr", "-O3", "--ptx", "-I", str(ROOT / "include"),
-            "-I", str(ROOT / "csrc"), "-isystem", CUTLASS, str(SM90_TU), "-o", str(out),
+            "-I", str(ROOT / "csrc"), "-isystem", CUTLASS, str(tu), "-o", str(out),
         ],
         capture_output=True, text=True, timeout=170,
     )
@@ -314,6 +357,17 @@ def test_sm90_ptx_has_wgmma_and_tma(tmp_path):
     res = _nvcc_ptx("90a", tmp_path / "fwd.ptx")
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = (tmp_path / "fwd.ptx").read_text()
+    assert "wgmma.mma_async" in ptx
+    assert "cp.async.bulk.tensor" in ptx
+    assert "setmaxnreg" in ptx
+    assert "mbarrier" in ptx
+
+
+@needs_nvcc
+def test_sm90_backward_ptx_has_wgmma_and_tma(tmp_path):
+    res = _nvcc_ptx("90a", tmp_path / "bwd.ptx", SM90_BWD_TU)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = (tmp_path / "bwd.ptx").read_text()
     assert "wgmma.mma_async" in ptx
     assert "cp.async.bulk.tensor" in ptx
     assert "setmaxnreg" in ptx

@@ -69,4 +69,11 @@ std::string backward(const AttentionParams& p, bool deterministic);
 std::vector<std::string> hopper_forward_reasons(const AttentionParams& p);
 std::string hopper_forward(const AttentionParams& p, std::vector<std::string>* declined);
 
+// Hopper backward (csrc/cuda/sm90): the same pair for the backward. The call plans once and
+// either declines (reasons in *declined, nothing run, not even the delta pass: the caller runs
+// backward() instead) or runs the delta pass and the Hopper dQ and dK/dV kernels (atomic-free),
+// returning "" or the error.
+std::vector<std::string> hopper_backward_reasons(const AttentionParams& p);
+std::string hopper_backward(const AttentionParams& p, std::vector<std::string>* declined);
+
 }  // namespace nattn::cuda

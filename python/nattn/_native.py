@@ -180,7 +180,10 @@ def backward(kind: str, grad_out, grad_lse, q, k, v, ak, av, out, lse, window: W
         d_rpb = _empty(rpb.shape, rpb)
         p.set_tensor("d_rpb", d_rpb.data_ptr(), _rpb_strides(d_rpb, rank))
     with _launch(kind, q.device, p):
-        if kind in ("cuda", "hopper", "cuda-emu"):  # no Hopper backward yet: portable kernels
+        if kind == "hopper":
+            if _C.cuda_hopper_backward(p):  # declined (reasons listed): the portable kernels
+                _C.cuda_backward(p, True)
+        elif kind in ("cuda", "cuda-emu"):
             lib.cuda_backward(p, True)
         else:
             _C.cpu_backward(p)

@@ -173,8 +173,9 @@ HOPPER_OPT_IN = "NATTN_EXPERIMENTAL_HOPPER"
 class HopperBackend(CudaBackend):
     name = "hopper"
     description = (
-        "Hopper forward (csrc/cuda/sm90): warp-specialized wgmma + TMA on multi-dimensional "
-        "tiles, fp16/bf16, head dims 64/128; backward on the portable CUDA kernels. "
+        "Hopper forward and backward (csrc/cuda/sm90): warp-specialized wgmma + TMA on "
+        "multi-dimensional tiles, fp16/bf16, head dims 64/128 (backward also 32; what they "
+        "decline runs on the portable CUDA kernels). "
         f"Not yet validated on a GPU: opt in with {HOPPER_OPT_IN}=1"
     )
     kind = "hopper"
@@ -189,10 +190,12 @@ class HopperBackend(CudaBackend):
             reasons.append("needs compute capability 9.0 (H100/H200)")
         if problem.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {problem.dtype} is not float16/bfloat16")
-        if problem.head_dim not in (64, 128) or problem.value_dim != problem.head_dim:
+        # head_dim 32: the Hopper backward serves it, the forward declines it per call (the
+        # portable forward then runs, as for any call the kernels' planner declines).
+        if problem.head_dim not in (32, 64, 128) or problem.value_dim != problem.head_dim:
             reasons.append(
                 f"head_dim={problem.head_dim}, value_dim={problem.value_dim}: kernels exist for "
-                "head_dim = value_dim in (64, 128)"
+                "head_dim = value_dim in (32 (backward), 64, 128)"
             )
         if problem.num_additional:
             reasons.append("additional keys/values are not fused in the Hopper kernels yet")

@@ -12,7 +12,7 @@
 // memory).
 //
 // The window math is window.h's; the walk of a row tile along one axis is tile_plan.h's
-// axis_tile_range (or, for the sm80 dK/dV pass, axis_inverse_tile_range).
+// axis_tile_range (or, for the dK/dV passes, axis_inverse_tile_range).
 #pragma once
 
 #include <cstdint>
@@ -191,6 +191,19 @@ NATTN_HOST_DEVICE TileWalk forward_walk(const AxisParams (&axes)[kMaxRank], cons
                              axes[a].is_causal, q_box.extent(a), kv_box.extent(a), q.tile[a]));
   }
   w.additional_tiles = static_cast<int32_t>(additional_tiles);
+  return w;
+}
+
+// The Q tiles that attend the KV tile `kv` (the dK/dV passes of sm80 and sm90), built from
+// tile_plan.h's axis_inverse_tile_range the way the forward walk is built from axis_tile_range.
+NATTN_HOST_DEVICE TileWalk backward_walk(const AxisParams (&axes)[kMaxRank], const TileOrigin& kv,
+                                         BoxShape kv_box, BoxShape q_box) {
+  TileWalk w;
+  for (int a = 0; a < kMaxRank; ++a) {
+    w.set(a, axis_inverse_tile_range(kv.group_len[a], axes[a].kernel_size, axes[a].stride,
+                                     axes[a].is_causal, kv_box.extent(a), q_box.extent(a),
+                                     kv.tile[a]));
+  }
   return w;
 }
 

@@ -246,6 +246,17 @@ std::string backward(const AttentionParams& p, bool deterministic) {
   std::string error;
   const DeviceFacts device = current_device(&error);
   if (device.capability < 0) return error;
+#if defined(NATTN_EMU) && defined(NATTN_WITH_SM90)
+  // Under the emulator a compute capability 9.0 device is served as an H100 would be once the
+  // Hopper path is validated (as the forward above): the Hopper backward where it applies, the
+  // portable kernels where it declines (it declines before running the delta pass).
+  if (device.capability == 90) {
+    std::vector<std::string> declined;
+    error = sm90::backward(p, device.capability, device.max_smem_optin,
+                           [&] { return simt::delta(p); }, &declined);
+    if (declined.empty()) return error;
+  }
+#endif
   const Plan backward_plan = plan(p, true, device);
   if (!backward_plan.unsupported.empty()) return backward_plan.unsupported;
   error = simt::delta(p);
@@ -294,6 +305,45 @@ std::string hopper_forward(const AttentionParams& p, std::vector<std::string>* d
     return {};
   }
   return sm90::forward(p, device.capability, device.max_smem_optin, declined);
+#else
+  (void)p;
+  *declined = {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  return {};
+#endif
+}
+
+std::vector<std::string> hopper_backward_reasons(const AttentionParams& p) {
+#ifdef NATTN_WITH_SM90
+  std::string error;
+  const DeviceFacts device = current_device(&error);
+  if (device.capability < 0) return {"no CUDA device: " + error};
+  if (device.capability != 90) {
+    return {"compute capability " + std::to_string(device.capability / 10) + "." +
+            std::to_string(device.capability % 10) + " is not 9.0 (wgmma/TMA are sm_90a only)"};
+  }
+  return sm90::backward_support(p, device.capability, device.max_smem_optin);
+#else
+  (void)p;
+  return {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+#endif
+}
+
+std::string hopper_backward(const AttentionParams& p, std::vector<std::string>* declined) {
+#ifdef NATTN_WITH_SM90
+  std::string error;
+  const DeviceFacts device = current_device(&error);
+  if (device.capability < 0) {
+    *declined = {"no CUDA device: " + error};
+    return {};
+  }
+  if (device.capability != 90) {
+    *declined = {"compute capability " + std::to_string(device.capability / 10) + "." +
+                 std::to_string(device.capability % 10) +
+                 " is not 9.0 (wgmma/TMA are sm_90a only)"};
+    return {};
+  }
+  return sm90::backward(p, device.capability, device.max_smem_optin,
+                        [&] { return simt::delta(p); }, declined);
 #else
   (void)p;
   *declined = {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};

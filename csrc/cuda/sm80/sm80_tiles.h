@@ -1,10 +1,8 @@
 // Box tiles for the SM80 tensor-core kernels, beyond what they share with sm90
-// (common/box_tiling.h: box shape, tiling, forward walk): the backward walk (the Q tiles that
-// attend a KV tile) and the host-side choice of box shapes. Host + device, no CUDA headers.
+// (common/box_tiling.h: box shape, tiling, forward and backward walks): the host-side choice of
+// box shapes. Host + device, no CUDA headers.
 //
 // The register tile of a CTA is a box of 64 rows, a streamed tile one of 32 or 64 (sm80_config.h).
-// The backward walk is built from tile_plan.h's axis_inverse_tile_range the way the forward one
-// is built from axis_tile_range.
 #pragma once
 
 #include <cstdint>
@@ -16,18 +14,6 @@
 #include "nattn/window.h"
 
 namespace nattn::cuda::sm80 {
-
-// Q tiles that attend the KV tile `kv` (dK/dV).
-NATTN_HOST_DEVICE TileWalk backward_walk(const AxisParams (&axes)[kMaxRank], const TileOrigin& kv,
-                                         BoxShape kv_box, BoxShape q_box) {
-  TileWalk w;
-  for (int a = 0; a < kMaxRank; ++a) {
-    w.set(a, axis_inverse_tile_range(kv.group_len[a], axes[a].kernel_size, axes[a].stride,
-                                     axes[a].is_causal, kv_box.extent(a), q_box.extent(a),
-                                     kv.tile[a]));
-  }
-  return w;
-}
 
 // Host: a box of 2^log2_rows positions for the tiles of one side. Greedy doubling of the axis
 // that most lowers the expected columns a row sees per tile, prod_a (t_a + span_a - 1) / t_a,

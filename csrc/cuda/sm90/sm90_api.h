@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,5 +27,20 @@ std::vector<std::string> forward_support(const AttentionParams& p, int capabilit
 // success or the CUDA error. Must only be called on a compute capability 9.0 device.
 std::string forward(const AttentionParams& p, int capability, int64_t max_smem,
                     std::vector<std::string>* declined);
+
+// Why the Hopper backward cannot serve `p` (empty when it can): as forward_support, plus
+// additional tokens and rpb (the SM80 path serves both) and the layout of dO, dq, dk, dv.
+std::vector<std::string> backward_support(const AttentionParams& p, int capability,
+                                          int64_t max_smem);
+
+// Backward on the current device and p.stream: plans once (tile search, TMA views, tensor maps);
+// if the path declines `p`, *declined receives the reasons, nothing runs (not even `delta`) and
+// "" is returned: the caller runs the portable backward. Otherwise runs `delta` (the caller's
+// preprocessing pass that fills p.delta = rowsum(dO * O) - d_lse, fp32), then the dQ and dK/dV
+// kernels, which write p.dq, p.dk, p.dv without atomics (bit-identical run to run). Returns ""
+// or the first error. Must only be called on a compute capability 9.0 device.
+std::string backward(const AttentionParams& p, int capability, int64_t max_smem,
+                     const std::function<std::string()>& delta,
+                     std::vector<std::string>* declined);
 
 }  // namespace nattn::cuda::sm90

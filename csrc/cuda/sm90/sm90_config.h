@@ -54,4 +54,28 @@ constexpr int64_t smem_bytes(int64_t head_dim) {
 // critical path. An assumed figure, to be replaced by a measurement on a GPU.
 constexpr double kMaskedTileCost = 1.25;
 
+// ---------------------------------------------------------------------------------------------
+// Backward (sm90_bwd_kernel.cuh): two kernels of one template, each a CTA of the same three
+// warpgroups. The dQ kernel keeps a Q tile and its dO tile resident and streams the K/V tiles of
+// the forward walk; the dK/dV kernel keeps a K tile and its V tile resident and streams the Q/dO
+// tiles of the inverse walk (every query head of the GQA group). Tiles are the forward's
+// (choose_tiles: 128-row Q and KV boxes). A streamed tile is consumed in two halves of
+// kBackwardHalf rows: the score-like accumulators of one consumer are then 64 x 64 fp32
+// (32 registers each), so the dK/dV kernel at head_dim 128 holds dK and dV (64 + 64), S and dP
+// (32 + 32) and the two 16-bit A operands (16 + 16): about 224 live registers, under the 240 of
+// kConsumerRegisters; the dQ kernel needs about 160.
+// Head dim 32 rows are 64 bytes: one TMA box of 32 columns with the 64-byte swizzle, SW64 atoms.
+constexpr bool backward_head_dim_supported(int64_t d) { return d == 32 || d == 64 || d == 128; }
+constexpr int kBackwardHalf = 64;
+// Stages of streamed tile pairs: as the forward (2 at head_dim 128, 3 at 64). At head_dim 128 a
+// CTA holds the resident pair (64 KiB), 2 stages of the streamed pair (128 KiB), the row terms
+// (lse and delta of the streamed queries, 2 x 128 fp32 per stage) and the barriers: 196 KiB of
+// the 227 KiB a CTA may use.
+constexpr int backward_stages(int64_t head_dim) { return stages(head_dim); }
+constexpr int64_t backward_smem_bytes(int64_t head_dim) {
+  return 2 * head_dim * (2 * kQRows + 2 * kKvRows * backward_stages(head_dim)) +
+         2 * 4 * kQRows * backward_stages(head_dim) + 1024 + 1024;
+}
+static_assert(backward_smem_bytes(128) <= 227 * 1024, "the head_dim 128 backward must fit sm_90");
+
 }  // namespace nattn::cuda::sm90

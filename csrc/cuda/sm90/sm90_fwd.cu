@@ -64,11 +64,14 @@ std::string encode_maps(const TmaPlan& plan, DType dtype, const void* data, CUte
       box[i] = view.box[i];
     }
     for (int i = 0; i < 4; ++i) stride[i] = view.stride_bytes[i];
-    // 128-byte swizzle: the layout wgmma reads (K-major SW128 atoms); 256-byte L2 promotion as
-    // tiles are whole 128-byte rows; out-of-bounds elements (rows past a group's end) read 0.
+    // The swizzle of the box's row (128 bytes: K-major SW128 atoms; 64 bytes for the head dim 32
+    // backward: SW64 atoms), the layout wgmma reads; 256-byte L2 promotion; out-of-bounds
+    // elements (rows past a group's end) read 0.
+    const CUtensorMapSwizzle swizzle =
+        view.box[0] * 2 == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
     const CUresult r = encode(&maps[v], type, 5, const_cast<void*>(data), dim, stride, box,
-                              element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              element_stride, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
       std::string detail;

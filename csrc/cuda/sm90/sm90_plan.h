@@ -206,7 +206,8 @@ inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, 
   for (int v = 0; v < kMaxVariants; ++v) {
     TmaView& view = plan.view[v];
     view.dim[0] = static_cast<uint64_t>(head_dim);
-    view.box[0] = kHeadDimChunk;
+    // Head dim 32 (backward only) is one box of 32 columns (64 bytes, 64-byte swizzle).
+    view.box[0] = static_cast<uint32_t>(head_dim < kHeadDimChunk ? head_dim : kHeadDimChunk);
     for (int a = 0; a < kMaxRank; ++a) {
       const int d = 3 - a;  // axis 2 is dim 1 (fastest box rows), axis 0 is dim 3
       const AxisParams& ax = axes[a];
@@ -229,6 +230,67 @@ inline TmaPlan plan_tma_view(const AxisParams (&axes)[kMaxRank], int64_t batch, 
     }
     view.stride_bytes[3] = static_cast<uint64_t>(g * kElem);
     view.box[4] = 1;
+  }
+  return plan;
+}
+
+// The view of additional keys/values ([B, M, heads, D], 2-byte elements) in the same 5-D form,
+// so one TMA copy routine serves both: dim 0 the head dim (box 64, or 32 for head dim 32), dim 1
+// the M tokens (box `rows`; rows past M read 0), dims 2 and 3 of size 1, dim 4 the offset dim
+// folding batch and head (coefficients in coef.batch, coef.head). Every variant is the same map.
+inline TmaPlan plan_additional_view(int64_t batch, int64_t heads, int64_t head_dim, int64_t tokens,
+                                    const TensorRef<4>& t, uint32_t rows, const char* name) {
+  constexpr int64_t kElem = 2;
+  constexpr int64_t kAlign = 16 / kElem;
+  constexpr uint64_t kMaxStrideBytes = uint64_t{1} << 40;
+  constexpr int64_t kMaxCoordinate = (int64_t{1} << 31) - 1;
+  TmaPlan plan;
+  plan.name = name;
+  auto fail = [&](const std::string& why) {
+    plan.error = std::string(name) + ": " + why;
+    return plan;
+  };
+  if (t.stride[3] != 1) return fail("the head dim must be contiguous (stride 1) for TMA");
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
+    return fail("the data pointer must be 16-byte aligned for TMA");
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (t.stride[i] < 0) return fail("negative strides are not supported by TMA");
+  }
+  if (tokens > 1 && (t.stride[1] % kAlign != 0 ||
+                     static_cast<uint64_t>(t.stride[1] * kElem) >= kMaxStrideBytes)) {
+    return fail("the token stride must be a multiple of 16 bytes below 2^40 for TMA");
+  }
+  int64_t g = 0;
+  int64_t max_offset = 0;
+  if (batch > 1) {
+    g = detail_plan::gcd64(g, t.stride[0]);
+    max_offset += (batch - 1) * t.stride[0];
+  }
+  if (heads > 1) {
+    g = detail_plan::gcd64(g, t.stride[2]);
+    max_offset += (heads - 1) * t.stride[2];
+  }
+  if (g == 0) g = kAlign;
+  if (g % kAlign != 0) {
+    return fail("batch and head strides must be multiples of 16 bytes for TMA");
+  }
+  if (max_offset / g > kMaxCoordinate || static_cast<uint64_t>(g * kElem) >= kMaxStrideBytes) {
+    return fail("batch x heads exceed the range of TMA coordinates");
+  }
+  plan.coef.batch = batch > 1 ? t.stride[0] / g : 0;
+  plan.coef.head = heads > 1 ? t.stride[2] / g : 0;
+  for (int v = 0; v < kMaxVariants; ++v) {
+    TmaView& view = plan.view[v];
+    view.dim[0] = static_cast<uint64_t>(head_dim);
+    view.box[0] = static_cast<uint32_t>(head_dim < kHeadDimChunk ? head_dim : kHeadDimChunk);
+    view.dim[1] = static_cast<uint64_t>(tokens);
+    view.stride_bytes[0] = static_cast<uint64_t>(tokens > 1 ? t.stride[1] * kElem : 16);
+    view.box[1] = rows;
+    view.dim[2] = view.dim[3] = 1;
+    view.stride_bytes[1] = view.stride_bytes[2] = 16;  // unused: size 1
+    view.dim[4] = static_cast<uint64_t>(max_offset / g + 1);
+    view.stride_bytes[3] = static_cast<uint64_t>(g * kElem);
   }
   return plan;
 }
@@ -337,6 +399,113 @@ inline ForwardPlan plan_forward(const AttentionParams& p, int capability, int64_
 inline std::vector<std::string> forward_reasons(const AttentionParams& p, int capability,
                                                 int64_t max_smem) {
   return plan_forward(p, capability, max_smem).reasons;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan of one Hopper backward call (sm90_bwd.cu): the forward's tile shapes (choose_tiles,
+// once per call), the TMA views of Q, K, V and dO, and why the path declines the call (empty when
+// it takes it). Q and dO are streamed by the dK/dV kernel and resident in the dQ kernel (both
+// tiled by the Q box); K and V the other way round (KV box). Each tensor has its own offset
+// coefficients, so unlike the forward K and V may lie differently.
+struct BackwardPlan {
+  std::vector<std::string> reasons;
+  TileChoice tiles;
+  TmaPlan q, k, v, d_out;  // valid when the tensors are known (p.q.data != nullptr)
+  TmaPlan add_k, add_v;    // with additional tokens
+};
+
+inline BackwardPlan plan_backward(const AttentionParams& p, int capability, int64_t max_smem) {
+  BackwardPlan plan;
+  std::vector<std::string>& r = plan.reasons;
+  if (capability >= 0 && capability != 90) {
+    r.push_back("compute capability " + std::to_string(capability / 10) + "." +
+                std::to_string(capability % 10) +
+                ": the Hopper kernels are built for sm_90a (compute capability 9.0) only");
+  }
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    r.push_back("the Hopper backward takes float16 and bfloat16 only");
+  }
+  if (p.value_dim != p.head_dim) {
+    r.push_back("value_dim " + std::to_string(p.value_dim) + " != head_dim " +
+                std::to_string(p.head_dim) + ": the Hopper backward needs them equal");
+  }
+  if (!backward_head_dim_supported(p.head_dim)) {
+    r.push_back("head_dim " + std::to_string(p.head_dim) +
+                ": the Hopper backward exists for head_dim 32, 64 and 128");
+  }
+  if (p.num_additional >= (int64_t{1} << 31)) {
+    r.push_back("2^31 or more additional tokens: tile coordinates are 32-bit");
+  }
+  if (p.has_rpb()) {
+    r.push_back("relative positional bias (rpb) is not fused in the Hopper backward (SM80 path)");
+  }
+  if (p.kv_heads < 1 || p.heads % p.kv_heads != 0) {
+    r.push_back("heads must be a multiple of kv_heads");
+  }
+  if (max_smem > 0 && backward_head_dim_supported(p.head_dim) &&
+      backward_smem_bytes(p.head_dim) > max_smem) {
+    r.push_back("the Hopper backward needs " + std::to_string(backward_smem_bytes(p.head_dim)) +
+                " bytes of shared memory per CTA, the device allows " + std::to_string(max_smem));
+  }
+  for (int a = 0; a < kMaxRank; ++a) {
+    if (p.axes[a].length >= (int64_t{1} << 31)) {
+      r.push_back("an axis of 2^31 or more tokens: tile coordinates are 32-bit");
+    }
+  }
+  if (p.batch > 65535) r.push_back("batch > 65535 (grid dimension y)");
+  if (!r.empty()) return plan;
+  plan.tiles = choose_tiles(p.axes);
+  const int64_t add_tiles = (p.num_additional + kKvRows - 1) / kKvRows;
+  if (plan.tiles.summary.q_tiles * p.heads > 0x7fffffff ||
+      (make_tiling(p.axes, plan.tiles.kv).count() + add_tiles) * p.kv_heads > 0x7fffffff) {
+    r.push_back("tiles x heads >= 2^31 (grid dimension x)");
+  }
+  if (p.q.data != nullptr) {
+    plan.q = plan_tma_view(p.axes, p.batch, p.heads, p.head_dim, p.q, plan.tiles.q, "query");
+    plan.d_out = plan_tma_view(p.axes, p.batch, p.heads, p.value_dim, p.d_out, plan.tiles.q,
+                               "grad_out");
+    plan.k = plan_tma_view(p.axes, p.batch, p.kv_heads, p.head_dim, p.k, plan.tiles.kv, "key");
+    plan.v =
+        plan_tma_view(p.axes, p.batch, p.kv_heads, p.value_dim, p.v, plan.tiles.kv, "value");
+    if (p.num_additional > 0) {
+      plan.add_k = plan_additional_view(p.batch, p.kv_heads, p.head_dim, p.num_additional,
+                                        p.add_k, kKvRows, "additional_keys");
+      plan.add_v = plan_additional_view(p.batch, p.kv_heads, p.value_dim, p.num_additional,
+                                        p.add_v, kKvRows, "additional_values");
+    }
+    for (const TmaPlan* t : {&plan.q, &plan.k, &plan.v, &plan.d_out, &plan.add_k, &plan.add_v}) {
+      if (!t->error.empty()) r.push_back(t->error);
+    }
+    // Paired 4-byte stores: head dim contiguous, 4-byte aligned rows, even strides.
+    auto check_store = [&](const char* name, const void* data, const int64_t* stride, int n) {
+      if (stride[n - 1] != 1 || reinterpret_cast<uintptr_t>(data) % 4 != 0) {
+        r.push_back(std::string(name) +
+                    ": the head dim must be contiguous and 4-byte aligned (paired stores)");
+        return;
+      }
+      for (int i = 0; i < n - 1; ++i) {
+        if (stride[i] % 2 != 0) {
+          r.push_back(std::string(name) + ": strides must be even (paired 4-byte stores)");
+          return;
+        }
+      }
+    };
+    check_store("dq", p.dq.data, p.dq.stride, 6);
+    check_store("dk", p.dk.data, p.dk.stride, 6);
+    check_store("dv", p.dv.data, p.dv.stride, 6);
+    if (p.num_additional > 0) {
+      check_store("d_additional_keys", p.d_add_k.data, p.d_add_k.stride, 4);
+      check_store("d_additional_values", p.d_add_v.data, p.d_add_v.stride, 4);
+    }
+  }
+  return plan;
+}
+
+// Why the Hopper backward declines `p` as far as the host can tell (the driver's encoding of the
+// tensor maps is checked in sm90_bwd.cu: backward_support).
+inline std::vector<std::string> backward_reasons(const AttentionParams& p, int capability,
+                                                 int64_t max_smem) {
+  return plan_backward(p, capability, max_smem).reasons;
 }
 
 }  // namespace nattn::cuda::sm90
