@@ -274,79 +274,77 @@ std::string backward(const AttentionParams& p, bool deterministic) {
   return simt::d_rpb(p);
 }
 
+namespace {
+#ifdef NATTN_WITH_SM90
+// The current device's facts, and why the Hopper kernels cannot run on it (empty: they can).
+std::string hopper_device(DeviceFacts* device) {
+  std::string error;
+  *device = current_device(&error);
+  if (device->capability < 0) return "no CUDA device: " + error;
+  if (device->capability != 90) {
+    return "compute capability " + std::to_string(device->capability / 10) + "." +
+           std::to_string(device->capability % 10) + " is not 9.0 (wgmma/TMA are sm_90a only)";
+  }
+  return {};
+}
+#else
+constexpr const char* kNoSm90 = "nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)";
+#endif
+}  // namespace
+
 std::vector<std::string> hopper_forward_reasons(const AttentionParams& p) {
 #ifdef NATTN_WITH_SM90
-  std::string error;
-  const DeviceFacts device = current_device(&error);
-  if (device.capability < 0) return {"no CUDA device: " + error};
-  if (device.capability != 90) {
-    return {"compute capability " + std::to_string(device.capability / 10) + "." +
-            std::to_string(device.capability % 10) + " is not 9.0 (wgmma/TMA are sm_90a only)"};
-  }
+  DeviceFacts device;
+  const std::string why = hopper_device(&device);
+  if (!why.empty()) return {why};
   return sm90::forward_support(p, device.capability, device.max_smem_optin);
 #else
   (void)p;
-  return {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  return {kNoSm90};
 #endif
 }
 
 std::string hopper_forward(const AttentionParams& p, std::vector<std::string>* declined) {
 #ifdef NATTN_WITH_SM90
-  std::string error;
-  const DeviceFacts device = current_device(&error);
-  if (device.capability < 0) {
-    *declined = {"no CUDA device: " + error};
-    return {};
-  }
-  if (device.capability != 90) {
-    *declined = {"compute capability " + std::to_string(device.capability / 10) + "." +
-                 std::to_string(device.capability % 10) +
-                 " is not 9.0 (wgmma/TMA are sm_90a only)"};
+  DeviceFacts device;
+  const std::string why = hopper_device(&device);
+  if (!why.empty()) {
+    *declined = {why};
     return {};
   }
   return sm90::forward(p, device.capability, device.max_smem_optin, declined);
 #else
   (void)p;
-  *declined = {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  *declined = {kNoSm90};
   return {};
 #endif
 }
 
 std::vector<std::string> hopper_backward_reasons(const AttentionParams& p) {
 #ifdef NATTN_WITH_SM90
-  std::string error;
-  const DeviceFacts device = current_device(&error);
-  if (device.capability < 0) return {"no CUDA device: " + error};
-  if (device.capability != 90) {
-    return {"compute capability " + std::to_string(device.capability / 10) + "." +
-            std::to_string(device.capability % 10) + " is not 9.0 (wgmma/TMA are sm_90a only)"};
-  }
+  DeviceFacts device;
+  const std::string why = hopper_device(&device);
+  if (!why.empty()) return {why};
   return sm90::backward_support(p, device.capability, device.max_smem_optin);
 #else
   (void)p;
-  return {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  return {kNoSm90};
 #endif
 }
 
 std::string hopper_backward(const AttentionParams& p, std::vector<std::string>* declined) {
 #ifdef NATTN_WITH_SM90
-  std::string error;
-  const DeviceFacts device = current_device(&error);
-  if (device.capability < 0) {
-    *declined = {"no CUDA device: " + error};
-    return {};
-  }
-  if (device.capability != 90) {
-    *declined = {"compute capability " + std::to_string(device.capability / 10) + "." +
-                 std::to_string(device.capability % 10) +
-                 " is not 9.0 (wgmma/TMA are sm_90a only)"};
+  DeviceFacts device;
+  const std::string why = hopper_device(&device);
+  if (!why.empty()) {
+    *declined = {why};
     return {};
   }
   return sm90::backward(p, device.capability, device.max_smem_optin,
                         [&] { return simt::delta(p); }, declined);
 #else
   (void)p;
-  *declined = {"nattn._C was built without sm_90a (NATTN_CUDA_ARCH has no 90a)"};
+  *declined = {kNoSm90};
   return {};
 #endif
 }
