@@ -5,7 +5,7 @@
 #   device.txt   nvidia-smi, nvcc, torch versions
 #   build.log    the CMake build (per-file compile times at the end)
 #   tests.log    pytest of tests/test_cuda.py (+ the memcheck run)
-#   bench.log    python -m nattn bench --suite models
+#   bench.log    python -m nattn bench --suite models --backward (Hopper opt-in on)
 #   summary.md   one table: stage, result, seconds; test counts; the tail of the benchmark
 # Usage (docs/gpu.md): carry the nvidia-cutlass wheel in .whl/, then
 #   scripts/gpu_check.sh                 # every stage
@@ -81,7 +81,9 @@ sanitizer() {
 }
 
 bench() {
-  "$py" -m nattn bench --suite models
+  # The opt-in shows the Hopper backend (nattn:hopper) beside the SM80 one (nattn:cuda), SDPA
+  # and FlexAttention, forward and forward + backward.
+  NATTN_EXPERIMENTAL_HOPPER=1 "$py" -m nattn bench --suite models --backward
 }
 
 for s in $stages; do
