@@ -11,6 +11,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define NATTN_X86 1
@@ -173,6 +174,22 @@ NATTN_INLINE void power_of_two(F16& out, const F16& n) {
   std::memcpy(&out, &bits, sizeof out);
 }
 
+// The same for the lane kernels' 8-lane fp32 vectors (block_kernels.h: LaneTile).
+using L8 = Vec<float, 32>::type;
+using M8 = int32_t __attribute__((vector_size(32)));
+static_assert(kLanes * sizeof(float) == sizeof(L8), "one lane per query");
+
+NATTN_INLINE void select(L8& out, const M8& mask, const L8& a, const L8& b) {
+  M8 ia, ib;
+  std::memcpy(&ia, &a, sizeof ia);
+  std::memcpy(&ib, &b, sizeof ib);
+  const M8 bits = (ia & mask) | (ib & ~mask);
+  std::memcpy(&out, &bits, sizeof out);
+}
+NATTN_INLINE void power_of_two(L8& out, const L8& n) {
+  const M8 bits = (__builtin_convertvector(n, M8) + 127) << 23;
+  std::memcpy(&out, &bits, sizeof out);
+}
 // out = exp(x) for fp32 (one value, or a vector lane by lane) without a library call, so that
 // block loops vectorize: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact
 // n*ln2_hi), exp(r) by the Cephes degree-6 polynomial, 2^n built in the exponent bits.
@@ -433,6 +450,182 @@ NATTN_INLINE void block_add_bias_grad_impl(const A* ds, A* acc, int64_t acc_row_
   }
 }
 
+// ---- Lane kernels (block_kernels.h: LaneTile): 8 fp32 lanes, one per query of the tile. ----
+NATTN_INLINE void load8(L8& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+NATTN_INLINE void store8(float* p, const L8& v) { std::memcpy(p, &v, sizeof v); }
+
+// s[n * kLanes + r] = sum_w qt[w * kLanes + r] * k[w * ld + n + r] for n < N: N offsets of one
+// line, the key operand one unaligned load per (w, n).
+template <int N>
+NATTN_INLINE void lane_dot(const float* qt, int64_t depth, const float* k, int64_t ld, float* s) {
+  L8 acc[N] = {};
+  for (int64_t w = 0; w < depth; ++w) {
+    L8 q;
+    load8(q, qt + w * kLanes);
+    const float* kw = k + w * ld;
+    for (int n = 0; n < N; ++n) {
+      L8 kv;
+      load8(kv, kw + n);
+      acc[n] += q * kv;
+    }
+  }
+  for (int n = 0; n < N; ++n) store8(s + n * kLanes, acc[n]);
+}
+
+// The same for N additional keys, shared by all lanes: k[w * ld + n] broadcast.
+template <int N>
+NATTN_INLINE void lane_dot_shared(const float* qt, int64_t depth, const float* k, int64_t ld,
+                                  float* s) {
+  L8 acc[N] = {};
+  for (int64_t w = 0; w < depth; ++w) {
+    L8 q;
+    load8(q, qt + w * kLanes);
+    for (int n = 0; n < N; ++n) acc[n] += q * k[w * ld + n];
+  }
+  for (int n = 0; n < N; ++n) store8(s + n * kLanes, acc[n]);
+}
+
+// ot[(w0 + n) * kLanes + r] = sum over lines, offsets u of p[(line, u)][r] * v[line][(w0 + n) *
+// ld + u + r], then over the additional values, for n < N.
+// kContained: each product is selected by its lane's window instead of multiplied by the weight
+// 0, so that a non-finite value reaches only the queries whose window holds it (0 * NaN = NaN);
+// it runs only on tiles whose fast result came out non-finite.
+template <int N, bool kContained>
+NATTN_INLINE void lane_pv(const LaneTile& t, const float* p, int64_t w0, float* ot) {
+  L8 acc[N] = {};
+  const int64_t T = t.offsets;
+  M8 lo, hi, lane;
+  std::memcpy(&lo, t.lo, sizeof lo);
+  std::memcpy(&hi, t.hi, sizeof hi);
+  for (int r = 0; r < kLanes; ++r) lane[r] = r;
+  for (int64_t line = 0; line < t.lines; ++line) {
+    const float* v = t.v[line] + w0 * t.ld;
+    const float* pl = p + line * T * kLanes;
+    for (int64_t u = 0; u < T; ++u) {
+      L8 pu;
+      load8(pu, pl + u * kLanes);
+      M8 valid{};
+      if constexpr (kContained) {
+        const M8 pos = lane + static_cast<int32_t>(t.base + u);
+        valid = (pos >= lo) & (pos < hi);
+      }
+      for (int n = 0; n < N; ++n) {
+        L8 vv;
+        load8(vv, v + n * t.ld + u);
+        if constexpr (kContained) {
+          L8 prod;
+          select(prod, valid, pu * vv, L8{});
+          acc[n] += prod;
+        } else {
+          acc[n] += pu * vv;
+        }
+      }
+    }
+  }
+  const float* pa = p + t.lines * T * kLanes;
+  for (int64_t m = 0; m < t.num_additional; ++m) {
+    L8 pu;
+    load8(pu, pa + m * kLanes);
+    const float* v = t.add_v + m * t.value_dim + w0;
+    for (int n = 0; n < N; ++n) acc[n] += pu * v[n];
+  }
+  for (int n = 0; n < N; ++n) store8(ot + (w0 + n) * kLanes, acc[n]);
+}
+
+// f.template operator()<N>() for N = n in [1, 8].
+template <typename F>
+NATTN_INLINE void with_count(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, float* o,
+                                    float* lse) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t T = t.offsets;
+  // Scores: eight offsets at a time (eight accumulators, the query vector loaded once per depth).
+  for (int64_t line = 0; line < t.lines; ++line) {
+    float* sl = s + line * T * kLanes;
+    for (int64_t u0 = 0; u0 < T; u0 += 8) {
+      with_count(std::min<int64_t>(8, T - u0), [&](auto n) {
+        lane_dot<decltype(n)::value>(t.qt, t.head_dim, t.k[line] + u0, t.ld, sl + u0 * kLanes);
+      });
+    }
+  }
+  float* sa = s + t.lines * T * kLanes;
+  for (int64_t m0 = 0; m0 < t.num_additional; m0 += 8) {
+    with_count(std::min<int64_t>(8, t.num_additional - m0), [&](auto n) {
+      lane_dot_shared<decltype(n)::value>(t.qt, t.head_dim, t.add_kt + m0, t.add_ld,
+                                          sa + m0 * kLanes);
+    });
+  }
+  // Mask, scale and maximum, lane by lane: position base + u + r of lane r is in its window when
+  // lo[r] <= it < hi[r]; the additional keys are in every query's window.
+  M8 lo, hi, lane;
+  std::memcpy(&lo, t.lo, sizeof lo);
+  std::memcpy(&hi, t.hi, sizeof hi);
+  for (int r = 0; r < kLanes; ++r) lane[r] = r;
+  const L8 neg_inf = L8{} + kNegInf;
+  L8 mx = neg_inf;
+  for (int64_t line = 0; line < t.lines; ++line) {
+    float* sl = s + line * T * kLanes;
+    for (int64_t u = 0; u < T; ++u) {
+      const M8 pos = lane + static_cast<int32_t>(t.base + u);
+      L8 x;
+      load8(x, sl + u * kLanes);
+      select(x, (pos >= lo) & (pos < hi), x * t.scale, neg_inf);
+      store8(sl + u * kLanes, x);
+      select(mx, x > mx, x, mx);
+    }
+  }
+  const M8 has_query = lo < hi;
+  for (int64_t m = 0; m < t.num_additional; ++m) {
+    L8 x;
+    load8(x, sa + m * kLanes);
+    select(x, has_query, x * t.scale, neg_inf);
+    store8(sa + m * kLanes, x);
+    select(mx, x > mx, x, mx);
+  }
+  // A lane with no query keeps max -inf; shifting by 0 then keeps its weights exp(-inf) = 0.
+  L8 shift;
+  select(shift, mx == neg_inf, L8{}, mx);
+  L8 sum = {};
+  const int64_t total = t.lines * T + t.num_additional;
+  for (int64_t i = 0; i < total; ++i) {
+    L8 x, e;
+    load8(x, s + i * kLanes);
+    exp_fp32(e, x - shift);
+    store8(s + i * kLanes, e);
+    sum += e;
+  }
+  // Values: eight output columns at a time.
+  for (int64_t w0 = 0; w0 < t.value_dim; w0 += 8) {
+    with_count(std::min<int64_t>(8, t.value_dim - w0), [&](auto n) {
+      if (t.contained) {
+        lane_pv<decltype(n)::value, true>(t, s, w0, ot);
+      } else {
+        lane_pv<decltype(n)::value, false>(t, s, w0, ot);
+      }
+    });
+  }
+  float inv[kLanes];
+  for (int r = 0; r < kLanes; ++r) {
+    inv[r] = 1.0f / sum[r];
+    lse[r] = shift[r] + std::log(sum[r]);
+  }
+  for (int r = 0; r < kLanes; ++r) {
+    for (int64_t w = 0; w < t.value_dim; ++w) o[r * t.value_dim + w] = ot[w * kLanes + r] * inv[r];
+  }
+}
+
 // One set of entry points per instruction-set level: each is the always-inlined template above
 // compiled under that level's target attribute (so with its vector width), and a table of them
 // is picked once per process (block_kernels.h: cpu_isa).
@@ -506,6 +699,19 @@ struct Kernels {
 NATTN_LEVEL(baseline, , 16, 16)
 NATTN_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))), 32, 16)
 NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
+// The lane kernel at the levels whose registers hold 8 fp32 lanes (SSE would split each vector).
+namespace avx2 {
+__attribute__((target("arch=x86-64-v3"))) void lane(const LaneTile& t, float* s, float* ot,
+                                                    float* o, float* lse) {
+  lane_forward_impl(t, s, ot, o, lse);
+}
+}  // namespace avx2
+namespace avx512 {
+__attribute__((target("arch=x86-64-v4"))) void lane(const LaneTile& t, float* s, float* ot,
+                                                    float* o, float* lse) {
+  lane_forward_impl(t, s, ot, o, lse);
+}
+}  // namespace avx512
 #else
 NATTN_LEVEL(baseline, , 16, 32)
 #endif
@@ -577,11 +783,17 @@ const Kernels& kernels_for(CpuIsa isa) {
 // ifunc. Set once, inside chosen_isa()'s initialization, which the forward and backward entry
 // points run on the calling thread before any worker starts (until then: baseline, correct).
 const Kernels* g_kernels = &baseline::kKernels;
+using LaneFn = void (*)(const LaneTile&, float*, float*, float*, float*);
+LaneFn g_lane = nullptr;  // the lane kernel of the chosen level, or null (baseline)
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
     const CpuIsa chosen = choose_isa();
     g_kernels = &kernels_for(chosen);
+#if NATTN_X86
+    if (chosen == CpuIsa::kAvx512) g_lane = avx512::lane;
+    if (chosen == CpuIsa::kAvx2) g_lane = avx2::lane;
+#endif
     return chosen;
   }();
   return isa;
@@ -590,6 +802,14 @@ CpuIsa chosen_isa() {
 }  // namespace
 
 const char* cpu_isa() { return isa_name(chosen_isa()); }
+
+bool lane_kernels_available() {
+  chosen_isa();
+  return g_lane != nullptr;
+}
+void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse) {
+  g_lane(t, s, ot, o, lse);
+}
 
 void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,
                float* s) {

@@ -84,4 +84,46 @@ void block_add_bias(double* s, double scale, const double* bias, int64_t bias_ro
 void block_add_bias_grad(const float* ds, float* acc, int64_t acc_row_step);
 void block_add_bias_grad(const double* ds, double* acc, int64_t acc_row_step);
 
+// Lane kernels: the fp32 forward of one query tile with one vector lane per query (kLanes =
+// kRows consecutive group positions of the last axis), at AVX2 and AVX-512 only.
+//
+// Query r of the tile and offset u of a window line read the key at group position base + r + u
+// of that line: the queries' windows on the last axis shift by one position per query in the
+// interior, so every offset is one unaligned vector load of a transposed line (pack_lines) and
+// one fused multiply-add for all kLanes queries, with no lanes wasted on keys outside a query's
+// window. (In the blocks of the kernels above, a row uses only its own K of the columns that the
+// tile's K + kRows - 1 keys per line take: 7 of 16 at K = 7.)
+// Near the ends of the axis, for strided or causal windows, the per-lane [lo, hi) masks cut out
+// the positions outside each query's window, and `offsets` spans the union of the shifted
+// windows. The scores of the whole window are kept (s), so the softmax is exact (one maximum, no
+// online rescaling): its maximum, exponentials and sums are lane-wise, with no horizontal
+// reductions.
+constexpr int kLanes = kRows;
+
+struct LaneTile {
+  const float* qt;            // [head_dim][kLanes], the tile's queries transposed (zero lanes past it)
+  int64_t head_dim, value_dim;
+  const float* const* k;      // per window line: the transposed keys (pack_lines), at position base
+  const float* const* v;      // the same for the values (width value_dim)
+  int64_t lines, ld;          // window lines; leading dimension of a packed line's rows
+  int64_t base;               // group position of lane 0 at offset 0 (may be negative, >= -kLanes)
+  int64_t offsets;            // offsets per line
+  const int32_t* lo;          // [kLanes]: lane r's window is lo[r] <= position < hi[r] on every line
+  const int32_t* hi;          // (lo = hi: no query in this lane)
+  const float* add_kt;        // additional keys, transposed [head_dim][add_ld], or null
+  int64_t add_ld;
+  const float* add_v;         // additional values, rows [num_additional][value_dim]
+  int64_t num_additional;
+  float scale;
+  bool contained;             // P V products selected by each lane's window (a non-finite tile's
+                              // recomputation: a NaN value then reaches only its own queries)
+};
+
+// Whether lane_forward runs at the chosen level (AVX2 or AVX-512).
+bool lane_kernels_available();
+
+// Normalized output o[r * value_dim + w] and natural-log LSE lse[r] of the tile's queries, with s
+// as scratch of (lines * offsets + num_additional) * kLanes floats and ot of value_dim * kLanes.
+void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse);
+
 }  // namespace nattn::cpu

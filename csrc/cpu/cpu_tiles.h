@@ -18,6 +18,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/block_kernels.h"
 #include "cpu/cpu_common.h"
 #include "cpu/threads.h"
@@ -119,14 +123,18 @@ Rows<A> make_rows(const T* data, const int64_t* stride, int64_t b, int64_t head0
 
 // Transposed lines of heads [head0, head0 + n_heads) of batch b: storage[i][line][w][t] = element
 // w of group position t, zero past the group's end (chunks read up to kCols - 1 positions beyond
-// it). Head i's lines start at the returned pointer + i * geo.lines * width * geo.ld.
+// it) and, through the row before's tail, for the kLanes positions before its start. Head i's
+// lines start at the returned pointer + i * geo.lines * width * geo.ld.
 template <typename T, typename A>
 const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t head0,
                     int64_t n_heads, int64_t width, const Geometry& geo, int nt,
                     std::vector<A>& storage) {
   const T* first = data + b * stride[0] + head0 * stride[4];
-  storage.resize(static_cast<size_t>(n_heads * geo.lines * width * geo.ld));
-  A* dst = storage.data();
+  // kLanes zeros ahead of the first line: the lane kernels read up to kLanes - 1 positions before
+  // a line's start, which for the other rows is the row before's zero tail.
+  storage.resize(static_cast<size_t>(kLanes + n_heads * geo.lines * width * geo.ld));
+  std::fill(storage.begin(), storage.begin() + kLanes, A(0));
+  A* dst = storage.data() + kLanes;
   parallel_for(nt, n_heads * geo.lines, [&](int64_t item, int) {
     const int64_t i = item / geo.lines, l = item % geo.lines;
     const int64_t g = l % geo.dilation, x01 = l / geo.dilation;
@@ -140,7 +148,29 @@ const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t hea
     // every element landing in a different line.
     for (int64_t t0 = 0; t0 < n; t0 += kCols) {
       const int64_t count = std::min<int64_t>(kCols, n - t0);
-      for (int64_t w = 0; w < width; ++w) {
+      int64_t w = 0;
+#if defined(__SSE2__)
+      // fp32 rows with contiguous elements: 4 x 4 blocks through SSE registers (every x86-64
+      // CPU has SSE2), a quarter of the element-wise loop's loads and stores.
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+        if (stride[5] == 1 && count == kCols) {
+          for (; w + 4 <= width; w += 4) {
+            for (int64_t t = 0; t < kCols; t += 4) {
+              const T* in = src + (t0 + t) * t_step + w;
+              __m128 r0 = _mm_loadu_ps(in), r1 = _mm_loadu_ps(in + t_step);
+              __m128 r2 = _mm_loadu_ps(in + 2 * t_step), r3 = _mm_loadu_ps(in + 3 * t_step);
+              _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+              A* out = line + w * geo.ld + t0 + t;
+              _mm_storeu_ps(out, r0);
+              _mm_storeu_ps(out + geo.ld, r1);
+              _mm_storeu_ps(out + 2 * geo.ld, r2);
+              _mm_storeu_ps(out + 3 * geo.ld, r3);
+            }
+          }
+        }
+      }
+#endif
+      for (; w < width; ++w) {
         A* out = line + w * geo.ld + t0;
         const T* in = src + t0 * t_step + w * stride[5];
         for (int64_t t = 0; t < count; ++t) out[t] = to_compute<A>(in[t * t_step]);
@@ -305,14 +335,75 @@ struct ForwardKeys {
   const A* add_kt;   // additional keys, transposed [head_dim][num_additional + kCols]
   const A* add_v;    // additional values, rows [num_additional][value_dim]
   const BiasTable<A>* bias = nullptr;  // relative positional bias, or null
+  const A* v_lines = nullptr;  // pack_lines of v (width value_dim) for the lane kernels, or null
 };
 
 template <typename A>
 struct ForwardScratch {
   std::vector<A> q, o, s;
+  // Lane kernels: transposed queries, window scores, transposed output, line pointers.
+  std::vector<float> qt, lane_s, ot;
+  std::vector<const float*> k_at, v_at;
   explicit ForwardScratch(const AttentionParams& p)
       : q(kRows * p.head_dim), o(kRows * p.value_dim), s(kRows * kCols) {}
 };
+
+// Whether the forward of this problem runs on the lane kernels (block_kernels.h: LaneTile): fp32
+// compute, a level that has them, and no relative positional bias (whose table the block kernels
+// read).
+template <typename A>
+bool use_lane_forward(const AttentionParams& p) {
+  return std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available();
+}
+
+// forward_tile on the lane kernels (keys.v_lines set): scratch.q holds the tile's queries; leaves
+// the normalized output in scratch.o and the LSE in lse.
+template <typename A>
+void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile,
+                       int64_t x0, int64_t x1, const ForwardKeys<A>& keys,
+                       ForwardScratch<A>& scratch, A* lse, bool contained) {
+  if constexpr (std::is_same_v<A, float>) {
+    const int64_t D = p.head_dim, Dv = p.value_dim;
+    const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
+    // Lane r's window [lo, hi) in group positions; the offsets u span, over the tile's lanes,
+    // the positions lo - (j0 + r) .. hi - 1 - (j0 + r) relative to the lane's own query.
+    int32_t lo[kLanes], hi[kLanes];
+    int64_t u_min = std::numeric_limits<int64_t>::max(), u_max = std::numeric_limits<int64_t>::min();
+    for (int r = 0; r < kLanes; ++r) {
+      lo[r] = hi[r] = 0;
+      if (r >= tile.count) continue;
+      int64_t l, h;
+      group_span(key_window(p.axes[2], tile.index(geo, r)), tile.group, geo.dilation, &l, &h);
+      lo[r] = static_cast<int32_t>(l);
+      hi[r] = static_cast<int32_t>(h);
+      u_min = std::min(u_min, l - (tile.j0 + r));
+      u_max = std::max(u_max, h - 1 - (tile.j0 + r));
+    }
+    const int64_t base = tile.j0 + u_min, offsets = u_max - u_min + 1;
+    const int64_t lines = w0.count * w1.count;
+    scratch.k_at.resize(static_cast<size_t>(lines));
+    scratch.v_at.resize(static_cast<size_t>(lines));
+    int64_t n = 0;
+    for (int64_t i0 = 0; i0 < w0.count; ++i0) {
+      const int64_t y0 = w0.first + i0 * w0.step;
+      for (int64_t i1 = 0; i1 < w1.count; ++i1, ++n) {
+        const int64_t line = geo.line(y0, w1.first + i1 * w1.step, tile.group);
+        scratch.k_at[n] = keys.k_lines + line * D * geo.ld + base;
+        scratch.v_at[n] = keys.v_lines + line * Dv * geo.ld + base;
+      }
+    }
+    scratch.qt.resize(static_cast<size_t>(D * kLanes));
+    for (int r = 0; r < kLanes; ++r) {
+      for (int64_t w = 0; w < D; ++w) scratch.qt[w * kLanes + r] = scratch.q[r * D + w];
+    }
+    scratch.lane_s.resize(static_cast<size_t>((lines * offsets + p.num_additional) * kLanes));
+    scratch.ot.resize(static_cast<size_t>(Dv * kLanes));
+    const LaneTile t{scratch.qt.data(), D, Dv, scratch.k_at.data(), scratch.v_at.data(), lines,
+                     geo.ld, base, offsets, lo, hi, keys.add_kt, p.num_additional + kCols,
+                     keys.add_v, p.num_additional, static_cast<float>(p.scale), contained};
+    lane_forward(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
+  }
+}
 
 // One chunk of the online softmax: scores of the tile's queries against n keys (panel kt, rows
 // v), plus the relative bias (BiasTable::chunk, rows step -1) when bias is not null, masked to
@@ -422,11 +513,19 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
     ForwardScratch<A>& s = scratch[thread];
     load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, p.head_dim, s.q.data());
     A tile_lse[kRows];
-    forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, false);
+    const auto run = [&](bool contained) {
+      if (keys.v_lines != nullptr) {
+        lane_forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse, contained);
+      } else {
+        forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, contained);
+      }
+    };
+    run(false);
     // A non-finite input among the chunk's keys or values may have reached rows whose window
-    // does not hold it (0 * NaN in block_accumulate): recompute such a tile contained.
+    // does not hold it (0 * NaN in block_accumulate or lane_forward): recompute such a tile
+    // contained.
     if (!all_finite(s.o.data(), tile.count * p.value_dim) || !all_finite(tile_lse, tile.count)) {
-      forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, true);
+      run(true);
     }
     done(h, x0, x1, tile, s, tile_lse);
   });

@@ -17,7 +17,7 @@ constexpr int64_t kGroupedStorageBudget = int64_t{1} << 30;
 // Packed keys of one (batch, kv head) group and per-thread scratch; reused across groups.
 template <typename A>
 struct ForwardStorage {
-  std::vector<A> k_store, v_store, add_kt, add_v;
+  std::vector<A> k_store, v_store, v_line_store, add_kt, add_v;
   std::vector<ForwardScratch<A>> scratch;
 };
 
@@ -39,15 +39,23 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
   }
   const A* k_lines =
       pack_lines(static_cast<const T*>(p.k.data), p.k.stride, b, kvh, 1, D, geo, nt, st.k_store);
+  // The lane kernels read the values as transposed lines, the block kernels as rows.
+  const bool lanes = use_lane_forward<A>(p);
   const Rows<A> v_rows =
-      make_rows(static_cast<const T*>(p.v.data), p.v.stride, b, kvh, 1, Dv, geo, nt, st.v_store);
+      lanes ? Rows<A>{}
+            : make_rows(static_cast<const T*>(p.v.data), p.v.stride, b, kvh, 1, Dv, geo, nt,
+                        st.v_store);
   if (p.num_additional > 0) {
     pack_additional_transposed(static_cast<const T*>(p.add_k.data), p.add_k.stride, b, kvh,
                                p.num_additional, D, st.add_kt);
     pack_additional_rows(static_cast<const T*>(p.add_v.data), p.add_v.stride, b, kvh,
                          p.num_additional, Dv, st.add_v);
   }
-  const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data(), bias};
+  const A* v_lines = lanes ? pack_lines(static_cast<const T*>(p.v.data),
+                                       p.v.stride, b, kvh, 1, Dv, geo, nt, st.v_line_store)
+                           : nullptr;
+  const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data(), bias,
+                            v_lines};
   forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt,
                    [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                        const ForwardScratch<A>& s, const A* tile_lse) {
@@ -79,8 +87,10 @@ void forward_impl(const AttentionParams& p) {
   // Each thread then holds one group's packed keys and gathered values at a time; like the
   // backward's fused schedule, this stays within a budget over all threads.
   const int64_t rounds = (groups + nt - 1) / nt;
-  const int64_t per_group = static_cast<int64_t>(sizeof(A)) *
-                            (p.head_dim * geo.lines * geo.ld + p.value_dim * geo.tokens());
+  const int64_t per_group =
+      static_cast<int64_t>(sizeof(A)) *
+      (p.head_dim * geo.lines * geo.ld +
+       (use_lane_forward<A>(p) ? p.value_dim * geo.lines * geo.ld : p.value_dim * geo.tokens()));
   if (nt > 1 && groups >= nt && 4 * rounds * nt <= 5 * groups &&
       per_group * nt <= kGroupedStorageBudget) {
     std::vector<ForwardStorage<A>> storage(static_cast<size_t>(nt));
