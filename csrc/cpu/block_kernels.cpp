@@ -154,12 +154,17 @@ using I16 = int32_t __attribute__((vector_size(64)));
 
 // out = mask ? a : b lane by lane (mask lanes all ones or zero), as bit operations: GCC may
 // expand a vector ?: element by element.
-NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
-  I16 ia, ib;
+template <typename V, typename M>
+NATTN_INLINE void select_bits(V& out, const M& mask, const V& a, const V& b) {
+  static_assert(sizeof(V) == sizeof(M), "one mask lane per value lane");
+  M ia, ib;
   std::memcpy(&ia, &a, sizeof ia);
   std::memcpy(&ib, &b, sizeof ib);
-  const I16 bits = (ia & mask) | (ib & ~mask);
+  const M bits = (ia & mask) | (ib & ~mask);
   std::memcpy(&out, &bits, sizeof out);
+}
+NATTN_INLINE void select(F16& out, const I16& mask, const F16& a, const F16& b) {
+  select_bits(out, mask, a, b);
 }
 
 NATTN_INLINE void select(float& out, bool mask, float a, float b) { out = mask ? a : b; }
@@ -180,11 +185,7 @@ using M8 = int32_t __attribute__((vector_size(32)));
 static_assert(kLanes * sizeof(float) == sizeof(L8), "one lane per query");
 
 NATTN_INLINE void select(L8& out, const M8& mask, const L8& a, const L8& b) {
-  M8 ia, ib;
-  std::memcpy(&ia, &a, sizeof ia);
-  std::memcpy(&ib, &b, sizeof ib);
-  const M8 bits = (ia & mask) | (ib & ~mask);
-  std::memcpy(&out, &bits, sizeof out);
+  select_bits(out, mask, a, b);
 }
 NATTN_INLINE void power_of_two(L8& out, const L8& n) {
   const M8 bits = (__builtin_convertvector(n, M8) + 127) << 23;
