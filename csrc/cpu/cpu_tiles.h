@@ -78,6 +78,18 @@ inline void group_span(const IndexRange& range, int64_t group, int64_t dilation,
   *hi = *lo + range.count;
 }
 
+// Each query row's last-axis window as group positions [lo[r], hi[r]) (0, 0 past the tile).
+inline void tile_spans(const AttentionParams& p, const Geometry& geo, const AxisTile& tile,
+                       int64_t* lo, int64_t* hi) {
+  for (int r = 0; r < kRows; ++r) {
+    lo[r] = hi[r] = 0;
+    if (r < tile.count) {
+      group_span(key_window(p.axes[2], tile.index(geo, r)), tile.group, geo.dilation, &lo[r],
+                 &hi[r]);
+    }
+  }
+}
+
 // Rows of heads [head0, head0 + n_heads) of a heads-last tensor as contiguous compute-type rows:
 // row of head head0 + i, token (x0, x1, x2) at base + i * sh + x0 * s[0] + x1 * s[1] + x2 * s[2].
 template <typename A>
@@ -349,11 +361,13 @@ struct ForwardScratch {
 };
 
 // Whether the forward of this problem runs on the lane kernels (block_kernels.h: LaneTile): fp32
-// compute, a level that has them, and no relative positional bias (whose table the block kernels
-// read).
+// compute, a level that has them, no relative positional bias (whose table the block kernels
+// read), and last-axis positions that fit the lanes' int32 masks.
 template <typename A>
 bool use_lane_forward(const AttentionParams& p) {
-  return std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available();
+  return std::is_same_v<A, float> && !p.has_rpb() &&
+         p.axes[2].length < std::numeric_limits<int32_t>::max() - 2 * kLanes &&
+         lane_kernels_available();
 }
 
 // forward_tile on the lane kernels (keys.v_lines set): scratch.q holds the tile's queries; leaves
@@ -367,17 +381,16 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
     const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
     // Lane r's window [lo, hi) in group positions; the offsets u span, over the tile's lanes,
     // the positions lo - (j0 + r) .. hi - 1 - (j0 + r) relative to the lane's own query.
-    int32_t lo[kLanes], hi[kLanes];
+    int64_t span_lo[kLanes], span_hi[kLanes];
+    tile_spans(p, geo, tile, span_lo, span_hi);
+    int32_t lo[kLanes], hi[kLanes];  // use_lane_forward: positions fit int32
     int64_t u_min = std::numeric_limits<int64_t>::max(), u_max = std::numeric_limits<int64_t>::min();
     for (int r = 0; r < kLanes; ++r) {
-      lo[r] = hi[r] = 0;
+      lo[r] = static_cast<int32_t>(span_lo[r]);
+      hi[r] = static_cast<int32_t>(span_hi[r]);
       if (r >= tile.count) continue;
-      int64_t l, h;
-      group_span(key_window(p.axes[2], tile.index(geo, r)), tile.group, geo.dilation, &l, &h);
-      lo[r] = static_cast<int32_t>(l);
-      hi[r] = static_cast<int32_t>(h);
-      u_min = std::min(u_min, l - (tile.j0 + r));
-      u_max = std::max(u_max, h - 1 - (tile.j0 + r));
+      u_min = std::min(u_min, span_lo[r] - (tile.j0 + r));
+      u_max = std::max(u_max, span_hi[r] - 1 - (tile.j0 + r));
     }
     const int64_t base = tile.j0 + u_min, offsets = u_max - u_min + 1;
     const int64_t lines = w0.count * w1.count;
@@ -446,12 +459,11 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
   int64_t lo[kRows], hi[kRows], clo[kRows], chi[kRows];
   int64_t u_lo = std::numeric_limits<int64_t>::max(), u_hi = 0;
   A m[kRows], l[kRows];
+  tile_spans(p, geo, tile, lo, hi);
   for (int r = 0; r < kRows; ++r) {
-    lo[r] = hi[r] = 0;
     m[r] = -std::numeric_limits<A>::infinity();
     l[r] = 0;
     if (r >= tile.count) continue;
-    group_span(key_window(p.axes[2], tile.index(geo, r)), tile.group, geo.dilation, &lo[r], &hi[r]);
     u_lo = std::min(u_lo, lo[r]);
     u_hi = std::max(u_hi, hi[r]);
   }
