@@ -235,6 +235,11 @@ void register_tile_planner(py::module_& m) {
   // to the tile bound at this shape.
   m.attr("cpu_q_tile") = nattn::cpu::kRows;
   m.attr("cpu_kv_tile") = nattn::cpu::kCols;
+  // The fp16/bf16/fp32 forward without RPB runs on the lane kernels instead (LaneTile: one
+  // vector lane per query of a cpu_q_tile tile) where the chosen instruction-set level has them.
+  m.def("cpu_lane_forward", &nattn::cpu::lane_kernels_available,
+        "Whether the CPU forward (fp16/bf16/fp32, no RPB) runs on the lane kernels at the chosen "
+        "instruction-set level (AVX2 or AVX-512), rather than the block kernels.");
   m.def("flat_tile_counts", &flat_tile_counts, py::arg("axes"), py::arg("q_tile"),
         py::arg("kv_tile"),
         "(q_tiles, visited, full) of 1-D flattened tiling: tiles of consecutive row-major "

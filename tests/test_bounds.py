@@ -3,6 +3,8 @@ measured time is never below any of them, for the CPU suite (the slack is for ti
 for ceilings measured on a shared machine, not for a model error: the kernel bound counts the
 work the kernels execute, and they run well below the matmul ceiling on it)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,27 +29,56 @@ def _problem(shape, k, d=1, dilation=1, causal=False, m=0, head_dim=1, value_dim
                    dtype=torch.float32, device=torch.device("cpu"), requires_grad=False)
 
 
-def test_cpu_forward_flops_by_hand():
+def test_cpu_forward_flops_block_kernels_by_hand():
     assert (_C.cpu_q_tile, _C.cpu_kv_tile) == (8, 16)  # the numbers below assume 8 x 16
     # length 8, window 3: one tile of 8 queries whose windows span keys [0, 8): one chunk,
     # block_dot 8 x 16 x D and block_accumulate 8 x 8 x Dv multiply-adds
-    assert perf.cpu_forward_flops(_problem((8,), 3)) == 2 * (8 * 16 + 8 * 8)
+    assert perf.cpu_forward_flops(_problem((8,), 3), "block") == 2 * (8 * 16 + 8 * 8)
     # length 20, window 5: tiles [0, 8) (keys [0, 10): 1 chunk of 10), [8, 16) (keys [6, 18):
     # 1 chunk of 12), [16, 20) (4 real rows, keys [14, 20): 1 chunk of 6)
-    assert perf.cpu_forward_flops(_problem((20,), 5)) == 2 * (3 * 8 * 16 + 8 * (10 + 12 + 6))
+    assert perf.cpu_forward_flops(_problem((20,), 5), "block") == 2 * (3 * 8 * 16 + 8 * (10 + 12 + 6))
     # dilation 2: two groups of 10 positions, each as the undilated length 10, window 5:
     # tiles [0, 8) (keys [0, 10)) and [8, 10) (keys [5, 10)) per group
-    assert perf.cpu_forward_flops(_problem((20,), 5, dilation=2)) == \
+    assert perf.cpu_forward_flops(_problem((20,), 5, dilation=2), "block") == \
         2 * 2 * (2 * 8 * 16 + 8 * (10 + 5))
     # 2-D 8 x 8, window 3: every row's 3 key rows (sum over rows of 3) per tile of one row
-    assert perf.cpu_forward_flops(_problem((8, 8), 3)) == 2 * 8 * 3 * (8 * 16 + 8 * 8)
+    assert perf.cpu_forward_flops(_problem((8, 8), 3), "block") == 2 * 8 * 3 * (8 * 16 + 8 * 8)
     # 20 additional tokens: per tile two chunks (16 + 4 tokens) of 8 x 16 scores
-    assert perf.cpu_forward_flops(_problem((8,), 3, m=20)) == \
+    assert perf.cpu_forward_flops(_problem((8,), 3, m=20), "block") == \
         2 * (8 * 16 + 8 * 8 + 2 * 8 * 16 + 8 * 20)
 
 
+def test_cpu_forward_flops_lane_kernels_by_hand():
+    assert _C.cpu_q_tile == 8  # one lane per query of a tile of 8
+    # length 8, window 3: lane r's offsets relative to its query: [0, 3) for query 0, [-1, 2)
+    # for queries 1..6, [-2, 1) for query 7; union [-2, 3): 5 offsets x 8 lanes x (D + Dv)
+    assert perf.cpu_forward_flops(_problem((8,), 3), "lane") == 2 * 8 * 5 * 2
+    # length 20, window 5: tile [0, 8) offsets [-2, 5) (7), tile [8, 16) [-2, 3) (5), tile
+    # [16, 20) (4 real lanes, windows clamped to [15, 20) from query 18 on) [-4, 3) (7)
+    assert perf.cpu_forward_flops(_problem((20,), 5), "lane") == 2 * 8 * (7 + 5 + 7) * 2
+    # dilation 2: two groups of 10, each the undilated length 10, window 5: tile [0, 8) offsets
+    # [-2, 5) (7), tile [8, 10) (2 real lanes: windows [5, 10)) [-4, 2) (6), per group
+    assert perf.cpu_forward_flops(_problem((20,), 5, dilation=2), "lane") == \
+        2 * 2 * 8 * (7 + 6) * 2
+    # 2-D 8 x 8, window 3: 3 key lines per row of queries, 5 offsets each
+    assert perf.cpu_forward_flops(_problem((8, 8), 3), "lane") == 2 * 8 * 3 * 8 * 5 * 2
+    # 20 additional tokens: each lane multiplies all 20, scores and P V
+    assert perf.cpu_forward_flops(_problem((8,), 3, m=20), "lane") == 2 * 8 * (5 + 20) * 2
+    with pytest.raises(ValueError, match="kernels='tile'"):
+        perf.cpu_forward_flops(_problem((8,), 3), "tile")
+
+
+def test_cpu_forward_flops_counts_the_kernels_this_build_runs():
+    lane = bool(_C.cpu_lane_forward())
+    p = _problem((20,), 5)
+    assert perf.cpu_forward_flops(p) == perf.cpu_forward_flops(p, "lane" if lane else "block")
+    p64 = replace(p, dtype=torch.float64)  # fp64 always runs on the block kernels
+    assert perf.cpu_forward_flops(p64) == perf.cpu_forward_flops(p64, "block")
+
+
+@pytest.mark.parametrize("kernels", ["block", "lane"])
 @pytest.mark.parametrize("seed", range(20))
-def test_cpu_forward_flops_covers_the_needed_work(seed):
+def test_cpu_forward_flops_covers_the_needed_work(seed, kernels):
     g = torch.Generator().manual_seed(seed)
     rank = int(torch.randint(1, 4, (1,), generator=g))
     shape = tuple(int(torch.randint(3, 24 if rank < 3 else 10, (1,), generator=g))
@@ -57,7 +88,7 @@ def test_cpu_forward_flops_covers_the_needed_work(seed):
     p = _problem(shape, k, causal=bool(seed % 2), head_dim=32, value_dim=16, m=seed % 3 * 7)
     # every attended pair is in some chunk: at least the needed work, and at most the whole
     # padded blocks of every chunk
-    assert perf.cpu_forward_flops(p) >= perf.needed_flops(p)
+    assert perf.cpu_forward_flops(p, kernels) >= perf.needed_flops(p)
 
 
 def test_measured_cpu_time_is_never_below_a_printed_bound():

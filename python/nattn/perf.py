@@ -257,23 +257,40 @@ def kernel_tile_shape(problem, device_type: str) -> TileCounts:
     return recommend_tile_shape(problem)
 
 
-def cpu_forward_flops(problem) -> int:
-    """FLOPs the fused CPU forward (csrc/cpu/cpu_tiles.h, ``forward_tile``) executes in its two
+def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
+    """FLOPs the fused CPU forward (csrc/cpu/cpu_tiles.h, ``forward_tile``) executes in its
     product kernels, exactly, for the whole problem (all batches and heads).
 
-    The walk it counts: query tiles of ``R = _C.cpu_q_tile`` consecutive positions of one
-    dilation group along the last axis, at every index of the other axes; for each key index
-    ``(y0, y1)`` of the other axes' windows, the tile's keys on the last axis are the union
-    ``[u_lo, u_hi)`` of its rows' windows (in group positions), cut into chunks of
-    ``C = _C.cpu_kv_tile`` keys starting at ``u_lo``. Per chunk of ``n`` keys, ``block_dot``
-    computes the whole ``R x C`` score block (``R C D`` multiply-adds, whatever ``n`` and however
-    many of the R rows are real) and ``block_accumulate`` ``R n D_v``. Additional tokens add,
-    per tile, chunks of ``C`` of the ``M`` tokens the same way. Softmax and exp work is not
-    counted, so this over the matmul rate is a lower bound on the kernel's time (on a device
-    whose product kernels run no faster than its dense matmul). Window sizes and positions come
-    from ``_C.axis_windows`` (window.h).
+    ``kernels``: ``"block"``, ``"lane"``, or None for the ones this build runs for the problem:
+    the lane kernels (``_C.cpu_lane_forward()``: the AVX2 and AVX-512 levels) for fp16, bf16 and
+    fp32, else the block kernels. Raises ValueError for any other value.
+
+    Both walk query tiles of ``R = _C.cpu_q_tile`` consecutive positions of one dilation group
+    along the last axis, at every index of the other axes, and for each key index ``(y0, y1)`` of
+    the other axes' windows (a key line) visit the tile's keys on the last axis.
+
+    - Block kernels: the keys are the union ``[u_lo, u_hi)`` of the tile's rows' windows (in
+      group positions), cut into chunks of ``C = _C.cpu_kv_tile`` keys starting at ``u_lo``.
+      Per chunk of ``n`` keys, ``block_dot`` computes the whole ``R x C`` score block (``R C D``
+      multiply-adds, whatever ``n`` and however many of the R rows are real) and
+      ``block_accumulate`` ``R n D_v``. Additional tokens add, per tile, chunks of ``C`` of the
+      ``M`` tokens the same way.
+    - Lane kernels (one vector lane per query, block_kernels.h ``LaneTile``): lane ``r`` reads
+      its window at offsets ``u`` relative to its own position ``j0 + r``; the tile visits every
+      offset of the union of its real lanes' offset ranges, ``T`` of them, each one ``R``-lane
+      multiply-add per depth for the scores and per value column for ``P V``: ``R T (D + D_v)``
+      per key line, plus ``R M (D + D_v)`` for the additional tokens.
+
+    Softmax and exp work is not counted, so this over the matmul rate is a lower bound on the
+    kernel's time (on a device whose product kernels run no faster than its dense matmul).
+    Window sizes and positions come from ``_C.axis_windows`` (window.h).
     """
     _require_native()
+    if kernels is None:
+        lanes = problem.dtype != torch.float64 and bool(_C.cpu_lane_forward())
+        kernels = "lane" if lanes else "block"
+    if kernels not in ("block", "lane"):
+        raise ValueError(f"kernels={kernels!r}: must be 'block', 'lane' or None")
     rows, cols = int(_C.cpu_q_tile), int(_C.cpu_kv_tile)
     d, dv = problem.head_dim, problem.value_dim
     axes = _axes(problem)
@@ -289,18 +306,25 @@ def cpu_forward_flops(problem) -> int:
     for g in range(dilation):
         positions = list(range(g, length, dilation))
         for j0 in range(0, len(positions), rows):
-            lo = hi = None
-            for i in positions[j0:j0 + rows]:
+            lo = hi = u_lo = u_hi = None
+            for r, i in enumerate(positions[j0:j0 + rows]):
                 first, count = windows[i][0], windows[i][1]
                 r_lo = (first - g) // dilation
                 lo = r_lo if lo is None else min(lo, r_lo)
                 hi = r_lo + count if hi is None else max(hi, r_lo + count)
-            span = hi - lo
-            macs_windows += -(-span // cols) * rows * cols * d + rows * span * dv
+                a, b = r_lo - (j0 + r), r_lo + count - (j0 + r)  # lane r's offsets [a, b)
+                u_lo = a if u_lo is None else min(u_lo, a)
+                u_hi = b if u_hi is None else max(u_hi, b)
+            if kernels == "lane":
+                macs_windows += rows * (u_hi - u_lo) * (d + dv)
+            else:
+                span = hi - lo
+                macs_windows += -(-span // cols) * rows * cols * d + rows * span * dv
             tiles += 1
     m = int(getattr(problem, "num_additional", 0))
-    macs_additional = tiles * (-(-m // cols) * rows * cols * d + rows * m * dv)
-    macs = lead_keys * macs_windows + lead_queries * macs_additional
+    per_tile_additional = rows * m * (d + dv) if kernels == "lane" else \
+        -(-m // cols) * rows * cols * d + rows * m * dv
+    macs = lead_keys * macs_windows + lead_queries * tiles * per_tile_additional
     return 2 * problem.batch * problem.heads * macs
 
 

@@ -320,8 +320,9 @@ def _footer(device, backward: bool, scaling: List[Dict], hidden: List[str]) -> L
         "bounds (docs/performance.md): for every row, the larger of the FLOP bound (needed "
         "FLOPs / matmul ceiling) and the memory bound (compulsory bytes / copy bandwidth); for "
         "rows of nattn's CPU kernels (forward) also the kernel bound: the FLOPs those kernels "
-        "execute, counted exactly from their chunking (perf.cpu_forward_flops), / matmul "
-        "ceiling. The forward + backward bound is the sum of the two passes' bounds.",
+        "execute, counted exactly from their tiling (the lane kernels' window offsets or the "
+        "block kernels' key chunks, whichever this build runs: perf.cpu_forward_flops), / "
+        "matmul ceiling. The forward + backward bound is the sum of the two passes' bounds.",
     ]
     if not backward:
         lines.append("forward only: --backward adds a forward + backward table.")

@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from typing import Optional, Tuple
 
+import torch
 from rich.table import Table
 
 from .. import perf, problems
@@ -132,8 +133,8 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
                   "and bandwidth ceilings: the FLOP bound (needed FLOPs / matmul ceiling) and "
                   "the memory bound (compulsory bytes / bandwidth) for any implementation"
                   + ("; the kernel bound for nattn's CPU forward: the FLOPs its product "
-                     "kernels execute, counted exactly from its chunking of "
-                     f"{_C_tile()} (perf.cpu_forward_flops), / matmul ceiling"
+                     "kernels execute, counted exactly from its tiling "
+                     f"({_C_tile(problem.dtype)}; perf.cpu_forward_flops), / matmul ceiling"
                      if report.kernel_bound is not None else "") + ".")
     tiles = Table(title="tiling", show_header=True)
     tiles.add_column("")
@@ -164,7 +165,9 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
     out.print(f"note: {report.note}")
 
 
-def _C_tile() -> str:
+def _C_tile(dtype) -> str:
     from .._native import _C
 
+    if dtype != torch.float64 and _C.cpu_lane_forward():
+        return f"{_C.cpu_q_tile}-query tiles, one vector lane per query, over their window offsets"
     return f"{_C.cpu_q_tile}-query tiles x {_C.cpu_kv_tile}-key chunks"
