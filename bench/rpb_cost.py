@@ -22,22 +22,27 @@ import nattn
 from nattn import problems
 
 
-def _inputs(p, batch, rpb):
+def _inputs(p, batch, rpb, dtype):
     gen = torch.Generator().manual_seed(0)
     shape = (batch, *p.spatial_shape)
-    q = torch.randn(*shape, p.heads, p.head_dim, generator=gen, requires_grad=True)
-    k = torch.randn(*shape, p.kv_heads, p.head_dim, generator=gen, requires_grad=True)
-    v = torch.randn(*shape, p.kv_heads, p.value_dim, generator=gen, requires_grad=True)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(dtype).requires_grad_()
+
+    q = randn(*shape, p.heads, p.head_dim)
+    k = randn(*shape, p.kv_heads, p.head_dim)
+    v = randn(*shape, p.kv_heads, p.value_dim)
     bias = None
     if rpb:
-        bias = torch.randn((p.heads,) + tuple(2 * k - 1 for k in p.kernel_size), generator=gen,
-                           requires_grad=True)
+        bias = randn(p.heads, *(2 * k - 1 for k in p.kernel_size))
     return q, k, v, bias
 
 
-def _variant(p, batch, rpb, backward):
-    q, k, v, bias = _inputs(p, batch, rpb)
-    g = torch.randn(batch, *p.spatial_shape, p.heads, p.value_dim)
+def variant(p, batch, rpb, backward, dtype=torch.float32):
+    """A callable running problem ``p`` on the CPU kernels once (forward, or forward + backward
+    to every input), on fixed seeded inputs of ``dtype``."""
+    q, k, v, bias = _inputs(p, batch, rpb, dtype)
+    g = torch.randn(batch, *p.spatial_shape, p.heads, p.value_dim).to(dtype)
 
     def call():
         with torch.set_grad_enabled(backward):
@@ -51,7 +56,24 @@ def _variant(p, batch, rpb, backward):
     return call
 
 
-def _quartiles(xs):
+def interleaved(variants, warmup, rounds):
+    """Times every callable of ``variants`` (a dict) once per round, in an order rotated per
+    round, so that load from other processes hits all variants alike; returns, per key, the
+    seconds of each of the ``rounds`` rounds after ``warmup`` untimed ones."""
+    keys = list(variants)
+    times = {key: [] for key in keys}
+    for r in range(warmup + rounds):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]
+        for key in order:
+            t0 = time.perf_counter()
+            variants[key]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[key].append(dt)
+    return times
+
+
+def quartiles(xs):
     qs = statistics.quantiles(xs, n=4)
     return qs[0], qs[2]
 
@@ -68,22 +90,13 @@ def main():
     results = []
     for name in args.problems:
         p = problems.get(name)
-        variants = {(pass_, rpb): _variant(p, args.batch, rpb, pass_ == "fwd+bwd")
+        variants = {(pass_, rpb): variant(p, args.batch, rpb, pass_ == "fwd+bwd")
                     for pass_ in ("fwd", "fwd+bwd") for rpb in (False, True)}
-        keys = list(variants)
-        times = {key: [] for key in keys}
-        for r in range(args.warmup + args.rounds):
-            order = keys[r % len(keys):] + keys[: r % len(keys)]
-            for key in order:
-                t0 = time.perf_counter()
-                variants[key]()
-                dt = time.perf_counter() - t0
-                if r >= args.warmup:
-                    times[key].append(dt)
+        times = interleaved(variants, args.warmup, args.rounds)
         for pass_ in ("fwd", "fwd+bwd"):
             base, biased = times[(pass_, False)], times[(pass_, True)]
             per_round = [b / a for a, b in zip(base, biased)]
-            lo, hi = _quartiles(per_round)
+            lo, hi = quartiles(per_round)
             row = dict(problem=name, batch=args.batch, pass_=pass_,
                        median_ms=statistics.median(base) * 1e3,
                        median_rpb_ms=statistics.median(biased) * 1e3,

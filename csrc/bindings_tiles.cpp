@@ -239,7 +239,11 @@ void register_tile_planner(py::module_& m) {
   // vector lane per query of a cpu_q_tile tile) where the chosen instruction-set level has them.
   m.def("cpu_lane_forward", &nattn::cpu::lane_kernels_available,
         "Whether the CPU forward (fp16/bf16/fp32, no RPB) runs on the lane kernels at the chosen "
-        "instruction-set level (AVX2 or AVX-512), rather than the block kernels.");
+        "instruction-set level (AVX2 or AVX-512), rather than the block kernels, where their "
+        "window is small enough (cpu_lane_cost_ratio).");
+  // Where the lane kernels exist, they run when the block kernels would execute more than this
+  // many times their FLOPs (cpu_tiles.h: use_lane_forward; perf.cpu_forward_flops).
+  m.attr("cpu_lane_cost_ratio") = nattn::cpu::kLaneCostRatio;
   m.def("flat_tile_counts", &flat_tile_counts, py::arg("axes"), py::arg("q_tile"),
         py::arg("kv_tile"),
         "(q_tiles, visited, full) of 1-D flattened tiling: tiles of consecutive row-major "

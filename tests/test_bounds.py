@@ -70,10 +70,18 @@ def test_cpu_forward_flops_lane_kernels_by_hand():
 
 def test_cpu_forward_flops_counts_the_kernels_this_build_runs():
     lane = bool(_C.cpu_lane_forward())
+    # window 5: the block kernels execute 2.0x the lane kernels' FLOPs, past the cost ratio
     p = _problem((20,), 5)
+    assert perf.cpu_forward_flops(p, "block") > _C.cpu_lane_cost_ratio * \
+        perf.cpu_forward_flops(p, "lane")
     assert perf.cpu_forward_flops(p) == perf.cpu_forward_flops(p, "lane" if lane else "block")
     p64 = replace(p, dtype=torch.float64)  # fp64 always runs on the block kernels
     assert perf.cpu_forward_flops(p64) == perf.cpu_forward_flops(p64, "block")
+    # window 63: 1.1x, so the block kernels run (faster per FLOP) wherever the lanes exist
+    wide = _problem((200,), 63)
+    assert perf.cpu_forward_flops(wide, "block") < _C.cpu_lane_cost_ratio * \
+        perf.cpu_forward_flops(wide, "lane")
+    assert perf.cpu_forward_flops(wide) == perf.cpu_forward_flops(wide, "block")
 
 
 @pytest.mark.parametrize("kernels", ["block", "lane"])

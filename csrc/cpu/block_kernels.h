@@ -119,6 +119,13 @@ struct LaneTile {
                               // recomputation: a NaN value then reaches only its own queries)
 };
 
+// The block kernels execute more FLOPs than the lane kernels (a whole kRows x kCols score block
+// per key chunk) but at a higher rate: per executed FLOP, 1.36x (1-D, window 255) to 1.67x (2-D,
+// window 7 x 7) the lane kernels' (AVX2, AMD Zen 3, fp32, 2 threads; bench/results/
+// cpu-2026-12-03/). The lane kernels run where the block kernels would execute more than this
+// many times their FLOPs: small last-axis windows (7 keys: 1.9x), not large ones (255: 1.04x).
+constexpr double kLaneCostRatio = 1.5;
+
 // Whether lane_forward runs at the chosen level (AVX2 or AVX-512).
 bool lane_kernels_available();
 

@@ -360,14 +360,57 @@ struct ForwardScratch {
       : q(kRows * p.head_dim), o(kRows * p.value_dim), s(kRows * kCols) {}
 };
 
+// Multiply-adds of the forward's product kernels, lane and block, over the whole problem per
+// (batch, head): the walk perf.cpu_forward_flops counts (python/nattn/perf.py), which applies
+// the same rule with these totals.
+inline void forward_kernel_macs(const AttentionParams& p, double* lane, double* block) {
+  const Geometry geo(p);
+  const double D = static_cast<double>(p.head_dim), Dv = static_cast<double>(p.value_dim);
+  const double M = static_cast<double>(p.num_additional);
+  double lane_lines = 0, block_lines = 0, tiles = 0;
+  for (const AxisTile& tile : last_axis_tiles(geo)) {
+    int64_t lo[kRows], hi[kRows];
+    tile_spans(p, geo, tile, lo, hi);
+    int64_t p_lo = lo[0], p_hi = hi[0], u_lo = lo[0] - tile.j0, u_hi = hi[0] - tile.j0;
+    for (int r = 1; r < tile.count; ++r) {
+      p_lo = std::min(p_lo, lo[r]);
+      p_hi = std::max(p_hi, hi[r]);
+      u_lo = std::min(u_lo, lo[r] - (tile.j0 + r));
+      u_hi = std::max(u_hi, hi[r] - (tile.j0 + r));
+    }
+    const double span = static_cast<double>(p_hi - p_lo);
+    lane_lines += kRows * static_cast<double>(u_hi - u_lo) * (D + Dv);
+    block_lines += std::ceil(span / kCols) * kCols * kRows * D + kRows * span * Dv;
+    tiles += 1;
+  }
+  double keys01 = 1, queries01 = 1;  // other axes: key indices summed over query indices; count
+  for (int a = 0; a < 2; ++a) {
+    double sum = 0;
+    for (int64_t i = 0; i < p.axes[a].length; ++i) {
+      sum += static_cast<double>(key_window(p.axes[a], i).count);
+    }
+    keys01 *= sum;
+    queries01 *= static_cast<double>(p.axes[a].length);
+  }
+  *lane = keys01 * lane_lines + queries01 * tiles * kRows * M * (D + Dv);
+  *block = keys01 * block_lines +
+           queries01 * tiles * (std::ceil(M / kCols) * kCols * kRows * D + kRows * M * Dv);
+}
+
 // Whether the forward of this problem runs on the lane kernels (block_kernels.h: LaneTile): fp32
 // compute, a level that has them, no relative positional bias (whose table the block kernels
-// read), and last-axis positions that fit the lanes' int32 masks.
+// read), last-axis positions that fit the lanes' int32 masks, and a window small enough that
+// they pay (block_kernels.h: kLaneCostRatio).
 template <typename A>
 bool use_lane_forward(const AttentionParams& p) {
-  return std::is_same_v<A, float> && !p.has_rpb() &&
-         p.axes[2].length < std::numeric_limits<int32_t>::max() - 2 * kLanes &&
-         lane_kernels_available();
+  if (!(std::is_same_v<A, float> && !p.has_rpb() &&
+        p.axes[2].length < std::numeric_limits<int32_t>::max() - 2 * kLanes &&
+        lane_kernels_available())) {
+    return false;
+  }
+  double lane = 0, block = 0;
+  forward_kernel_macs(p, &lane, &block);
+  return block > kLaneCostRatio * lane;
 }
 
 // forward_tile on the lane kernels (keys.v_lines set): scratch.q holds the tile's queries; leaves

@@ -262,8 +262,11 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
     product kernels, exactly, for the whole problem (all batches and heads).
 
     ``kernels``: ``"block"``, ``"lane"``, or None for the ones this build runs for the problem:
-    the lane kernels (``_C.cpu_lane_forward()``: the AVX2 and AVX-512 levels) for fp16, bf16 and
-    fp32, else the block kernels. Raises ValueError for any other value.
+    the lane kernels where they exist (``_C.cpu_lane_forward()``: the AVX2 and AVX-512 levels,
+    fp16, bf16 and fp32) and the block kernels would execute more than
+    ``_C.cpu_lane_cost_ratio`` times their FLOPs (small last-axis windows; the block kernels run
+    faster per FLOP), else the block kernels: the rule of ``use_lane_forward`` in cpu_tiles.h,
+    on the same counts. Raises ValueError for any other value.
 
     Both walk query tiles of ``R = _C.cpu_q_tile`` consecutive positions of one dilation group
     along the last axis, at every index of the other axes, and for each key index ``(y0, y1)`` of
@@ -286,11 +289,19 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
     Window sizes and positions come from ``_C.axis_windows`` (window.h).
     """
     _require_native()
-    if kernels is None:
-        lanes = problem.dtype != torch.float64 and bool(_C.cpu_lane_forward())
-        kernels = "lane" if lanes else "block"
-    if kernels not in ("block", "lane"):
+    if kernels not in (None, "block", "lane"):
         raise ValueError(f"kernels={kernels!r}: must be 'block', 'lane' or None")
+    lane, block = _cpu_forward_macs(problem)
+    if kernels is None:
+        lanes = (problem.dtype != torch.float64 and bool(_C.cpu_lane_forward())
+                 and block > float(_C.cpu_lane_cost_ratio) * lane)
+        kernels = "lane" if lanes else "block"
+    return 2 * problem.batch * problem.heads * (lane if kernels == "lane" else block)
+
+
+def _cpu_forward_macs(problem) -> Tuple[int, int]:
+    """(lane, block): multiply-adds per (batch, head) of the CPU forward's product kernels, the
+    walk cpu_forward_flops describes."""
     rows, cols = int(_C.cpu_q_tile), int(_C.cpu_kv_tile)
     d, dv = problem.head_dim, problem.value_dim
     axes = _axes(problem)
@@ -301,7 +312,7 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
         lead_queries *= axis[0]
     length, _, _, dilation, _ = last
     windows = _C.axis_windows(*last)
-    macs_windows = 0  # per lead key index, summed over last-axis tiles
+    lane_windows = block_windows = 0  # per lead key index, summed over last-axis tiles
     tiles = 0
     for g in range(dilation):
         positions = list(range(g, length, dilation))
@@ -315,17 +326,15 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
                 a, b = r_lo - (j0 + r), r_lo + count - (j0 + r)  # lane r's offsets [a, b)
                 u_lo = a if u_lo is None else min(u_lo, a)
                 u_hi = b if u_hi is None else max(u_hi, b)
-            if kernels == "lane":
-                macs_windows += rows * (u_hi - u_lo) * (d + dv)
-            else:
-                span = hi - lo
-                macs_windows += -(-span // cols) * rows * cols * d + rows * span * dv
+            lane_windows += rows * (u_hi - u_lo) * (d + dv)
+            span = hi - lo
+            block_windows += -(-span // cols) * rows * cols * d + rows * span * dv
             tiles += 1
     m = int(getattr(problem, "num_additional", 0))
-    per_tile_additional = rows * m * (d + dv) if kernels == "lane" else \
-        -(-m // cols) * rows * cols * d + rows * m * dv
-    macs = lead_keys * macs_windows + lead_queries * tiles * per_tile_additional
-    return 2 * problem.batch * problem.heads * macs
+    lane = lead_keys * lane_windows + lead_queries * tiles * rows * m * (d + dv)
+    block = lead_keys * block_windows + lead_queries * tiles * (
+        -(-m // cols) * rows * cols * d + rows * m * dv)
+    return lane, block
 
 
 def stride_note(problem, counts: TileCounts) -> str:
