@@ -12,6 +12,7 @@
 
 #include "bindings_common.h"
 #include "cpu/block_kernels.h"
+#include "cpu/cpu_tiles.h"
 #include "nattn/tile_plan.h"
 #include "nattn/window.h"
 
@@ -244,6 +245,30 @@ void register_tile_planner(py::module_& m) {
   // Where the lane kernels exist, they run when the block kernels would execute more than this
   // many times their FLOPs (cpu_tiles.h: use_lane_forward; perf.cpu_forward_flops).
   m.attr("cpu_lane_cost_ratio") = nattn::cpu::kLaneCostRatio;
+  m.def(
+      "cpu_forward_macs",
+      [](const nattn::AttentionParams& p) {
+        double lane = 0, block = 0;
+        nattn::cpu::forward_kernel_macs(p, &lane, &block);
+        return std::make_tuple(static_cast<int64_t>(lane), static_cast<int64_t>(block));
+      },
+      py::arg("params"),
+      "(lane, block): multiply-adds per (batch, head) that the CPU forward's lane and block "
+      "product kernels execute for these axes, head_dim, value_dim and num_additional "
+      "(cpu_tiles.h: forward_kernel_macs; no tensors needed).");
+  m.def(
+      "cpu_forward_uses_lanes",
+      [](const nattn::AttentionParams& p) {
+        bool lanes = false;
+        nattn::cpu::dispatch_dtype(p.dtype, [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          lanes = nattn::cpu::use_lane_forward<typename nattn::cpu::ComputeType<T>::type>(p);
+        });
+        return lanes;
+      },
+      py::arg("params"),
+      "Whether the CPU forward of this problem (dtype, axes, dims; no tensors needed) runs on "
+      "the lane kernels (cpu_tiles.h: use_lane_forward).");
   m.def("flat_tile_counts", &flat_tile_counts, py::arg("axes"), py::arg("q_tile"),
         py::arg("kv_tile"),
         "(q_tiles, visited, full) of 1-D flattened tiling: tiles of consecutive row-major "

@@ -361,8 +361,8 @@ struct ForwardScratch {
 };
 
 // Multiply-adds of the forward's product kernels, lane and block, over the whole problem per
-// (batch, head): the walk perf.cpu_forward_flops counts (python/nattn/perf.py), which applies
-// the same rule with these totals.
+// (batch, head), exactly (the walk perf.cpu_forward_flops describes, which reports these counts
+// through _C.cpu_forward_macs).
 inline void forward_kernel_macs(const AttentionParams& p, double* lane, double* block) {
   const Geometry geo(p);
   const double D = static_cast<double>(p.head_dim), Dv = static_cast<double>(p.value_dim);

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._native import IMPORT_ERROR, _C
+from ._native import IMPORT_ERROR, _C, _dtype_tag
 from .backends import Problem
 
 __all__ = [
@@ -265,8 +265,9 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
     the lane kernels where they exist (``_C.cpu_lane_forward()``: the AVX2 and AVX-512 levels,
     fp16, bf16 and fp32) and the block kernels would execute more than
     ``_C.cpu_lane_cost_ratio`` times their FLOPs (small last-axis windows; the block kernels run
-    faster per FLOP), else the block kernels: the rule of ``use_lane_forward`` in cpu_tiles.h,
-    on the same counts. Raises ValueError for any other value.
+    faster per FLOP), else the block kernels. The counts and the choice are the native
+    module's own (``_C.cpu_forward_macs``, ``_C.cpu_forward_uses_lanes``: cpu_tiles.h), so they
+    are those of the kernels that run. Raises ValueError for any other value.
 
     Both walk query tiles of ``R = _C.cpu_q_tile`` consecutive positions of one dilation group
     along the last axis, at every index of the other axes, and for each key index ``(y0, y1)`` of
@@ -286,55 +287,20 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
 
     Softmax and exp work is not counted, so this over the matmul rate is a lower bound on the
     kernel's time (on a device whose product kernels run no faster than its dense matmul).
-    Window sizes and positions come from ``_C.axis_windows`` (window.h).
+    Window sizes and positions come from window.h.
     """
     _require_native()
     if kernels not in (None, "block", "lane"):
         raise ValueError(f"kernels={kernels!r}: must be 'block', 'lane' or None")
-    lane, block = _cpu_forward_macs(problem)
+    params = _C.AttentionParams()
+    params.dtype = _dtype_tag(problem.dtype, _C)
+    params.head_dim, params.value_dim = problem.head_dim, problem.value_dim
+    params.num_additional = int(getattr(problem, "num_additional", 0))
+    params.set_axes(_axes(problem))
+    lane, block = _C.cpu_forward_macs(params)
     if kernels is None:
-        lanes = (problem.dtype != torch.float64 and bool(_C.cpu_lane_forward())
-                 and block > float(_C.cpu_lane_cost_ratio) * lane)
-        kernels = "lane" if lanes else "block"
+        kernels = "lane" if _C.cpu_forward_uses_lanes(params) else "block"
     return 2 * problem.batch * problem.heads * (lane if kernels == "lane" else block)
-
-
-def _cpu_forward_macs(problem) -> Tuple[int, int]:
-    """(lane, block): multiply-adds per (batch, head) of the CPU forward's product kernels, the
-    walk cpu_forward_flops describes."""
-    rows, cols = int(_C.cpu_q_tile), int(_C.cpu_kv_tile)
-    d, dv = problem.head_dim, problem.value_dim
-    axes = _axes(problem)
-    *lead_axes, last = axes
-    lead_keys, lead_queries = 1, 1  # sum over lead query positions of lead window sizes; count
-    for axis in lead_axes:
-        lead_keys *= sum(w[1] for w in _C.axis_windows(*axis))
-        lead_queries *= axis[0]
-    length, _, _, dilation, _ = last
-    windows = _C.axis_windows(*last)
-    lane_windows = block_windows = 0  # per lead key index, summed over last-axis tiles
-    tiles = 0
-    for g in range(dilation):
-        positions = list(range(g, length, dilation))
-        for j0 in range(0, len(positions), rows):
-            lo = hi = u_lo = u_hi = None
-            for r, i in enumerate(positions[j0:j0 + rows]):
-                first, count = windows[i][0], windows[i][1]
-                r_lo = (first - g) // dilation
-                lo = r_lo if lo is None else min(lo, r_lo)
-                hi = r_lo + count if hi is None else max(hi, r_lo + count)
-                a, b = r_lo - (j0 + r), r_lo + count - (j0 + r)  # lane r's offsets [a, b)
-                u_lo = a if u_lo is None else min(u_lo, a)
-                u_hi = b if u_hi is None else max(u_hi, b)
-            lane_windows += rows * (u_hi - u_lo) * (d + dv)
-            span = hi - lo
-            block_windows += -(-span // cols) * rows * cols * d + rows * span * dv
-            tiles += 1
-    m = int(getattr(problem, "num_additional", 0))
-    lane = lead_keys * lane_windows + lead_queries * tiles * rows * m * (d + dv)
-    block = lead_keys * block_windows + lead_queries * tiles * (
-        -(-m // cols) * rows * cols * d + rows * m * dv)
-    return lane, block
 
 
 def stride_note(problem, counts: TileCounts) -> str:
