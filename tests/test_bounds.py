@@ -75,6 +75,7 @@ def test_cpu_forward_flops_counts_the_kernels_this_build_runs():
     assert perf.cpu_forward_flops(p, "block") > _C.cpu_lane_cost_ratio * \
         perf.cpu_forward_flops(p, "lane")
     assert perf.cpu_forward_flops(p) == perf.cpu_forward_flops(p, "lane" if lane else "block")
+    assert perf.cpu_forward_kernels(p) == ("lane" if lane else "block")
     p64 = replace(p, dtype=torch.float64)  # fp64 always runs on the block kernels
     assert perf.cpu_forward_flops(p64) == perf.cpu_forward_flops(p64, "block")
     # window 63: 1.1x, so the block kernels run (faster per FLOP) wherever the lanes exist
@@ -82,6 +83,7 @@ def test_cpu_forward_flops_counts_the_kernels_this_build_runs():
     assert perf.cpu_forward_flops(wide, "block") < _C.cpu_lane_cost_ratio * \
         perf.cpu_forward_flops(wide, "lane")
     assert perf.cpu_forward_flops(wide) == perf.cpu_forward_flops(wide, "block")
+    assert perf.cpu_forward_kernels(wide) == "block"
 
 
 @pytest.mark.parametrize("kernels", ["block", "lane"])

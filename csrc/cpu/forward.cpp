@@ -29,7 +29,7 @@ template <typename T>
 void forward_group(const AttentionParams& p, const Geometry& geo,
                    const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh, int nt,
                    ForwardStorage<typename ComputeType<T>::type>& st,
-                   const BiasTable<typename ComputeType<T>::type>* bias) {
+                   const BiasTable<typename ComputeType<T>::type>* bias, bool lanes) {
   using A = typename ComputeType<T>::type;
   const int64_t D = p.head_dim, Dv = p.value_dim;
   T* out = static_cast<T*>(p.out.data);
@@ -39,8 +39,8 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
   }
   const A* k_lines =
       pack_lines(static_cast<const T*>(p.k.data), p.k.stride, b, kvh, 1, D, geo, nt, st.k_store);
-  // The lane kernels read the values as transposed lines, the block kernels as rows.
-  const bool lanes = use_lane_forward<A>(p);
+  // The lane kernels (lanes: use_lane_forward) read the values as transposed lines, the block
+  // kernels as rows.
   const Rows<A> v_rows =
       lanes ? Rows<A>{}
             : make_rows(static_cast<const T*>(p.v.data), p.v.stride, b, kvh, 1, Dv, geo, nt,
@@ -80,6 +80,7 @@ void forward_impl(const AttentionParams& p) {
   BiasTable<A> bias_table;
   if (p.has_rpb()) bias_table = BiasTable<A>(p, static_cast<const T*>(p.rpb.data), false);
   const BiasTable<A>* bias = p.has_rpb() ? &bias_table : nullptr;
+  const bool lanes = use_lane_forward<A>(p);  // once: it walks the last axis's tiles
   // When the groups share out evenly over the threads (the last round at least 3/4 full in
   // work), each thread runs whole groups: one parallel region instead of three per group, whose
   // start-up dominates small problems (14 x 14 tokens, 8 heads, 2 threads: 0.60 ms -> 0.33 ms).
@@ -90,18 +91,19 @@ void forward_impl(const AttentionParams& p) {
   const int64_t per_group =
       static_cast<int64_t>(sizeof(A)) *
       (p.head_dim * geo.lines * geo.ld +
-       (use_lane_forward<A>(p) ? p.value_dim * geo.lines * geo.ld : p.value_dim * geo.tokens()));
+       (lanes ? p.value_dim * geo.lines * geo.ld : p.value_dim * geo.tokens()));
   if (nt > 1 && groups >= nt && 4 * rounds * nt <= 5 * groups &&
       per_group * nt <= kGroupedStorageBudget) {
     std::vector<ForwardStorage<A>> storage(static_cast<size_t>(nt));
     parallel_for(nt, groups, [&](int64_t g, int thread) {
-      forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread], bias);
+      forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread], bias,
+                       lanes);
     });
     return;
   }
   ForwardStorage<A> storage;
   for (int64_t g = 0; g < groups; ++g) {
-    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage, bias);
+    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage, bias, lanes);
   }
 }
 

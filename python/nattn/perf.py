@@ -292,15 +292,29 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
     _require_native()
     if kernels not in (None, "block", "lane"):
         raise ValueError(f"kernels={kernels!r}: must be 'block', 'lane' or None")
+    params = _cpu_params(problem)
+    lane, block = _C.cpu_forward_macs(params)
+    if kernels is None:
+        kernels = "lane" if _C.cpu_forward_uses_lanes(params) else "block"
+    return 2 * problem.batch * problem.heads * (lane if kernels == "lane" else block)
+
+
+def cpu_forward_kernels(problem) -> str:
+    """``"lane"`` or ``"block"``: the product kernels nattn's CPU forward runs for ``problem``
+    in this build (cpu_tiles.h: use_lane_forward; see cpu_forward_flops)."""
+    _require_native()
+    return "lane" if _C.cpu_forward_uses_lanes(_cpu_params(problem)) else "block"
+
+
+def _cpu_params(problem):
+    """The native AttentionParams of ``problem``'s shape (no tensors): what the CPU kernels'
+    tiling depends on."""
     params = _C.AttentionParams()
     params.dtype = _dtype_tag(problem.dtype, _C)
     params.head_dim, params.value_dim = problem.head_dim, problem.value_dim
     params.num_additional = int(getattr(problem, "num_additional", 0))
     params.set_axes(_axes(problem))
-    lane, block = _C.cpu_forward_macs(params)
-    if kernels is None:
-        kernels = "lane" if _C.cpu_forward_uses_lanes(params) else "block"
-    return 2 * problem.batch * problem.heads * (lane if kernels == "lane" else block)
+    return params
 
 
 def stride_note(problem, counts: TileCounts) -> str:

@@ -8,7 +8,6 @@ import json
 from dataclasses import replace
 from typing import Optional, Tuple
 
-import torch
 from rich.table import Table
 
 from .. import perf, problems
@@ -134,7 +133,7 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
                   "the memory bound (compulsory bytes / bandwidth) for any implementation"
                   + ("; the kernel bound for nattn's CPU forward: the FLOPs its product "
                      "kernels execute, counted exactly from its tiling "
-                     f"({_C_tile(problem.dtype)}; perf.cpu_forward_flops), / matmul ceiling"
+                     f"({_C_tile(problem)}; perf.cpu_forward_flops), / matmul ceiling"
                      if report.kernel_bound is not None else "") + ".")
     tiles = Table(title="tiling", show_header=True)
     tiles.add_column("")
@@ -165,9 +164,9 @@ def print_report(problem, report: perf.SpeedOfLight, device) -> None:
     out.print(f"note: {report.note}")
 
 
-def _C_tile(dtype) -> str:
+def _C_tile(problem) -> str:
     from .._native import _C
 
-    if dtype != torch.float64 and _C.cpu_lane_forward():
+    if perf.cpu_forward_kernels(problem) == "lane":
         return f"{_C.cpu_q_tile}-query tiles, one vector lane per query, over their window offsets"
     return f"{_C.cpu_q_tile}-query tiles x {_C.cpu_kv_tile}-key chunks"
