@@ -60,8 +60,15 @@ def test_cpu_forward_flops_lane_kernels_by_hand():
     # [-2, 5) (7), tile [8, 10) (2 real lanes: windows [5, 10)) [-4, 2) (6), per group
     assert perf.cpu_forward_flops(_problem((20,), 5, dilation=2), "lane") == \
         2 * 2 * 8 * (7 + 6) * 2
-    # 2-D 8 x 8, window 3: 3 key lines per row of queries, 5 offsets each
-    assert perf.cpu_forward_flops(_problem((8, 8), 3), "lane") == 2 * 8 * 3 * 8 * 5 * 2
+    # 2-D 8 x 8, window 3: the rows of axis 1 run in pairs (0, 1), (2, 3), (4, 5), (6, 7),
+    # each row over the union of the pair's key lines: [0, 3) and [0, 3): 3; [1, 4) and [2, 5):
+    # 4; [3, 6) and [4, 7): 4; [5, 8) and [5, 8): 3. So 2 x (3 + 4 + 4 + 3) = 28 row-lines of
+    # 5 offsets, against 8 x 3 = 24 unpaired.
+    assert perf.cpu_forward_flops(_problem((8, 8), 3), "lane") == 2 * 8 * 28 * 5 * 2
+    # window 2: rows 0 and 1 pair (both [0, 2): 2 lines for 4); rows 2 and 3 ([1, 3), [2, 4)),
+    # and every later pair, would visit 3 lines for 4 and stay single (10 x 3 > 7 x 4). So 2 x 2
+    # + 6 x 2 = 16 row-lines of 3 offsets ([-1, 2) over the tile's lanes)
+    assert perf.cpu_forward_flops(_problem((8, 8), 2), "lane") == 2 * 8 * 16 * 3 * 2
     # 20 additional tokens: each lane multiplies all 20, scores and P V
     assert perf.cpu_forward_flops(_problem((8,), 3, m=20), "lane") == 2 * 8 * (5 + 20) * 2
     with pytest.raises(ValueError, match="kernels='tile'"):

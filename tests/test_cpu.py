@@ -244,6 +244,86 @@ def test_low_precision_error_ratio(dtype):
             assert k_err <= ratio * t_err + floor, (n, k_err, t_err, c)
 
 
+# Problems whose fp32 forward runs two-row lane tiles (block_kernels.h: LaneTile, rows = 2):
+# neighbouring indices of axis 1 (the second-to-last spatial axis) paired, with odd counts,
+# dilation groups, strides (identical windows), causal windows, partial last-axis tiles, GQA and
+# additional tokens.
+PAIRED_CASES = [
+    Case(1, (16, 40), 2, 2, 32, 32, (7, 7), (1, 1), (1, 1), (False, False), 0, False),
+    Case(2, (9, 29), 4, 2, 16, 8, (3, 5), (1, 1), (1, 1), (False, False), 0, True),
+    Case(1, (16, 12), 2, 1, 8, 16, (5, 3), (1, 2), (2, 1), (False, False), 3, False),
+    Case(1, (11, 10), 2, 2, 16, 16, (4, 3), (2, 1), (1, 1), (True, False), 0, False),
+    Case(1, (5, 7, 9), 2, 2, 8, 8, (3, 3, 3), (1, 1, 1), (1, 2, 1), (False, True, False), 1,
+         False),
+    Case(1, (4, 8, 20), 1, 1, 33, 8, (3, 7, 5), (1, 3, 1), (1, 1, 2), (False, False, True), 0,
+         False),
+]
+
+
+def _kernels(shape, kernel_size, stride, dilation, dim, dim_v, is_causal=None):
+    """The product kernels ("lane" or "block") the fp32 CPU forward runs for this shape."""
+    from nattn import perf
+    from nattn.backends import Problem
+
+    r = len(shape)
+    return perf.cpu_forward_kernels(Problem(
+        batch=1, spatial_shape=shape, heads=1, kv_heads=1, head_dim=dim, value_dim=dim_v,
+        kernel_size=kernel_size, stride=stride, dilation=dilation,
+        is_causal=is_causal or (False,) * r,
+        num_additional=0, dtype=torch.float32, device=torch.device("cpu"),
+        requires_grad=False))
+
+
+@pytest.mark.parametrize("c", PAIRED_CASES)
+def test_fp32_two_row_lane_tiles_match_reference(c):
+    """fp32 forward (and lse) of the two-row lane tiles against the fp64 reference: error <= 2x
+    that of the reference computed in fp32, plus 1e-6 (DESIGN.md section 5)."""
+    from nattn import _C
+    if _C.cpu_lane_forward():  # else the block kernels run: still checked, as they are here
+        assert _kernels(c.shape, c.kernel_size, c.stride, c.dilation, c.dim, c.dim_v,
+                        c.is_causal) == "lane"
+    gen = torch.Generator().manual_seed(sum(c.shape) + c.dim)
+    low = [None if t is None else t.float() for t in make_inputs(c, generator=gen)]
+    exact_inputs = [None if t is None else t.double() for t in low]
+    kwargs = dict(stride=c.stride, dilation=c.dilation, is_causal=c.is_causal,
+                  additional_keys=low[3], additional_values=low[4], return_lse=True)
+    exact = nattn.reference.neighborhood_attention(
+        *exact_inputs[:3], c.kernel_size, **{**kwargs, "additional_keys": exact_inputs[3],
+                                             "additional_values": exact_inputs[4]})
+    torch_low = nattn.reference.neighborhood_attention(*low[:3], c.kernel_size, **kwargs)
+    kernel = cpu_fn(*low[:3], c.kernel_size, **kwargs)
+    for e, t, k in zip(exact, torch_low, kernel):
+        k_err = (k.double() - e).abs().max().item()
+        t_err = (t.double() - e).abs().max().item()
+        assert k_err <= 2 * t_err + 1e-6, (k_err, t_err, c)
+
+
+@pytest.mark.parametrize("shape,kernel_size,dilation", [
+    ((16, 40), (7, 7), (1, 1)), ((13, 40), (3, 5), (2, 1)), ((10, 33), (4, 3), (1, 1))])
+def test_two_row_lane_tiles_are_exact(shape, kernel_size, dilation):
+    """A 2-D problem runs two-row lane tiles along its first axis; the same problem as 3-D with
+    a one-token middle axis has no axis to pair (it runs one row per tile), and visits the same
+    key lines in the same order. A paired row's sums only gain exact zeros, so the two must
+    agree bit for bit."""
+    from nattn import _C
+
+    def kernels(spatial, ks, dil):
+        return _kernels(spatial, ks, (1,) * len(ks), dil, 16, 16)
+
+    as_3d = (shape[0], 1, shape[1])
+    ks3, dil3 = (kernel_size[0], 1, kernel_size[1]), (dilation[0], 1, dilation[1])
+    if not _C.cpu_lane_forward():
+        pytest.skip("no lane kernels at this instruction-set level")
+    assert kernels(shape, kernel_size, dilation) == kernels(as_3d, ks3, dil3) == "lane"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, *shape, 2, 16, generator=gen) for _ in range(3))
+    out2, lse2 = cpu_fn(q, k, v, kernel_size, dilation=dilation, return_lse=True)
+    out3, lse3 = cpu_fn(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), ks3, dilation=dil3,
+                        return_lse=True)
+    assert torch.equal(out2, out3.squeeze(2))
+    assert torch.equal(lse2, lse3.squeeze(2))
+
+
 def test_rpb_at_this_isa_level():
     """The relative-bias block kernels (block_add_bias, block_add_bias_grad) at this process's
     instruction-set level (tests/test_cpu_isa.py reruns this file at the lower ones): fp64 edge

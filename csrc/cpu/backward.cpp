@@ -303,7 +303,7 @@ class Backward {
                                 p_.has_rpb() ? &bias_ : nullptr};
       forward_tiles<T>(p_, geo_, tiles_, b, kvh, keys, st.fwd_scratch, nt,
                        [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
-                           const ForwardScratch<A>&, const A* tile_lse) {
+                           const A*, const A* tile_lse) {
                          A* dst = row_lse_.data() +
                                   stats_line(b, h, geo_.line(x0, x1, tile.group)) + tile.j0;
                          std::copy(tile_lse, tile_lse + tile.count, dst);

@@ -19,6 +19,10 @@
 #define NATTN_X86 0
 #endif
 #define NATTN_INLINE inline __attribute__((always_inline))
+// The same for a lambda's call operator: a lambda does not inherit its enclosing function's
+// target attribute, so one GCC leaves out of line is compiled at the baseline level (a two-row
+// P V lambda ran at SSE2 width and took a quarter of the 64 x 64 forward until marked so).
+#define NATTN_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace nattn::cpu {
 namespace {
@@ -451,49 +455,97 @@ NATTN_INLINE void block_add_bias_grad_impl(const A* ds, A* acc, int64_t acc_row_
   }
 }
 
-// ---- Lane kernels (block_kernels.h: LaneTile): 8 fp32 lanes, one per query of the tile. ----
+// ---- Lane kernels (block_kernels.h: LaneTile): 8 fp32 lanes, one per query of a tile row. ----
 NATTN_INLINE void load8(L8& v, const float* p) { std::memcpy(&v, p, sizeof v); }
 NATTN_INLINE void store8(float* p, const L8& v) { std::memcpy(p, &v, sizeof v); }
 
-// s[n * kLanes + r] = sum_w qt[w * kLanes + r] * k[w * ld + n + r] for n < N: N offsets of one
-// line, the key operand one unaligned load per (w, n).
-template <int N>
-NATTN_INLINE void lane_dot(const float* qt, int64_t depth, const float* k, int64_t ld, float* s) {
-  L8 acc[N] = {};
+// f.template operator()<N>() for N = n in [1, kMax] (n >= kMax: kMax).
+template <int kMax, typename F>
+NATTN_INLINE void with_count(int64_t n, F&& f) {
+  if constexpr (kMax > 1) {
+    if (n < kMax) return with_count<kMax - 1>(n, f);
+  }
+  f(std::integral_constant<int, kMax>{});
+}
+
+// Most offsets (scores) or value columns (P V) one product call keeps in registers, for R rows:
+// R x N accumulators, R query (or weight) vectors and the shared key (or value) vector fit the 16
+// registers of AVX2 (8 + 1 + 1 for one row; 12 + 2 + 1 for two).
+template <int R>
+constexpr int kLaneChunk = R == 1 ? 8 : 6;
+
+// Runs f(c0, count) over [0, n) in chunks of at most kMax, as even as possible (7 offsets of two
+// rows: 4 + 3, not 6 + 1, whose one-column call would load as many vectors as it multiplies).
+template <int kMax, typename F>
+NATTN_INLINE void for_chunks(int64_t n, F&& f) {
+  const int64_t chunks = (n + kMax - 1) / kMax;
+  if (chunks == 0) return;
+  const int64_t size = (n + chunks - 1) / chunks;
+  for (int64_t c0 = 0; c0 < n; c0 += size) {
+    with_count<kMax>(std::min<int64_t>(size, n - c0), [&](auto count) NATTN_LAMBDA_INLINE { f(c0, count); });
+  }
+}
+
+// s[i * ss + n * kLanes + r] = sum_w qt[i * qs + w * kLanes + r] * k[w * ld + n + r] for rows
+// i < R, offsets n < N: N offsets of one line, each key vector one unaligned load shared by the
+// R rows.
+template <int N, int R>
+NATTN_INLINE void lane_dot(const float* qt, int64_t qs, int64_t depth, const float* k, int64_t ld,
+                           float* s, int64_t ss) {
+  L8 acc[R][N] = {};
   for (int64_t w = 0; w < depth; ++w) {
-    L8 q;
-    load8(q, qt + w * kLanes);
+    L8 q[R];
+    for (int i = 0; i < R; ++i) load8(q[i], qt + i * qs + w * kLanes);
     const float* kw = k + w * ld;
     for (int n = 0; n < N; ++n) {
       L8 kv;
       load8(kv, kw + n);
-      acc[n] += q * kv;
+      for (int i = 0; i < R; ++i) acc[i][n] += q[i] * kv;
     }
   }
-  for (int n = 0; n < N; ++n) store8(s + n * kLanes, acc[n]);
+  for (int i = 0; i < R; ++i) {
+    for (int n = 0; n < N; ++n) store8(s + i * ss + n * kLanes, acc[i][n]);
+  }
 }
 
 // The same for N additional keys, shared by all lanes: k[w * ld + n] broadcast.
-template <int N>
-NATTN_INLINE void lane_dot_shared(const float* qt, int64_t depth, const float* k, int64_t ld,
-                                  float* s) {
-  L8 acc[N] = {};
+template <int N, int R>
+NATTN_INLINE void lane_dot_shared(const float* qt, int64_t qs, int64_t depth, const float* k,
+                                  int64_t ld, float* s, int64_t ss) {
+  L8 acc[R][N] = {};
   for (int64_t w = 0; w < depth; ++w) {
-    L8 q;
-    load8(q, qt + w * kLanes);
-    for (int n = 0; n < N; ++n) acc[n] += q * k[w * ld + n];
+    L8 q[R];
+    for (int i = 0; i < R; ++i) load8(q[i], qt + i * qs + w * kLanes);
+    for (int n = 0; n < N; ++n) {
+      for (int i = 0; i < R; ++i) acc[i][n] += q[i] * k[w * ld + n];
+    }
   }
-  for (int n = 0; n < N; ++n) store8(s + n * kLanes, acc[n]);
+  for (int i = 0; i < R; ++i) {
+    for (int n = 0; n < N; ++n) store8(s + i * ss + n * kLanes, acc[i][n]);
+  }
 }
 
-// ot[(w0 + n) * kLanes + r] = sum over lines, offsets u of p[(line, u)][r] * v[line][(w0 + n) *
-// ld + u + r], then over the additional values, for n < N.
-// kContained: each product is selected by its lane's window instead of multiplied by the weight
-// 0, so that a non-finite value reaches only the queries whose window holds it (0 * NaN = NaN);
-// it runs only on tiles whose fast result came out non-finite.
-template <int N, bool kContained>
-NATTN_INLINE void lane_pv(const LaneTile& t, const float* p, int64_t w0, float* ot) {
-  L8 acc[N] = {};
+// Lanes of row i of a tile that read line `line` at offset u: in the lane's window on the last
+// axis (lo <= position < hi) and the line in the row's window (t.member bit i).
+template <int R>
+NATTN_INLINE void lane_valid(M8& valid, const LaneTile& t, const M8& lo, const M8& hi,
+                             const M8& lane, int64_t line, int64_t u, int i) {
+  const M8 pos = lane + static_cast<int32_t>(t.base + u);
+  valid = (pos >= lo) & (pos < hi);
+  if (R > 1 && t.member != nullptr && ((t.member[line] >> i) & 1) == 0) valid = M8{};
+}
+
+// ot[i * os + (w0 + n) * kLanes + r] = sum over lines, offsets u of p[i * ps + (line, u)][r] *
+// v[line][(w0 + n) * ld + u + r], then over the additional values, for rows i < R, n < N.
+// A row's weights on the lines outside its window are 0 (the softmax masks them), so its sums
+// are those it would have alone.
+// kContained: each product is selected by its lane's window (and its row's lines) instead of
+// multiplied by the weight 0, so that a non-finite value reaches only the queries whose window
+// holds it (0 * NaN = NaN); it runs only on tiles whose fast result came out non-finite.
+template <int N, int R, bool kContained>
+NATTN_INLINE void lane_pv(const LaneTile& t, const float* p, int64_t ps, int64_t w0, float* ot,
+                          int64_t os) {
+  L8 acc[R][N] = {};
   const int64_t T = t.offsets;
   M8 lo, hi, lane;
   std::memcpy(&lo, t.lo, sizeof lo);
@@ -503,127 +555,134 @@ NATTN_INLINE void lane_pv(const LaneTile& t, const float* p, int64_t w0, float* 
     const float* v = t.v[line] + w0 * t.ld;
     const float* pl = p + line * T * kLanes;
     for (int64_t u = 0; u < T; ++u) {
-      L8 pu;
-      load8(pu, pl + u * kLanes);
-      M8 valid{};
-      if constexpr (kContained) {
-        const M8 pos = lane + static_cast<int32_t>(t.base + u);
-        valid = (pos >= lo) & (pos < hi);
+      L8 pu[R];
+      M8 valid[R];
+      for (int i = 0; i < R; ++i) {
+        load8(pu[i], pl + i * ps + u * kLanes);
+        if constexpr (kContained) lane_valid<R>(valid[i], t, lo, hi, lane, line, u, i);
       }
       for (int n = 0; n < N; ++n) {
         L8 vv;
         load8(vv, v + n * t.ld + u);
-        if constexpr (kContained) {
-          L8 prod;
-          select(prod, valid, pu * vv, L8{});
-          acc[n] += prod;
-        } else {
-          acc[n] += pu * vv;
+        for (int i = 0; i < R; ++i) {
+          if constexpr (kContained) {
+            L8 prod;
+            select(prod, valid[i], pu[i] * vv, L8{});
+            acc[i][n] += prod;
+          } else {
+            acc[i][n] += pu[i] * vv;
+          }
         }
       }
     }
   }
   const float* pa = p + t.lines * T * kLanes;
   for (int64_t m = 0; m < t.num_additional; ++m) {
-    L8 pu;
-    load8(pu, pa + m * kLanes);
+    L8 pu[R];
+    for (int i = 0; i < R; ++i) load8(pu[i], pa + i * ps + m * kLanes);
     const float* v = t.add_v + m * t.value_dim + w0;
-    for (int n = 0; n < N; ++n) acc[n] += pu * v[n];
+    for (int n = 0; n < N; ++n) {
+      for (int i = 0; i < R; ++i) acc[i][n] += pu[i] * v[n];
+    }
   }
-  for (int n = 0; n < N; ++n) store8(ot + (w0 + n) * kLanes, acc[n]);
-}
-
-// f.template operator()<N>() for N = n in [1, 8].
-template <typename F>
-NATTN_INLINE void with_count(int64_t n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+  for (int i = 0; i < R; ++i) {
+    for (int n = 0; n < N; ++n) store8(ot + i * os + (w0 + n) * kLanes, acc[i][n]);
   }
 }
 
+template <int R>
 NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, float* o,
                                     float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t T = t.offsets;
-  // Scores: eight offsets at a time (eight accumulators, the query vector loaded once per depth).
+  const int64_t qs = t.head_dim * kLanes;                        // row stride of qt
+  const int64_t ss = (t.lines * T + t.num_additional) * kLanes;  // of s
+  const int64_t os = t.value_dim * kLanes;                       // of ot
+  // Scores: up to kLaneChunk<R> offsets at a time (the query vectors loaded once per depth, each
+  // key vector once for all R rows).
   for (int64_t line = 0; line < t.lines; ++line) {
     float* sl = s + line * T * kLanes;
-    for (int64_t u0 = 0; u0 < T; u0 += 8) {
-      with_count(std::min<int64_t>(8, T - u0), [&](auto n) {
-        lane_dot<decltype(n)::value>(t.qt, t.head_dim, t.k[line] + u0, t.ld, sl + u0 * kLanes);
-      });
-    }
-  }
-  float* sa = s + t.lines * T * kLanes;
-  for (int64_t m0 = 0; m0 < t.num_additional; m0 += 8) {
-    with_count(std::min<int64_t>(8, t.num_additional - m0), [&](auto n) {
-      lane_dot_shared<decltype(n)::value>(t.qt, t.head_dim, t.add_kt + m0, t.add_ld,
-                                          sa + m0 * kLanes);
+    for_chunks<kLaneChunk<R>>(T, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+      lane_dot<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.k[line] + u0, t.ld,
+                                      sl + u0 * kLanes, ss);
     });
   }
-  // Mask, scale and maximum, lane by lane: position base + u + r of lane r is in its window when
-  // lo[r] <= it < hi[r]; the additional keys are in every query's window.
+  float* sa = s + t.lines * T * kLanes;
+  for_chunks<kLaneChunk<R>>(t.num_additional, [&](int64_t m0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_shared<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.add_kt + m0, t.add_ld,
+                                           sa + m0 * kLanes, ss);
+  });
+  // Mask, scale and maximum, lane by lane and row by row: position base + u + r of lane r is in
+  // its window when lo[r] <= it < hi[r] (and the line in the row's); the additional keys are in
+  // every query's window.
   M8 lo, hi, lane;
   std::memcpy(&lo, t.lo, sizeof lo);
   std::memcpy(&hi, t.hi, sizeof hi);
   for (int r = 0; r < kLanes; ++r) lane[r] = r;
   const L8 neg_inf = L8{} + kNegInf;
-  L8 mx = neg_inf;
-  for (int64_t line = 0; line < t.lines; ++line) {
-    float* sl = s + line * T * kLanes;
-    for (int64_t u = 0; u < T; ++u) {
-      const M8 pos = lane + static_cast<int32_t>(t.base + u);
+  const M8 has_query = lo < hi;
+  const int64_t total = t.lines * T + t.num_additional;
+  L8 sum[R];
+  for (int i = 0; i < R; ++i) {
+    float* si = s + i * ss;
+    L8 mx = neg_inf;
+    for (int64_t line = 0; line < t.lines; ++line) {
+      float* sl = si + line * T * kLanes;
+      for (int64_t u = 0; u < T; ++u) {
+        M8 valid;
+        lane_valid<R>(valid, t, lo, hi, lane, line, u, i);
+        L8 x;
+        load8(x, sl + u * kLanes);
+        select(x, valid, x * t.scale, neg_inf);
+        store8(sl + u * kLanes, x);
+        select(mx, x > mx, x, mx);
+      }
+    }
+    for (int64_t m = 0; m < t.num_additional; ++m) {
       L8 x;
-      load8(x, sl + u * kLanes);
-      select(x, (pos >= lo) & (pos < hi), x * t.scale, neg_inf);
-      store8(sl + u * kLanes, x);
+      load8(x, si + (t.lines * T + m) * kLanes);
+      select(x, has_query, x * t.scale, neg_inf);
+      store8(si + (t.lines * T + m) * kLanes, x);
       select(mx, x > mx, x, mx);
     }
+    // A lane with no query keeps max -inf; shifting by 0 then keeps its weights exp(-inf) = 0.
+    L8 shift;
+    select(shift, mx == neg_inf, L8{}, mx);
+    sum[i] = L8{};
+    for (int64_t k = 0; k < total; ++k) {
+      L8 x, e;
+      load8(x, si + k * kLanes);
+      exp_fp32(e, x - shift);
+      store8(si + k * kLanes, e);
+      sum[i] += e;
+    }
+    for (int r = 0; r < kLanes; ++r) lse[i * kLanes + r] = shift[r] + std::log(sum[i][r]);
   }
-  const M8 has_query = lo < hi;
-  for (int64_t m = 0; m < t.num_additional; ++m) {
-    L8 x;
-    load8(x, sa + m * kLanes);
-    select(x, has_query, x * t.scale, neg_inf);
-    store8(sa + m * kLanes, x);
-    select(mx, x > mx, x, mx);
+  // Values: up to kLaneChunk<R> output columns at a time.
+  for_chunks<kLaneChunk<R>>(t.value_dim, [&](int64_t w0, auto n) NATTN_LAMBDA_INLINE {
+    if (t.contained) {
+      lane_pv<decltype(n)::value, R, true>(t, s, ss, w0, ot, os);
+    } else {
+      lane_pv<decltype(n)::value, R, false>(t, s, ss, w0, ot, os);
+    }
+  });
+  for (int i = 0; i < R; ++i) {
+    float inv[kLanes];
+    for (int r = 0; r < kLanes; ++r) inv[r] = 1.0f / sum[i][r];
+    float* oi = o + i * kLanes * t.value_dim;
+    const float* oti = ot + i * os;
+    for (int r = 0; r < kLanes; ++r) {
+      for (int64_t w = 0; w < t.value_dim; ++w) oi[r * t.value_dim + w] = oti[w * kLanes + r] * inv[r];
+    }
   }
-  // A lane with no query keeps max -inf; shifting by 0 then keeps its weights exp(-inf) = 0.
-  L8 shift;
-  select(shift, mx == neg_inf, L8{}, mx);
-  L8 sum = {};
-  const int64_t total = t.lines * T + t.num_additional;
-  for (int64_t i = 0; i < total; ++i) {
-    L8 x, e;
-    load8(x, s + i * kLanes);
-    exp_fp32(e, x - shift);
-    store8(s + i * kLanes, e);
-    sum += e;
-  }
-  // Values: eight output columns at a time.
-  for (int64_t w0 = 0; w0 < t.value_dim; w0 += 8) {
-    with_count(std::min<int64_t>(8, t.value_dim - w0), [&](auto n) {
-      if (t.contained) {
-        lane_pv<decltype(n)::value, true>(t, s, w0, ot);
-      } else {
-        lane_pv<decltype(n)::value, false>(t, s, w0, ot);
-      }
-    });
-  }
-  float inv[kLanes];
-  for (int r = 0; r < kLanes; ++r) {
-    inv[r] = 1.0f / sum[r];
-    lse[r] = shift[r] + std::log(sum[r]);
-  }
-  for (int r = 0; r < kLanes; ++r) {
-    for (int64_t w = 0; w < t.value_dim; ++w) o[r * t.value_dim + w] = ot[w * kLanes + r] * inv[r];
+}
+
+NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, float* o,
+                                    float* lse) {
+  if (t.rows == 2) {
+    lane_forward_impl<2>(t, s, ot, o, lse);
+  } else {
+    lane_forward_impl<1>(t, s, ot, o, lse);
   }
 }
 
@@ -704,13 +763,13 @@ NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
 namespace avx2 {
 __attribute__((target("arch=x86-64-v3"))) void lane(const LaneTile& t, float* s, float* ot,
                                                     float* o, float* lse) {
-  lane_forward_impl(t, s, ot, o, lse);
+  lane_forward_rows(t, s, ot, o, lse);
 }
 }  // namespace avx2
 namespace avx512 {
 __attribute__((target("arch=x86-64-v4"))) void lane(const LaneTile& t, float* s, float* ot,
                                                     float* o, float* lse) {
-  lane_forward_impl(t, s, ot, o, lse);
+  lane_forward_rows(t, s, ot, o, lse);
 }
 }  // namespace avx512
 #else

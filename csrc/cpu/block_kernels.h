@@ -98,14 +98,27 @@ void block_add_bias_grad(const double* ds, double* acc, int64_t acc_row_step);
 // windows. The scores of the whole window are kept (s), so the softmax is exact (one maximum, no
 // online rescaling): its maximum, exponentials and sums are lane-wise, with no horizontal
 // reductions.
+//
+// A tile may hold two rows of kLanes queries (rows = 2): the same last-axis positions at two
+// indices of the other axes whose windows share most of their key lines (two neighbouring
+// queries of axis 1 with a 7 x 7 window share 6 of their 8 lines). Each key (and value) vector
+// is then loaded once for both rows, about a third fewer loads per multiply-add, which is what
+// limits the lane kernels on AVX2. The kernel visits the union of the rows' lines; `member`
+// marks each row's own, and a row's scores on the others are masked, so each row's result is
+// the one it gets alone, bit for bit (its sums only gain exact zeros).
 constexpr int kLanes = kRows;
+constexpr int kLaneRowsMax = 2;
 
 struct LaneTile {
-  const float* qt;            // [head_dim][kLanes], the tile's queries transposed (zero lanes past it)
+  int rows;                   // rows of queries, 1 or kLaneRowsMax
+  const float* qt;            // [rows][head_dim][kLanes], the tile's queries transposed (zero
+                              // lanes past it)
   int64_t head_dim, value_dim;
   const float* const* k;      // per window line: the transposed keys (pack_lines), at position base
   const float* const* v;      // the same for the values (width value_dim)
-  int64_t lines, ld;          // window lines; leading dimension of a packed line's rows
+  int64_t lines, ld;          // window lines (of all rows); leading dimension of a packed line
+  const uint8_t* member;      // per line, bit i set when row i's window holds it (rows = 2), or
+                              // null: every row's
   int64_t base;               // group position of lane 0 at offset 0 (may be negative, >= -kLanes)
   int64_t offsets;            // offsets per line
   const int32_t* lo;          // [kLanes]: lane r's window is lo[r] <= position < hi[r] on every line
@@ -124,13 +137,16 @@ struct LaneTile {
 // window 7 x 7) the lane kernels' (AVX2, AMD Zen 3, fp32, 2 threads; bench/results/
 // cpu-2026-12-03/). The lane kernels run where the block kernels would execute more than this
 // many times their FLOPs: small last-axis windows (7 keys: 1.9x), not large ones (255: 1.04x).
+// (Measured before the two-row tiles and the NATTN_LAMBDA_INLINE fix made the lane kernels
+// 1.1-1.8x faster; the ratio that balances them now is lower, not yet measured.)
 constexpr double kLaneCostRatio = 1.5;
 
 // Whether lane_forward runs at the chosen level (AVX2 or AVX-512).
 bool lane_kernels_available();
 
-// Normalized output o[r * value_dim + w] and natural-log LSE lse[r] of the tile's queries, with s
-// as scratch of (lines * offsets + num_additional) * kLanes floats and ot of value_dim * kLanes.
+// Normalized output o[(i * kLanes + r) * value_dim + w] and natural-log LSE lse[i * kLanes + r]
+// of query r of row i, with s as scratch of rows * (lines * offsets + num_additional) * kLanes
+// floats and ot of rows * value_dim * kLanes.
 void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse);
 
 }  // namespace nattn::cpu

@@ -90,6 +90,44 @@ inline void tile_spans(const AttentionParams& p, const Geometry& geo, const Axis
   }
 }
 
+// The key lines of two windows of one axis at indices of the same dilation group (same step):
+// from the first line of either to the last of either.
+inline IndexRange window_union(const IndexRange& a, const IndexRange& b) {
+  const int64_t first = std::min(a.first, b.first), last = std::max(a.last(), b.last());
+  return IndexRange{first, (last - first) / a.step + 1, a.step};
+}
+
+// The indices of axis 1 one forward item computes: x1 alone (x1b = -1) or x1 and x1b, the next
+// index of its dilation group, as one two-row lane tile (block_kernels.h: LaneTile). Pairs are
+// formed only for the lane kernels (`pairs`) and where the two windows share most of their lines:
+// 10 x union <= 7 x (sum of the two windows), so 7 x 7 windows pair (8 lines for 14), 3 x 3 ones
+// (4 for 6), 2 x 2 ones do not (3 for 4: a row would compute a third more scores for a few
+// percent fewer loads). Each dilation group's indices in order, so consecutive items share lines.
+struct RowPair {
+  int64_t x1, x1b;
+};
+
+inline std::vector<RowPair> axis1_rows(const AttentionParams& p, bool pairs) {
+  const AxisParams& a = p.axes[1];
+  std::vector<RowPair> rows;
+  for (int64_t g = 0; g < a.dilation; ++g) {
+    const int64_t n = group_length(a.length, a.dilation, g);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t x = g + j * a.dilation;
+      if (pairs && j + 1 < n) {
+        const IndexRange wa = key_window(a, x), wb = key_window(a, x + a.dilation);
+        if (10 * window_union(wa, wb).count <= 7 * (wa.count + wb.count)) {
+          rows.push_back({x, x + a.dilation});
+          ++j;
+          continue;
+        }
+      }
+      rows.push_back({x, -1});
+    }
+  }
+  return rows;
+}
+
 // Rows of heads [head0, head0 + n_heads) of a heads-last tensor as contiguous compute-type rows:
 // row of head head0 + i, token (x0, x1, x2) at base + i * sh + x0 * s[0] + x1 * s[1] + x2 * s[2].
 template <typename A>
@@ -352,12 +390,17 @@ struct ForwardKeys {
 
 template <typename A>
 struct ForwardScratch {
+  // Queries and outputs of up to kLaneRowsMax rows of kRows (the block kernels use the first).
   std::vector<A> q, o, s;
-  // Lane kernels: transposed queries, window scores, transposed output, line pointers.
+  // Lane kernels: transposed queries, window scores, transposed output, line pointers, the lines
+  // each row's window holds.
   std::vector<float> qt, lane_s, ot;
   std::vector<const float*> k_at, v_at;
+  std::vector<uint8_t> member;
   explicit ForwardScratch(const AttentionParams& p)
-      : q(kRows * p.head_dim), o(kRows * p.value_dim), s(kRows * kCols) {}
+      : q(kLaneRowsMax * kRows * p.head_dim),
+        o(kLaneRowsMax * kRows * p.value_dim),
+        s(kRows * kCols) {}
 };
 
 // Multiply-adds of the forward's product kernels, lane and block, over the whole problem per
@@ -392,7 +435,19 @@ inline void forward_kernel_macs(const AttentionParams& p, double* lane, double* 
     keys01 *= sum;
     queries01 *= static_cast<double>(p.axes[a].length);
   }
-  *lane = keys01 * lane_lines + queries01 * tiles * kRows * M * (D + Dv);
+  // The lane kernels visit, for each row of a two-row tile, the union of both rows' axis-1 lines.
+  double lane_keys1 = 0;
+  for (const RowPair& r : axis1_rows(p, true)) {
+    lane_keys1 += r.x1b < 0 ? static_cast<double>(key_window(p.axes[1], r.x1).count)
+                            : 2.0 * static_cast<double>(
+                                        window_union(key_window(p.axes[1], r.x1),
+                                                     key_window(p.axes[1], r.x1b)).count);
+  }
+  double keys0 = 0;
+  for (int64_t i = 0; i < p.axes[0].length; ++i) {
+    keys0 += static_cast<double>(key_window(p.axes[0], i).count);
+  }
+  *lane = keys0 * lane_keys1 * lane_lines + queries01 * tiles * kRows * M * (D + Dv);
   *block = keys01 * block_lines +
            queries01 * tiles * (std::ceil(M / kCols) * kCols * kRows * D + kRows * M * Dv);
 }
@@ -413,15 +468,20 @@ bool use_lane_forward(const AttentionParams& p) {
   return block > kLaneCostRatio * lane;
 }
 
-// forward_tile on the lane kernels (keys.v_lines set): scratch.q holds the tile's queries; leaves
-// the normalized output in scratch.o and the LSE in lse.
+// forward_tile on the lane kernels (keys.v_lines set) for the tile at axis-1 index rows.x1 and,
+// when rows.x1b >= 0, the same tile at rows.x1b (a two-row LaneTile): scratch.q holds row i's
+// queries at i * kRows * head_dim; leaves row i's normalized output in scratch.o at
+// i * kRows * value_dim and its LSE in lse + i * kRows.
 template <typename A>
 void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile& tile,
-                       int64_t x0, int64_t x1, const ForwardKeys<A>& keys,
+                       int64_t x0, const RowPair& rows, const ForwardKeys<A>& keys,
                        ForwardScratch<A>& scratch, A* lse, bool contained) {
   if constexpr (std::is_same_v<A, float>) {
     const int64_t D = p.head_dim, Dv = p.value_dim;
-    const IndexRange w0 = key_window(p.axes[0], x0), w1 = key_window(p.axes[1], x1);
+    const int n_rows = rows.x1b < 0 ? 1 : 2;
+    const IndexRange w0 = key_window(p.axes[0], x0), wa = key_window(p.axes[1], rows.x1);
+    const IndexRange wb = n_rows == 2 ? key_window(p.axes[1], rows.x1b) : wa;
+    const IndexRange w1 = window_union(wa, wb);
     // Lane r's window [lo, hi) in group positions; the offsets u span, over the tile's lanes,
     // the positions lo - (j0 + r) .. hi - 1 - (j0 + r) relative to the lane's own query.
     int64_t span_lo[kLanes], span_hi[kLanes];
@@ -439,24 +499,34 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
     const int64_t lines = w0.count * w1.count;
     scratch.k_at.resize(static_cast<size_t>(lines));
     scratch.v_at.resize(static_cast<size_t>(lines));
+    scratch.member.resize(static_cast<size_t>(lines));
     int64_t n = 0;
     for (int64_t i0 = 0; i0 < w0.count; ++i0) {
       const int64_t y0 = w0.first + i0 * w0.step;
       for (int64_t i1 = 0; i1 < w1.count; ++i1, ++n) {
-        const int64_t line = geo.line(y0, w1.first + i1 * w1.step, tile.group);
+        const int64_t y1 = w1.first + i1 * w1.step;
+        const int64_t line = geo.line(y0, y1, tile.group);
         scratch.k_at[n] = keys.k_lines + line * D * geo.ld + base;
         scratch.v_at[n] = keys.v_lines + line * Dv * geo.ld + base;
+        scratch.member[n] = static_cast<uint8_t>((wa.contains(y1) ? 1 : 0) |
+                                                 (n_rows == 2 && wb.contains(y1) ? 2 : 0));
       }
     }
-    scratch.qt.resize(static_cast<size_t>(D * kLanes));
-    for (int r = 0; r < kLanes; ++r) {
-      for (int64_t w = 0; w < D; ++w) scratch.qt[w * kLanes + r] = scratch.q[r * D + w];
+    scratch.qt.resize(static_cast<size_t>(n_rows * D * kLanes));
+    for (int i = 0; i < n_rows; ++i) {
+      const float* q = scratch.q.data() + i * kRows * D;
+      float* qt = scratch.qt.data() + i * D * kLanes;
+      for (int r = 0; r < kLanes; ++r) {
+        for (int64_t w = 0; w < D; ++w) qt[w * kLanes + r] = q[r * D + w];
+      }
     }
-    scratch.lane_s.resize(static_cast<size_t>((lines * offsets + p.num_additional) * kLanes));
-    scratch.ot.resize(static_cast<size_t>(Dv * kLanes));
-    const LaneTile t{scratch.qt.data(), D, Dv, scratch.k_at.data(), scratch.v_at.data(), lines,
-                     geo.ld, base, offsets, lo, hi, keys.add_kt, p.num_additional + kCols,
-                     keys.add_v, p.num_additional, static_cast<float>(p.scale), contained};
+    scratch.lane_s.resize(
+        static_cast<size_t>(n_rows * (lines * offsets + p.num_additional) * kLanes));
+    scratch.ot.resize(static_cast<size_t>(n_rows * Dv * kLanes));
+    const LaneTile t{n_rows, scratch.qt.data(), D, Dv, scratch.k_at.data(), scratch.v_at.data(),
+                     lines, geo.ld, n_rows == 2 ? scratch.member.data() : nullptr, base, offsets,
+                     lo, hi, keys.add_kt, p.num_additional + kCols, keys.add_v, p.num_additional,
+                     static_cast<float>(p.scale), contained};
     lane_forward(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
   }
 }
@@ -511,7 +581,7 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
     u_hi = std::max(u_hi, hi[r]);
   }
   A* o = scratch.o.data();
-  std::fill(scratch.o.begin(), scratch.o.end(), A(0));
+  std::fill(o, o + kRows * Dv, A(0));
   const int64_t v_step = geo.dilation * keys.v.s[2];
   for (int64_t i0 = 0; i0 < w0.count; ++i0) {
     const int64_t y0 = w0.first + i0 * w0.step;
@@ -550,39 +620,59 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
 }
 
 // forward_tile for every query tile of the query heads of kv head kvh of batch b, on nt threads
-// (items: head, x0, x1, last-axis tile, so consecutive items share most of their keys); each
-// result goes to done(h, x0, x1, tile, scratch, lse) with the output in scratch.o.
+// (items: head, x0, axis-1 rows (axis1_rows: pairs on the lane kernels), last-axis tile, so
+// consecutive items share most of their keys); each row's result goes to done(h, x0, x1, tile,
+// o, lse) with its output rows o[r * value_dim + w] and LSE lse[r].
 template <typename T, typename A, typename F>
 void forward_tiles(const AttentionParams& p, const Geometry& geo,
                    const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh,
                    const ForwardKeys<A>& keys, std::vector<ForwardScratch<A>>& scratch, int nt,
                    F&& done) {
+  const bool lanes = keys.v_lines != nullptr;
+  const std::vector<RowPair> rows1 = axis1_rows(p, lanes);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
-  const int64_t per_head = geo.len[0] * geo.len[1] * n_tiles;
+  const int64_t n_rows1 = static_cast<int64_t>(rows1.size());
+  const int64_t per_head = geo.len[0] * n_rows1 * n_tiles;
   const T* q = static_cast<const T*>(p.q.data);
   parallel_for(nt, p.heads_per_kv() * per_head, [&](int64_t item, int thread) {
     const int64_t h = kvh * p.heads_per_kv() + item / per_head;
     const AxisTile& tile = tiles[item % n_tiles];
-    const int64_t x01 = (item % per_head) / n_tiles;
-    const int64_t x0 = x01 / geo.len[1], x1 = x01 % geo.len[1];
+    const int64_t unit = (item % per_head) / n_tiles;
+    const int64_t x0 = unit / n_rows1;
+    const RowPair& rows = rows1[unit % n_rows1];
+    const int n_rows = rows.x1b < 0 ? 1 : 2;
     ForwardScratch<A>& s = scratch[thread];
-    load_tile(q, p.q.stride, b, h, x0, x1, tile, geo, p.head_dim, s.q.data());
-    A tile_lse[kRows];
+    load_tile(q, p.q.stride, b, h, x0, rows.x1, tile, geo, p.head_dim, s.q.data());
+    if (n_rows == 2) {
+      load_tile(q, p.q.stride, b, h, x0, rows.x1b, tile, geo, p.head_dim,
+                s.q.data() + kRows * p.head_dim);
+    }
+    A tile_lse[kLaneRowsMax * kRows];
     const auto run = [&](bool contained) {
-      if (keys.v_lines != nullptr) {
-        lane_forward_tile(p, geo, tile, x0, x1, keys, s, tile_lse, contained);
+      if (lanes) {
+        lane_forward_tile(p, geo, tile, x0, rows, keys, s, tile_lse, contained);
       } else {
-        forward_tile(p, geo, tile, h, x0, x1, keys, s, tile_lse, contained);
+        forward_tile(p, geo, tile, h, x0, rows.x1, keys, s, tile_lse, contained);
       }
+    };
+    const auto finite = [&] {
+      for (int i = 0; i < n_rows; ++i) {
+        if (!all_finite(s.o.data() + i * kRows * p.value_dim, tile.count * p.value_dim) ||
+            !all_finite(tile_lse + i * kRows, tile.count)) {
+          return false;
+        }
+      }
+      return true;
     };
     run(false);
     // A non-finite input among the chunk's keys or values may have reached rows whose window
     // does not hold it (0 * NaN in block_accumulate or lane_forward): recompute such a tile
     // contained.
-    if (!all_finite(s.o.data(), tile.count * p.value_dim) || !all_finite(tile_lse, tile.count)) {
-      run(true);
+    if (!finite()) run(true);
+    for (int i = 0; i < n_rows; ++i) {
+      done(h, x0, i == 0 ? rows.x1 : rows.x1b, tile, s.o.data() + i * kRows * p.value_dim,
+           tile_lse + i * kRows);
     }
-    done(h, x0, x1, tile, s, tile_lse);
   });
 }
 

@@ -58,10 +58,10 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
                             v_lines};
   forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt,
                    [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
-                       const ForwardScratch<A>& s, const A* tile_lse) {
+                       const A* o, const A* tile_lse) {
                      for (int64_t r = 0; r < tile.count; ++r) {
                        const int64_t x[3] = {x0, x1, tile.index(geo, r)};
-                       store_row(s.o.data() + r * Dv, Dv,
+                       store_row(o + r * Dv, Dv,
                                  out + token_offset(p.out.stride, b, x) + h * p.out.stride[4],
                                  p.out.stride[5]);
                        lse[token_offset(p.lse.stride, b, x) + h * p.lse.stride[4]] =

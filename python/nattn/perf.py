@@ -283,7 +283,10 @@ def cpu_forward_flops(problem, kernels: Optional[str] = None) -> int:
       its window at offsets ``u`` relative to its own position ``j0 + r``; the tile visits every
       offset of the union of its real lanes' offset ranges, ``T`` of them, each one ``R``-lane
       multiply-add per depth for the scores and per value column for ``P V``: ``R T (D + D_v)``
-      per key line, plus ``R M (D + D_v)`` for the additional tokens.
+      per key line, plus ``R M (D + D_v)`` for the additional tokens. Neighbouring indices of
+      axis 1 (the second-to-last spatial axis) whose windows share most key lines run as one
+      two-row tile (cpu_tiles.h ``axis1_rows``: 10 x union <= 7 x the two windows' sum); each
+      of its rows visits the union of the two rows' lines on that axis.
 
     Softmax and exp work is not counted, so this over the matmul rate is a lower bound on the
     kernel's time (on a device whose product kernels run no faster than its dense matmul).
