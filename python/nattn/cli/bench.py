@@ -310,8 +310,8 @@ def _footer(device, backward: bool, scaling: List[Dict], hidden: List[str]) -> L
         "with the same mask as a block mask (the fastest of its mask_mod forms, named: "
         "lookup tables, a dense mask or arithmetic; cli/peers.py), or NATTEN's public API "
         "with its defaults (optional, nattn[peers]; 'absent' when not installed); the "
-        "implementations of a problem are timed round-robin; * marks the backend nattn's "
-        "auto picks; "
+        "implementations of a problem are timed round-robin, the order rotated by one each "
+        "round; * marks the backend nattn's auto picks; "
         f"ms / us: median time of one call; {unit}: needed FLOPs (attended pairs only) per "
         "second; %mm: that rate as a percentage of the device's measured matmul ceiling; "
         "%bound: the tightest lower bound on time (below) as a percentage of the time "
@@ -480,10 +480,11 @@ def _scaling(results: List[Dict], device, warmup: int, repeats: int,
             caps.append(peers.repeats_for(time.perf_counter() - t0, repeats))
             if caps[-1] == repeats:
                 common.time_calls(fn, device, max(warmup - 1, 0), 0)
-        for rnd in range(repeats):
-            for i, fn in enumerate(all_fns):
+        for rnd in range(repeats):  # rotated by one each round (peers.measure_interleaved)
+            shift = rnd % len(all_fns)
+            for i in list(range(shift, len(all_fns))) + list(range(shift)):
                 if rnd < caps[i]:
-                    times[i] += common.time_calls(fn, device, 0, 1)
+                    times[i] += common.time_calls(all_fns[i], device, 0, 1)
         med = [common.median(t) for t in times]
         row = {"small": small, "large": large, "token_ratio": tokens,
                "small_s": med[0], "large_s": med[1], "time_ratio": med[1] / med[0],

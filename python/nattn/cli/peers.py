@@ -180,7 +180,14 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
     """Rows as ``common.measure`` makes them, timed round-robin: after each implementation's
     warm-up, repeat r times one call of every implementation in turn, so that all of them see
     the same machine (this VM's speed drifts by tens of percent within minutes). Medians. An
-    implementation slower than SLOW_CALL_S a call takes part in SLOW_REPEATS rounds only."""
+    implementation slower than SLOW_CALL_S a call takes part in SLOW_REPEATS rounds only.
+
+    The order rotates by one implementation each round (round r starts at the r-th, modulo the
+    count), so that every implementation follows each of the others equally often: a call's
+    time depends on the one before it. On the 2-core CI VM, a call right after NATTEN's
+    2-second CPU forward took 1.5-2.4x as long as the next one (nattn's 64 x 64 forward 15-19
+    against 7-9 ms; FlexAttention's +3 ms, SDPA's +10 ms), and in a fixed order the first
+    implementation always followed the last."""
     rows = []
     for impl in impls:
         row = common.measure(impl, device, warmup=0, repeats=0, backward=False) \
@@ -218,7 +225,8 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
             except Exception as exc:  # noqa: BLE001
                 _fail(row, key, exc)
         for rnd in range(repeats):
-            for fn, row, cap in live:
+            shift = rnd % len(live) if live else 0
+            for fn, row, cap in live[shift:] + live[:shift]:
                 if row.get(f"{key}_failed") or rnd >= cap:
                     continue
                 try:
