@@ -345,3 +345,31 @@ def test_kernel_tile_shape():
                                                list(cpu.kv_tile))[1]
     gpu = perf.kernel_tile_shape(p, "cuda")
     assert gpu == perf.recommend_tile_shape(p)
+
+
+def test_timed_calls_run_with_the_garbage_collector_paused():
+    """perf.time_calls and the interleaved bench rounds time each call with gc off (as timeit
+    does), and leave the collector as they found it."""
+    import gc
+
+    from nattn.cli import common, peers
+
+    seen = []
+
+    def fn():
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    perf.time_calls(fn, torch.device("cpu"), warmup=1, repeats=2)
+    assert seen == [True, False, False] and gc.isenabled()  # the warm-up call is not timed
+    seen.clear()
+    peers.measure_interleaved([common.Impl(name="a", kind="x", forward=fn)],
+                              torch.device("cpu"), warmup=1, repeats=2, backward=False)
+    assert seen == [True, False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        with perf.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off before: stays off
+    finally:
+        gc.enable()

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .. import reference
+from .. import perf, reference
 from ..problems import NamedProblem
 from . import common
 
@@ -187,7 +187,8 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
     time depends on the one before it. On the 2-core CI VM, a call right after NATTEN's
     2-second CPU forward took 1.5-2.4x as long as the next one (nattn's 64 x 64 forward 15-19
     against 7-9 ms; FlexAttention's +3 ms, SDPA's +10 ms), and in a fixed order the first
-    implementation always followed the last."""
+    implementation always followed the last. Each timed call runs with Python's garbage
+    collector paused (``perf.gc_paused``), as ``timeit`` times its calls."""
     rows = []
     for impl in impls:
         row = common.measure(impl, device, warmup=0, repeats=0, backward=False) \
@@ -231,10 +232,11 @@ def measure_interleaved(impls: Sequence[common.Impl], device: torch.device, warm
                     continue
                 try:
                     common.synchronize(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    common.synchronize(device)
-                    row[f"{key}_times"].append(time.perf_counter() - t0)
+                    with perf.gc_paused():
+                        t0 = time.perf_counter()
+                        fn()
+                        common.synchronize(device)
+                        row[f"{key}_times"].append(time.perf_counter() - t0)
                 except Exception as exc:  # noqa: BLE001
                     _fail(row, key, exc)
         for _, row, _ in live:
