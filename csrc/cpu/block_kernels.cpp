@@ -20,8 +20,9 @@
 #endif
 #define NATTN_INLINE inline __attribute__((always_inline))
 // The same for a lambda's call operator: a lambda does not inherit its enclosing function's
-// target attribute, so one GCC leaves out of line is compiled at the baseline level (a two-row
-// P V lambda ran at SSE2 width and took a quarter of the 64 x 64 forward until marked so).
+// target attribute, so one GCC leaves out of line is compiled at the baseline level (in a build
+// of the two-row lane kernels before the lambdas were marked, their P V lambda ran at SSE2 width
+// and took a quarter of the 64 x 64 forward).
 #define NATTN_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace nattn::cpu {
@@ -482,7 +483,8 @@ NATTN_INLINE void for_chunks(int64_t n, F&& f) {
   if (chunks == 0) return;
   const int64_t size = (n + chunks - 1) / chunks;
   for (int64_t c0 = 0; c0 < n; c0 += size) {
-    with_count<kMax>(std::min<int64_t>(size, n - c0), [&](auto count) NATTN_LAMBDA_INLINE { f(c0, count); });
+    with_count<kMax>(std::min<int64_t>(size, n - c0),
+                     [&](auto count) NATTN_LAMBDA_INLINE { f(c0, count); });
   }
 }
 
@@ -672,7 +674,9 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
     float* oi = o + i * kLanes * t.value_dim;
     const float* oti = ot + i * os;
     for (int r = 0; r < kLanes; ++r) {
-      for (int64_t w = 0; w < t.value_dim; ++w) oi[r * t.value_dim + w] = oti[w * kLanes + r] * inv[r];
+      for (int64_t w = 0; w < t.value_dim; ++w) {
+        oi[r * t.value_dim + w] = oti[w * kLanes + r] * inv[r];
+      }
     }
   }
 }
