@@ -23,6 +23,9 @@ namespace {
 // only on the problem shape and their partial sums are added in part order: deterministic.
 constexpr int64_t kAdditionalPartQueries = 1024;
 
+// store_dk_dv asks for the output rows this many tokens ahead of the one it stores.
+constexpr int64_t kStorePrefetchRows = 4;
+
 // Most memory the fused schedule's per-thread group storage may take (bytes, all threads).
 constexpr int64_t kFusedStorageBudget = int64_t{1} << 30;
 
@@ -56,6 +59,8 @@ A dot_fixed_order(const A* a, const A* b, int64_t n) {
 template <typename A>
 struct BackwardScratch {
   std::vector<A> a, b, acc_a, acc_b, s, dp;
+  // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
+  std::vector<A> at, bt, s_lanes, dp_lanes;
   explicit BackwardScratch(const AttentionParams& p)
       : a(kRows * p.head_dim),
         b(kRows * p.value_dim),
@@ -65,24 +70,37 @@ struct BackwardScratch {
         dp(kRows * kCols) {}
 };
 
+// dst[w * kRows + r] = src[r * width + w]: a tile's rows as the lane kernels' operand.
+template <typename A>
+void transpose_tile(const A* src, int64_t width, std::vector<A>& dst) {
+  dst.resize(static_cast<size_t>(width * kRows));
+  for (int r = 0; r < kRows; ++r) {
+    for (int64_t w = 0; w < width; ++w) dst[w * kRows + r] = src[r * width + w];
+  }
+}
+
 // One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
 // With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
 // out the same way) receives dS. `contained`: dS K restricted to each row's keys
 // (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
+// `probs_ready`: s and dp already hold P and dS (dq_tile's lane path, no bias), so only the
+// accumulation runs.
 template <typename A>
 void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt, const A* vt,
               int64_t ld, const A* k_rows, int64_t k_step, int64_t n, const int64_t* clo,
               const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp,
-              const A* bias, A* d_bias, bool contained) {
+              const A* bias, A* d_bias, bool contained, bool probs_ready) {
   static constexpr A kZeros[kCols] = {};
   A scale = static_cast<A>(p.scale);
-  block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
-  if (bias != nullptr) {
-    block_add_bias(s, scale, bias, -1);
-    scale = A(1);
+  if (!probs_ready) {
+    block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
+    if (bias != nullptr) {
+      block_add_bias(s, scale, bias, -1);
+      scale = A(1);
+    }
+    block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
+    block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
   }
-  block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
-  block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
   // Masked entries of dS are exactly 0 (P = exp(-inf)), so the whole block may be added.
   if (d_bias != nullptr) block_add_bias_grad(dp, d_bias, -1);
   if (contained) {
@@ -158,7 +176,8 @@ class Backward {
             1, (kAdditionalPartQueries + geo_.group_max - 1) / geo_.group_max)),
         n_parts_((geo_.lines + lines_per_part_ - 1) / lines_per_part_),
         m_tiles_((M_ + kRows - 1) / kRows),
-        partial_size_(kRows * (D_ + Dv_)) {
+        partial_size_(kRows * (D_ + Dv_)),
+        dq_lanes_(std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available()) {
     if (p_.has_rpb()) setup_rpb();
   }
 
@@ -240,33 +259,37 @@ class Backward {
   // compute-type stats laid out like the packed lines ([b][h][line][t], zero padded to ld), so
   // that a chunk of kCols queries reads them contiguously. The stored lse is fp32; fp64
   // recomputes it per group so that fp64 gradients keep fp64 accuracy.
+  // Items are (batch, x0, x1) with the heads innermost, so that a heads-last O and dO are read
+  // in memory order (per-head items read one row in every `heads`, a strided stream that costs
+  // about twice the time at 4 heads).
   void compute_row_stats(int nt) {
     row_lse_.assign(static_cast<size_t>(p_.batch * p_.heads * geo_.lines * geo_.ld), A(0));
     row_delta_.assign(row_lse_.size(), A(0));
     const T* out = static_cast<const T*>(p_.out.data);
     const T* d_out = static_cast<const T*>(p_.d_out.data);
-    parallel_for(nt, p_.batch * p_.heads * n_x01_, [&](int64_t item, int) {
-      const int64_t bh = item / n_x01_, x01 = item % n_x01_;
-      const int64_t b = bh / p_.heads, h = bh % p_.heads;
+    parallel_for(nt, p_.batch * n_x01_, [&](int64_t item, int) {
+      const int64_t b = item / n_x01_, x01 = item % n_x01_;
       std::vector<A> o_row(static_cast<size_t>(Dv_)), do_row(static_cast<size_t>(Dv_));
       for (int64_t x2 = 0; x2 < geo_.len[2]; ++x2) {
         const int64_t x[3] = {x01 / geo_.len[1], x01 % geo_.len[1], x2};
-        load_row(out + token_offset(p_.out.stride, b, x) + h * p_.out.stride[4],
-                 p_.out.stride[5], Dv_, o_row.data());
-        load_row(d_out + token_offset(p_.d_out.stride, b, x) + h * p_.d_out.stride[4],
-                 p_.d_out.stride[5], Dv_, do_row.data());
-        A dl = dot_fixed_order(o_row.data(), do_row.data(), Dv_);
-        if (p_.d_lse.data != nullptr) {  // lse is an output too: d lse_i / d s_ij = P_ij
-          dl -= static_cast<const float*>(
-              p_.d_lse.data)[token_offset(p_.d_lse.stride, b, x) + h * p_.d_lse.stride[4]];
+        const int64_t line = geo_.line(x[0], x[1], x2 % geo_.dilation);
+        for (int64_t h = 0; h < p_.heads; ++h) {
+          load_row(out + token_offset(p_.out.stride, b, x) + h * p_.out.stride[4],
+                   p_.out.stride[5], Dv_, o_row.data());
+          load_row(d_out + token_offset(p_.d_out.stride, b, x) + h * p_.d_out.stride[4],
+                   p_.d_out.stride[5], Dv_, do_row.data());
+          A dl = dot_fixed_order(o_row.data(), do_row.data(), Dv_);
+          if (p_.d_lse.data != nullptr) {  // lse is an output too: d lse_i / d s_ij = P_ij
+            dl -= static_cast<const float*>(
+                p_.d_lse.data)[token_offset(p_.d_lse.stride, b, x) + h * p_.d_lse.stride[4]];
+          }
+          static_cast<float*>(p_.delta.data)[token_offset(p_.delta.stride, b, x) +
+                                             h * p_.delta.stride[4]] = static_cast<float>(dl);
+          const int64_t at = stats_line(b, h, line) + x2 / geo_.dilation;
+          row_delta_[at] = dl;
+          row_lse_[at] = static_cast<const float*>(
+              p_.lse.data)[token_offset(p_.lse.stride, b, x) + h * p_.lse.stride[4]];
         }
-        static_cast<float*>(p_.delta.data)[token_offset(p_.delta.stride, b, x) +
-                                           h * p_.delta.stride[4]] = static_cast<float>(dl);
-        const int64_t at = stats_line(b, h, geo_.line(x[0], x[1], x2 % geo_.dilation)) +
-                           x2 / geo_.dilation;
-        row_delta_[at] = dl;
-        row_lse_[at] = static_cast<const float*>(
-            p_.lse.data)[token_offset(p_.lse.stride, b, x) + h * p_.lse.stride[4]];
       }
     });
   }
@@ -301,7 +324,7 @@ class Backward {
           make_rows(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_rows_store);
       const ForwardKeys<A> keys{k_lines, v_rows, st.add_kt.data(), st.add_v_rows.data(),
                                 p_.has_rpb() ? &bias_ : nullptr};
-      forward_tiles<T>(p_, geo_, tiles_, b, kvh, keys, st.fwd_scratch, nt,
+      forward_tiles<T>(p_, geo_, tiles_, b, kvh, keys, st.fwd_scratch, nt, false,
                        [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                            const A*, const A* tile_lse) {
                          A* dst = row_lse_.data() +
@@ -324,6 +347,18 @@ class Backward {
       const int64_t h = kvh * hpk_ + item / per_head;
       const AxisTile& tile = tiles_[item % n_tiles_];
       const int64_t x01 = (item % per_head) / n_tiles_;
+      if (item + 1 < hpk_ * per_head) {  // this thread's next item, in the usual case
+        const int64_t nh = kvh * hpk_ + (item + 1) / per_head;
+        const int64_t nx01 = ((item + 1) % per_head) / n_tiles_;
+        const AxisTile& next = tiles_[(item + 1) % n_tiles_];
+        const int64_t nx0 = nx01 / geo_.len[1], nx1 = nx01 % geo_.len[1];
+        prefetch_tile<false>(static_cast<const T*>(p_.q.data), p_.q.stride, b, nh, nx0, nx1,
+                             next, geo_, D_);
+        prefetch_tile<false>(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, nh, nx0,
+                             nx1, next, geo_, Dv_);
+        prefetch_tile<true>(static_cast<const T*>(p_.dq.data), p_.dq.stride, b, nh, nx0, nx1,
+                            next, geo_, D_);
+      }
       dq_tile(b, h, x01 / geo_.len[1], x01 % geo_.len[1], tile, k_lines, v_lines, k_rows, st,
               st.scratch[thread], fused ? &kg : nullptr, d_bias);
     };
@@ -468,6 +503,40 @@ class Backward {
     }
     const int64_t k_step = geo_.dilation * k_rows.s[2];
     A* dq = s.acc_a.data();
+    // Lanes (fp32 at the AVX2 and AVX-512 levels, no bias): S, dP, P and dS of each key line for
+    // every window offset u of the rows, row r at position base + u + r, one vector lane per row
+    // (lane_line_scores, lane_line_probs), then copied into each chunk's blocks for the three
+    // accumulations: the rows' own keys only (7 of a 16-key chunk's at window 7) instead of two
+    // whole kRows x kCols block products and a block of probabilities. Each entry is the same
+    // sequence of roundings as in block_dot and block_backward_probs, so P and dS stay
+    // bit-identical to the key-side walk's (Backward: the two schedules). Where the windows are
+    // wide, the blocks waste little and run faster per multiply-add (kLaneCostRatio).
+    int64_t base = 0, offsets = 0;
+    bool lanes = false;
+    int32_t lane_lo[kRows] = {}, lane_hi[kRows] = {};
+    if constexpr (std::is_same_v<A, float>) {
+      if (dq_lanes_ && u_hi > u_lo) {
+        base = std::numeric_limits<int64_t>::max();
+        int64_t end = std::numeric_limits<int64_t>::min();
+        for (int r = 0; r < tile.count; ++r) {
+          base = std::min(base, lo[r] - r);
+          end = std::max(end, hi[r] - r);
+        }
+        offsets = end - base;
+        const int64_t block_cols = (u_hi - u_lo + kCols - 1) / kCols * kCols;
+        lanes = static_cast<double>(block_cols) > kLaneCostRatio * static_cast<double>(offsets);
+      }
+      if (lanes) {
+        for (int r = 0; r < tile.count; ++r) {
+          lane_lo[r] = static_cast<int32_t>(lo[r]);
+          lane_hi[r] = static_cast<int32_t>(hi[r]);
+        }
+        transpose_tile(s.a.data(), D_, s.at);
+        transpose_tile(s.b.data(), Dv_, s.bt);
+        s.s_lanes.resize(static_cast<size_t>(offsets * kRows));
+        s.dp_lanes.resize(s.s_lanes.size());
+      }
+    }
     // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
     // to each row's keys; dk, dv and d_rpb are not touched again (contain_key_gradients repairs
     // dk, dv; dS itself is exact either way).
@@ -490,15 +559,36 @@ class Backward {
             b_line = bias_.forward.data() + off;
             db_line = bias_into + (off - bias_.lines_offset(h, 0, 0));
           }
+          if constexpr (std::is_same_v<A, float>) {
+            if (lanes) {
+              lane_line_scores(s.at.data(), D_, kt + base, geo_.ld, offsets, s.s_lanes.data());
+              lane_line_scores(s.bt.data(), Dv_, vt + base, geo_.ld, offsets,
+                               s.dp_lanes.data());
+              lane_line_probs(s.s_lanes.data(), s.dp_lanes.data(), offsets, base, lane_lo,
+                              lane_hi, static_cast<float>(p_.scale), lse, delta);
+            }
+          }
           for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
             const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
             chunk_spans(lo, hi, c0, n, clo, chi);
+            if (lanes) {  // row r's key c0 + c is at offset c0 + c - base - r
+              std::fill(s.s.begin(), s.s.end(), A(0));
+              std::fill(s.dp.begin(), s.dp.end(), A(0));
+              for (int r = 0; r < tile.count; ++r) {
+                const A* sl = s.s_lanes.data() + (c0 - base - r) * kRows + r;
+                const A* dl = s.dp_lanes.data() + (c0 - base - r) * kRows + r;
+                for (int64_t c = clo[r]; c < chi[r]; ++c) {
+                  s.s[r * kCols + c] = sl[c * kRows];
+                  s.dp[r * kCols + c] = dl[c * kRows];
+                }
+              }
+            }
             const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
                                                                          tile.j0, c0);
             dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
                      k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
                      b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr,
-                     contained);
+                     contained, lanes);
             if (into != nullptr) {  // s.s holds P, s.dp holds dS
               const int64_t row = key_row0 + geo_.dilation * c0;
               block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
@@ -518,7 +608,7 @@ class Backward {
         dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
                  M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
                  s.s.data(), s.dp.data(), static_cast<const A*>(nullptr),
-                 static_cast<A*>(nullptr), contained);
+                 static_cast<A*>(nullptr), contained, false);
         if (into == nullptr) continue;
         // Into the partial sums of (tile of kRows additional tokens, part of this query line).
         const int64_t part = geo_.line(x0, x1, tile.group) / lines_per_part_;
@@ -655,6 +745,12 @@ class Backward {
     parallel_for(nt, n_x01_, [&](int64_t x01, int) {
       for (int64_t x2 = 0; x2 < geo_.len[2]; ++x2) {
         const int64_t x[3] = {x01 / geo_.len[1], x01 % geo_.len[1], x2};
+        if (x2 + kStorePrefetchRows < geo_.len[2] && p_.dk.stride[5] == 1 &&
+            p_.dv.stride[5] == 1) {  // the rows a few tokens ahead, for write
+          const int64_t y[3] = {x[0], x[1], x2 + kStorePrefetchRows};
+          prefetch_row<true>(dk + token_offset(p_.dk.stride, b, y) + kvh * p_.dk.stride[4], D_);
+          prefetch_row<true>(dv + token_offset(p_.dv.stride, b, y) + kvh * p_.dv.stride[4], Dv_);
+        }
         A* dk_row = st.dk_acc.data() + (x01 * geo_.len[2] + x2) * D_;
         for (int64_t w = 0; w < D_; ++w) dk_row[w] *= scale;
         store_row(dk_row, D_, dk + token_offset(p_.dk.stride, b, x) + kvh * p_.dk.stride[4],
@@ -688,6 +784,7 @@ class Backward {
   const std::vector<AxisTile> tiles_;
   const int64_t n_tiles_, n_x01_, D_, Dv_, M_, hpk_;
   const int64_t lines_per_part_, n_parts_, m_tiles_, partial_size_;
+  const bool dq_lanes_;  // dq_tile may run its scores and probabilities on lanes
   std::vector<A> row_lse_, row_delta_;
   // rpb only: the bias tables, and the d_rpb partials [batch][heads][part][head_size].
   BiasTable<A> bias_;

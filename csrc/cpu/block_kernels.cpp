@@ -681,6 +681,45 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
   }
 }
 
+// block_kernels.h: lane_line_scores. kLaneChunk<1> offsets per call (their accumulators, the
+// query vector and the key vector fit AVX2's 16 registers).
+NATTN_INLINE void lane_line_scores_impl(const float* qt, int64_t depth, const float* k,
+                                        int64_t ld, int64_t offsets, float* s) {
+  for_chunks<kLaneChunk<1>>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot<decltype(n)::value, 1>(qt, 0, depth, k + u0, ld, s + u0 * kLanes, 0);
+  });
+}
+
+// block_kernels.h: lane_line_probs. The expressions of block_backward_probs_impl (fp32), lane r
+// in the place of row r with zero column terms, so that both round alike.
+NATTN_INLINE void lane_line_probs_impl(float* s, float* dp, int64_t offsets, int64_t base,
+                                       const int32_t* lo_r, const int32_t* hi_r, float scale,
+                                       const float* lse_r, const float* delta_r) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  M8 lo, hi, lane;
+  L8 lse, delta;
+  std::memcpy(&lo, lo_r, sizeof lo);
+  std::memcpy(&hi, hi_r, sizeof hi);
+  load8(lse, lse_r);
+  load8(delta, delta_r);
+  lse = lse + L8{};  // row + column term (0) as in the block kernel
+  delta = delta + L8{};
+  for (int r = 0; r < kLanes; ++r) lane[r] = r;
+  for (int64_t u = 0; u < offsets; ++u) {
+    const M8 pos = lane + static_cast<int32_t>(base + u);
+    const M8 valid = (pos >= lo) & (pos < hi);
+    L8 x, d, p, g;
+    load8(x, s + u * kLanes);
+    load8(d, dp + u * kLanes);
+    x = x * scale - lse;
+    select(x, valid, x, L8{} + kNegInf);
+    exp_fp32(p, x);
+    store8(s + u * kLanes, p);
+    select(g, valid, p * (d - delta), L8{});
+    store8(dp + u * kLanes, g);
+  }
+}
+
 NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, float* o,
                                     float* lse) {
   if (t.rows == 2) {
@@ -763,19 +802,25 @@ struct Kernels {
 NATTN_LEVEL(baseline, , 16, 16)
 NATTN_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))), 32, 16)
 NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
-// The lane kernel at the levels whose registers hold 8 fp32 lanes (SSE would split each vector).
-namespace avx2 {
-__attribute__((target("arch=x86-64-v3"))) void lane(const LaneTile& t, float* s, float* ot,
-                                                    float* o, float* lse) {
-  lane_forward_rows(t, s, ot, o, lse);
-}
-}  // namespace avx2
-namespace avx512 {
-__attribute__((target("arch=x86-64-v4"))) void lane(const LaneTile& t, float* s, float* ot,
-                                                    float* o, float* lse) {
-  lane_forward_rows(t, s, ot, o, lse);
-}
-}  // namespace avx512
+// The lane kernels at the levels whose registers hold 8 fp32 lanes (SSE would split each
+// vector).
+#define NATTN_LANE_LEVEL(NS, ATTR)                                                              \
+  namespace NS {                                                                               \
+  ATTR void lane(const LaneTile& t, float* s, float* ot, float* o, float* lse) {               \
+    lane_forward_rows(t, s, ot, o, lse);                                                       \
+  }                                                                                            \
+  ATTR void line_scores(const float* qt, int64_t depth, const float* k, int64_t ld,            \
+                        int64_t offsets, float* s) {                                           \
+    lane_line_scores_impl(qt, depth, k, ld, offsets, s);                                       \
+  }                                                                                            \
+  ATTR void line_probs(float* s, float* dp, int64_t offsets, int64_t base, const int32_t* lo,   \
+                       const int32_t* hi, float scale, const float* lse, const float* delta) { \
+    lane_line_probs_impl(s, dp, offsets, base, lo, hi, scale, lse, delta);                     \
+  }                                                                                            \
+  }
+NATTN_LANE_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))))
+NATTN_LANE_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))))
+#undef NATTN_LANE_LEVEL
 #else
 NATTN_LEVEL(baseline, , 16, 32)
 #endif
@@ -849,14 +894,27 @@ const Kernels& kernels_for(CpuIsa isa) {
 const Kernels* g_kernels = &baseline::kKernels;
 using LaneFn = void (*)(const LaneTile&, float*, float*, float*, float*);
 LaneFn g_lane = nullptr;  // the lane kernel of the chosen level, or null (baseline)
+using LineScoresFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+LineScoresFn g_line_scores = nullptr;  // the same level's lane_line_scores
+using LineProbsFn = void (*)(float*, float*, int64_t, int64_t, const int32_t*, const int32_t*,
+                            float, const float*, const float*);
+LineProbsFn g_line_probs = nullptr;  // and lane_line_probs
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
     const CpuIsa chosen = choose_isa();
     g_kernels = &kernels_for(chosen);
 #if NATTN_X86
-    if (chosen == CpuIsa::kAvx512) g_lane = avx512::lane;
-    if (chosen == CpuIsa::kAvx2) g_lane = avx2::lane;
+    if (chosen == CpuIsa::kAvx512) {
+      g_lane = avx512::lane;
+      g_line_scores = avx512::line_scores;
+      g_line_probs = avx512::line_probs;
+    }
+    if (chosen == CpuIsa::kAvx2) {
+      g_lane = avx2::lane;
+      g_line_scores = avx2::line_scores;
+      g_line_probs = avx2::line_probs;
+    }
 #endif
     return chosen;
   }();
@@ -873,6 +931,15 @@ bool lane_kernels_available() {
 }
 void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse) {
   g_lane(t, s, ot, o, lse);
+}
+
+void lane_line_scores(const float* qt, int64_t depth, const float* k, int64_t ld,
+                      int64_t offsets, float* s) {
+  g_line_scores(qt, depth, k, ld, offsets, s);
+}
+void lane_line_probs(float* s, float* dp, int64_t offsets, int64_t base, const int32_t* lo,
+                     const int32_t* hi, float scale, const float* lse, const float* delta) {
+  g_line_probs(s, dp, offsets, base, lo, hi, scale, lse, delta);
 }
 
 void block_dot(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t depth,

@@ -141,6 +141,22 @@ struct Rows {
   Rows head(int64_t i) const { return Rows{base + i * sh, sh, {s[0], s[1], s[2]}}; }
 };
 
+// Asks the cache for n dense elements at `row` (to be read, or written: then in exclusive state,
+// so that the stores do not wait for the line to arrive), so that a cold row arrives while other
+// work runs. A head's rows of a heads-last tensor are one in every `heads` rows, a stride the
+// hardware prefetchers do not follow ahead of time.
+template <bool kWrite, typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* at = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(at + i, kWrite ? 1 : 0, 3);
+    // GCC deletes a loop whose body has no side effect (C++ forward progress), and a prefetch
+    // has none: an empty volatile asm statement keeps the loop.
+    asm volatile("");
+  }
+}
+
 // Rows of heads [head0, head0 + n_heads) of batch b: read in place when the tensor already holds
 // compute-type elements whose rows are dense (contiguous last dimension, consecutive tokens
 // adjacent: one head's rows form one block), else gathered into `storage`. Heads-last tensors
@@ -198,6 +214,11 @@ const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t hea
     // every element landing in a different line.
     for (int64_t t0 = 0; t0 < n; t0 += kCols) {
       const int64_t count = std::min<int64_t>(kCols, n - t0);
+      if (stride[5] == 1) {  // the next block's source rows (the rows of one head are strided)
+        for (int64_t t = t0 + kCols; t < std::min(n, t0 + 2 * kCols); ++t) {
+          prefetch_row<false>(src + t * t_step, width);
+        }
+      }
       int64_t w = 0;
 #if defined(__SSE2__)
       // fp32 rows with contiguous elements: 4 x 4 blocks through SSE registers (every x86-64
@@ -269,6 +290,18 @@ void load_tile(const T* data, const int64_t* stride, int64_t b, int64_t head, in
     } else {
       std::fill(dst + r * width, dst + (r + 1) * width, A(0));
     }
+  }
+}
+
+// prefetch_row for the rows load_tile reads (kWrite: the rows a tile's results are stored to);
+// dense rows (unit element stride) only.
+template <bool kWrite, typename T>
+void prefetch_tile(const T* data, const int64_t* stride, int64_t b, int64_t head, int64_t x0,
+                   int64_t x1, const AxisTile& tile, const Geometry& geo, int64_t width) {
+  if (stride[5] != 1) return;
+  const T* base = data + b * stride[0] + x0 * stride[1] + x1 * stride[2] + head * stride[4];
+  for (int64_t r = 0; r < tile.count; ++r) {
+    prefetch_row<kWrite>(base + tile.index(geo, r) * stride[3], width);
   }
 }
 
@@ -622,25 +655,48 @@ void forward_tile(const AttentionParams& p, const Geometry& geo, const AxisTile&
 // forward_tile for every query tile of the query heads of kv head kvh of batch b, on nt threads
 // (items: head, x0, axis-1 rows (axis1_rows: pairs on the lane kernels), last-axis tile, so
 // consecutive items share most of their keys); each row's result goes to done(h, x0, x1, tile,
-// o, lse) with its output rows o[r * value_dim + w] and LSE lse[r].
+// o, lse) with its output rows o[r * value_dim + w] and LSE lse[r]. `stores_out`: done stores o
+// into p.out (asked for ahead, for write, with the next item's q rows).
 template <typename T, typename A, typename F>
 void forward_tiles(const AttentionParams& p, const Geometry& geo,
                    const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh,
                    const ForwardKeys<A>& keys, std::vector<ForwardScratch<A>>& scratch, int nt,
-                   F&& done) {
+                   bool stores_out, F&& done) {
   const bool lanes = keys.v_lines != nullptr;
   const std::vector<RowPair> rows1 = axis1_rows(p, lanes);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size());
   const int64_t n_rows1 = static_cast<int64_t>(rows1.size());
   const int64_t per_head = geo.len[0] * n_rows1 * n_tiles;
+  const int64_t items = p.heads_per_kv() * per_head;
   const T* q = static_cast<const T*>(p.q.data);
-  parallel_for(nt, p.heads_per_kv() * per_head, [&](int64_t item, int thread) {
-    const int64_t h = kvh * p.heads_per_kv() + item / per_head;
-    const AxisTile& tile = tiles[item % n_tiles];
+  struct Item {
+    int64_t h, x0;
+    const AxisTile* tile;
+    const RowPair* rows;
+  };
+  const auto decode = [&](int64_t item) {
     const int64_t unit = (item % per_head) / n_tiles;
-    const int64_t x0 = unit / n_rows1;
-    const RowPair& rows = rows1[unit % n_rows1];
+    return Item{kvh * p.heads_per_kv() + item / per_head, unit / n_rows1, &tiles[item % n_tiles],
+                &rows1[unit % n_rows1]};
+  };
+  parallel_for(nt, items, [&](int64_t item, int thread) {
+    const Item it = decode(item);
+    const int64_t h = it.h, x0 = it.x0;
+    const AxisTile& tile = *it.tile;
+    const RowPair& rows = *it.rows;
     const int n_rows = rows.x1b < 0 ? 1 : 2;
+    if (item + 1 < items) {  // this thread's next item, in the usual case
+      const Item next = decode(item + 1);
+      for (const int64_t x1 : {next.rows->x1, next.rows->x1b}) {
+        if (x1 < 0) continue;
+        prefetch_tile<false>(q, p.q.stride, b, next.h, next.x0, x1, *next.tile, geo,
+                             p.head_dim);
+        if (stores_out) {
+          prefetch_tile<true>(static_cast<const T*>(p.out.data), p.out.stride, b, next.h,
+                              next.x0, x1, *next.tile, geo, p.value_dim);
+        }
+      }
+    }
     ForwardScratch<A>& s = scratch[thread];
     load_tile(q, p.q.stride, b, h, x0, rows.x1, tile, geo, p.head_dim, s.q.data());
     if (n_rows == 2) {

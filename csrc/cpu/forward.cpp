@@ -56,7 +56,7 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
                            : nullptr;
   const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data(), bias,
                             v_lines};
-  forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt,
+  forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt, true,
                    [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                        const A* o, const A* tile_lse) {
                      for (int64_t r = 0; r < tile.count; ++r) {
