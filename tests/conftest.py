@@ -39,3 +39,19 @@ def run_attention(fn, c, inputs, grads):
     loss = (out * g_out).sum() + (lse * g_lse).sum()
     params = [t for t in leaves if t is not None]
     return [out, lse] + list(torch.autograd.grad(loss, params))
+
+
+def cpu_problem(shape, kernel_size, stride=1, dilation=1, is_causal=False, num_additional=0,
+                head_dim=1, value_dim=1):
+    """A one-head fp32 CPU ``nattn.backends.Problem`` of spatial ``shape``; kernel_size, stride,
+    dilation and is_causal are one value for every axis or a tuple per axis."""
+    from nattn.backends import Problem
+
+    def per_axis(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x,) * len(shape)
+
+    return Problem(batch=1, spatial_shape=tuple(shape), heads=1, kv_heads=1, head_dim=head_dim,
+                   value_dim=value_dim, kernel_size=per_axis(kernel_size),
+                   stride=per_axis(stride), dilation=per_axis(dilation),
+                   is_causal=per_axis(is_causal), num_additional=num_additional,
+                   dtype=torch.float32, device=torch.device("cpu"), requires_grad=False)

@@ -10,8 +10,9 @@ import torch
 
 from nattn import perf, problems
 from nattn._native import _C
-from nattn.backends import Problem
 from nattn.cli import common
+
+from conftest import cpu_problem
 
 pytestmark = pytest.mark.skipif(_C is None, reason="needs the native module")
 
@@ -21,12 +22,9 @@ pytestmark = pytest.mark.skipif(_C is None, reason="needs the native module")
 SLACK = 0.9
 
 
-def _problem(shape, k, d=1, dilation=1, causal=False, m=0, head_dim=1, value_dim=1):
-    r = len(shape)
-    return Problem(batch=1, spatial_shape=shape, heads=1, kv_heads=1, head_dim=head_dim,
-                   value_dim=value_dim, kernel_size=(k,) * r, stride=(1,) * r,
-                   dilation=(dilation,) * r, is_causal=(causal,) * r, num_additional=m,
-                   dtype=torch.float32, device=torch.device("cpu"), requires_grad=False)
+def _problem(shape, k, dilation=1, causal=False, m=0, head_dim=1, value_dim=1):
+    return cpu_problem(shape, k, dilation=dilation, is_causal=causal, num_additional=m,
+                       head_dim=head_dim, value_dim=value_dim)
 
 
 def test_cpu_forward_flops_block_kernels_by_hand():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nattn
-from conftest import run_attention as run
+from conftest import cpu_problem, run_attention as run
 from nattn import _native
 
 
@@ -260,18 +260,11 @@ PAIRED_CASES = [
 ]
 
 
-def _kernels(shape, kernel_size, stride, dilation, dim, dim_v, is_causal=None):
+def _kernels(shape, kernel_size, stride, dilation, dim, dim_v, is_causal=False):
     """The product kernels ("lane" or "block") the fp32 CPU forward runs for this shape."""
     from nattn import perf
-    from nattn.backends import Problem
-
-    r = len(shape)
-    return perf.cpu_forward_kernels(Problem(
-        batch=1, spatial_shape=shape, heads=1, kv_heads=1, head_dim=dim, value_dim=dim_v,
-        kernel_size=kernel_size, stride=stride, dilation=dilation,
-        is_causal=is_causal or (False,) * r,
-        num_additional=0, dtype=torch.float32, device=torch.device("cpu"),
-        requires_grad=False))
+    return perf.cpu_forward_kernels(cpu_problem(shape, kernel_size, stride, dilation, is_causal,
+                                                head_dim=dim, value_dim=dim_v))
 
 
 @pytest.mark.parametrize("c", PAIRED_CASES)

@@ -90,13 +90,6 @@ inline void tile_spans(const AttentionParams& p, const Geometry& geo, const Axis
   }
 }
 
-// The key lines of two windows of one axis at indices of the same dilation group (same step):
-// from the first line of either to the last of either.
-inline IndexRange window_union(const IndexRange& a, const IndexRange& b) {
-  const int64_t first = std::min(a.first, b.first), last = std::max(a.last(), b.last());
-  return IndexRange{first, (last - first) / a.step + 1, a.step};
-}
-
 // The indices of axis 1 one forward item computes: x1 alone (x1b = -1) or x1 and x1b, the next
 // index of its dilation group, as one two-row lane tile (block_kernels.h: LaneTile). Pairs are
 // formed only for the lane kernels (`pairs`) and where the two windows share most of their lines:

@@ -65,6 +65,15 @@ NATTN_HOST_DEVICE int64_t floor_div(int64_t a, int64_t b) {
 NATTN_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 }  // namespace detail
 
+// The indices of two windows of one axis at indices of the same dilation group (the same step):
+// from the first index of either to the last of either (the CPU forward pairs two queries of
+// axis 1 when this union is small, cpu_tiles.h: axis1_rows).
+NATTN_HOST_DEVICE IndexRange window_union(const IndexRange& a, const IndexRange& b) {
+  const int64_t first = detail::min64(a.first, b.first);
+  const int64_t last = detail::max64(a.last(), b.last());
+  return IndexRange{first, (last - first) / a.step + 1, a.step};
+}
+
 // Tokens in dilation group g of an axis of length L with dilation d.
 NATTN_HOST_DEVICE int64_t group_length(int64_t length, int64_t dilation, int64_t group) {
   return (length - group + dilation - 1) / dilation;
