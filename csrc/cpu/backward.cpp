@@ -106,7 +106,7 @@ void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt,
   if (contained) {
     block_accumulate_spans(dp, clo, chi, k_rows, k_step, p.head_dim, dq, p.head_dim);
   } else {
-    block_accumulate(dp, n, k_rows, k_step, p.head_dim, dq, p.head_dim);
+    block_accumulate(dp, n, k_rows, k_step, p.head_dim, dq, p.head_dim, clo, chi);
   }
 }
 
@@ -131,8 +131,8 @@ void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, c
     block_accumulate_spans(s, clo, chi, do_rows, do_step, p.value_dim, dv, p.value_dim);
     block_accumulate_spans(dp, clo, chi, q_rows, q_step, p.head_dim, dk, p.head_dim);
   } else {
-    block_accumulate(s, n, do_rows, do_step, p.value_dim, dv, p.value_dim);
-    block_accumulate(dp, n, q_rows, q_step, p.head_dim, dk, p.head_dim);
+    block_accumulate(s, n, do_rows, do_step, p.value_dim, dv, p.value_dim, clo, chi);
+    block_accumulate(dp, n, q_rows, q_step, p.head_dim, dk, p.head_dim, clo, chi);
   }
 }
 
@@ -592,9 +592,9 @@ class Backward {
             if (into != nullptr) {  // s.s holds P, s.dp holds dS
               const int64_t row = key_row0 + geo_.dilation * c0;
               block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
-                                          into->dv + row * Dv_, geo_.dilation * Dv_);
+                                          into->dv + row * Dv_, geo_.dilation * Dv_, clo, chi);
               block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, into->dk + row * D_,
-                                          geo_.dilation * D_);
+                                          geo_.dilation * D_, clo, chi);
             }
           }
         }

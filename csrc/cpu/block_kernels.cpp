@@ -85,17 +85,54 @@ NATTN_INLINE void block_dot_impl(const A* a, int64_t lda, const A* bt, int64_t l
 // Output row r, term c reads p[r * kCols + c], or p[c * kCols + r] when kTransposedP. Only the
 // first `rows` rows of o are read and written (the others are computed on zeros and dropped,
 // so the FMA loop keeps its fixed shape).
+// Band (clo, chi not null): entry (i, j) of the p block is 0 unless clo[i] <= j < chi[i] (the
+// masked P and dS of the backward), so each pass runs only over the terms that are nonzero for
+// one of its rows: [min clo, max chi) of its rows, or (kTransposedP, output rows are the block's
+// columns key0 + r) the block rows whose span meets those columns. The terms left out are exact
+// zeros, and an accumulator that starts at +0 and changes only by fused multiply-adds is never
+// -0, so adding them would not change a bit: the sums are those of the whole block.
 template <int kRowPass, int kBytes, bool kTransposedP = false, typename A>
 NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
-                                        int64_t width, A* o, int64_t ldo, int rows = kRows) {
+                                        int64_t width, A* o, int64_t ldo, int rows = kRows,
+                                        const int64_t* clo = nullptr,
+                                        const int64_t* chi = nullptr, int64_t key0 = 0) {
   using V = Vec<A, kBytes>;
   constexpr int kN = V::kPerPanel;
   // Column panels of kCols: a kRowPass x kCols accumulator block stays in registers across the
   // n rows of b (row_pass); the last, partial panel (width not a multiple of kCols) runs a
   // scalar loop. Each output element sees the same sequence of FMAs whatever kRowPass is.
+  int64_t t_begin[kRows], t_end[kRows];  // per pass
+  for (int r0 = 0; r0 < rows; r0 += kRowPass) {
+    int64_t lo = 0, hi = n;
+    if (clo != nullptr) {
+      const int last = std::min(rows, r0 + kRowPass);
+      lo = n;
+      hi = 0;
+      if constexpr (kTransposedP) {
+        for (int64_t t = 0; t < n; ++t) {
+          if (clo[t] < key0 + last && chi[t] > key0 + r0) {
+            lo = std::min(lo, t);
+            hi = t + 1;
+          }
+        }
+      } else {
+        for (int r = r0; r < last; ++r) {
+          if (clo[r] < chi[r]) {
+            lo = std::min(lo, clo[r]);
+            hi = std::max(hi, chi[r]);
+          }
+        }
+        hi = std::min(hi, n);
+      }
+    }
+    t_begin[r0 / kRowPass] = lo;
+    t_end[r0 / kRowPass] = hi;
+  }
   int64_t w0 = 0;
   for (; w0 + kCols <= width; w0 += kCols) {
     for (int r0 = 0; r0 < rows; r0 += kRowPass) {
+      const int64_t c_begin = t_begin[r0 / kRowPass], c_end = t_end[r0 / kRowPass];
+      if (c_begin >= c_end) continue;
       // Loops over all kRowPass rows with the row test inside, so that they unroll with
       // constant indices and acc stays in registers.
       typename V::type acc[kRowPass][kN];
@@ -108,7 +145,7 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
           }
         }
       }
-      for (int64_t c = 0; c < n; ++c) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
         typename V::type b_row[kN];
         for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
         for (int r = 0; r < kRowPass; ++r) {
@@ -141,12 +178,12 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
 // holds the same values.
 template <int kRowPass, int kBytes, typename A>
 NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const A* b,
-                                                   int64_t ldb, int64_t width, A* o,
-                                                   int64_t ldo) {
+                                                   int64_t ldb, int64_t width, A* o, int64_t ldo,
+                                                   const int64_t* clo, const int64_t* chi) {
   for (int c0 = 0; c0 < n; c0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - c0));
     block_accumulate_impl<kRowPass, kBytes, true>(p + c0, kRows, b, ldb, width, o + c0 * ldo,
-                                                  ldo, rows);
+                                                  ldo, rows, clo, chi, c0);
   }
 }
 
@@ -742,13 +779,14 @@ NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, floa
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,           \
-                int64_t ldo) {                                                                 \
-    block_accumulate_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo);                   \
+                int64_t ldo, const int64_t* clo, const int64_t* chi) {                         \
+    block_accumulate_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo, kRows, clo, chi);  \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc_t(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,         \
-                  int64_t ldo) {                                                               \
-    block_accumulate_transposed_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo);        \
+                  int64_t ldo, const int64_t* clo, const int64_t* chi) {                       \
+    block_accumulate_transposed_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo, clo,    \
+                                                          chi);                                \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void softmax(A* s, const int64_t* clo, const int64_t* chi, A scale, A* m, A* l,         \
@@ -780,10 +818,14 @@ NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, floa
 struct Kernels {
   void (*dot_f)(const float*, int64_t, const float*, int64_t, int64_t, float*);
   void (*dot_d)(const double*, int64_t, const double*, int64_t, int64_t, double*);
-  void (*acc_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-  void (*acc_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t);
-  void (*acc_t_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
-  void (*acc_t_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t);
+  void (*acc_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+                const int64_t*, const int64_t*);
+  void (*acc_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t,
+                const int64_t*, const int64_t*);
+  void (*acc_t_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+                  const int64_t*, const int64_t*);
+  void (*acc_t_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t,
+                  const int64_t*, const int64_t*);
   void (*softmax_f)(float*, const int64_t*, const int64_t*, float, float*, float*, float*);
   void (*softmax_d)(double*, const int64_t*, const int64_t*, double, double*, double*, double*);
   void (*probs_f)(float*, const float*, const int64_t*, const int64_t*, float, const float*,
@@ -951,20 +993,22 @@ void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int6
   g_kernels->dot_d(a, lda, bt, ldb, depth, s);
 }
 void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
-                      float* o, int64_t ldo) {
-  g_kernels->acc_f(p, n, b, ldb, width, o, ldo);
+                      float* o, int64_t ldo, const int64_t* clo, const int64_t* chi) {
+  g_kernels->acc_f(p, n, b, ldb, width, o, ldo, clo, chi);
 }
 void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
-                      double* o, int64_t ldo) {
-  g_kernels->acc_d(p, n, b, ldb, width, o, ldo);
+                      double* o, int64_t ldo, const int64_t* clo, const int64_t* chi) {
+  g_kernels->acc_d(p, n, b, ldb, width, o, ldo, clo, chi);
 }
 void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
-                                 int64_t width, float* o, int64_t ldo) {
-  g_kernels->acc_t_f(p, n, b, ldb, width, o, ldo);
+                                 int64_t width, float* o, int64_t ldo, const int64_t* clo,
+                                 const int64_t* chi) {
+  g_kernels->acc_t_f(p, n, b, ldb, width, o, ldo, clo, chi);
 }
 void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
-                                 int64_t width, double* o, int64_t ldo) {
-  g_kernels->acc_t_d(p, n, b, ldb, width, o, ldo);
+                                 int64_t width, double* o, int64_t ldo, const int64_t* clo,
+                                 const int64_t* chi) {
+  g_kernels->acc_t_d(p, n, b, ldb, width, o, ldo, clo, chi);
 }
 void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi, float scale,
                           float* m, float* l, float* corr) {
