@@ -23,6 +23,9 @@ namespace {
 // only on the problem shape and their partial sums are added in part order: deterministic.
 constexpr int64_t kAdditionalPartQueries = 1024;
 
+// Zero window offsets kept on either side of the dq pass's lane scores (dq_tile).
+constexpr int64_t kLanePad = kRows;
+
 // store_dk_dv asks for the output rows this many tokens ahead of the one it stores.
 constexpr int64_t kStorePrefetchRows = 4;
 
@@ -83,24 +86,20 @@ void transpose_tile(const A* src, int64_t width, std::vector<A>& dst) {
 // With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
 // out the same way) receives dS. `contained`: dS K restricted to each row's keys
 // (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
-// `probs_ready`: s and dp already hold P and dS (dq_tile's lane path, no bias), so only the
-// accumulation runs.
 template <typename A>
 void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt, const A* vt,
               int64_t ld, const A* k_rows, int64_t k_step, int64_t n, const int64_t* clo,
               const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp,
-              const A* bias, A* d_bias, bool contained, bool probs_ready) {
+              const A* bias, A* d_bias, bool contained) {
   static constexpr A kZeros[kCols] = {};
   A scale = static_cast<A>(p.scale);
-  if (!probs_ready) {
-    block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
-    if (bias != nullptr) {
-      block_add_bias(s, scale, bias, -1);
-      scale = A(1);
-    }
-    block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
-    block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
+  block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
+  if (bias != nullptr) {
+    block_add_bias(s, scale, bias, -1);
+    scale = A(1);
   }
+  block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
+  block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
   // Masked entries of dS are exactly 0 (P = exp(-inf)), so the whole block may be added.
   if (d_bias != nullptr) block_add_bias_grad(dp, d_bias, -1);
   if (contained) {
@@ -514,6 +513,8 @@ class Backward {
     int64_t base = 0, offsets = 0;
     bool lanes = false;
     int32_t lane_lo[kRows] = {}, lane_hi[kRows] = {};
+    A* s_lane0 = nullptr;  // the lane scores at offset 0 (S, then P), when `lanes`
+    A* dp_lane0 = nullptr;  // and dP, then dS
     if constexpr (std::is_same_v<A, float>) {
       if (dq_lanes_ && u_hi > u_lo) {
         base = std::numeric_limits<int64_t>::max();
@@ -533,8 +534,12 @@ class Backward {
         }
         transpose_tile(s.a.data(), D_, s.at);
         transpose_tile(s.b.data(), Dv_, s.bt);
-        s.s_lanes.resize(static_cast<size_t>(offsets * kRows));
-        s.dp_lanes.resize(s.s_lanes.size());
+        // kLanePad zero offsets on either side: the accumulations read the lane layout as blocks
+        // (below), whose corners reach up to kRows - 1 offsets past either end.
+        s.s_lanes.assign(static_cast<size_t>((offsets + 2 * kLanePad) * kRows), A(0));
+        s.dp_lanes.assign(s.s_lanes.size(), A(0));
+        s_lane0 = s.s_lanes.data() + kLanePad * kRows;
+        dp_lane0 = s.dp_lanes.data() + kLanePad * kRows;
       }
     }
     // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
@@ -559,42 +564,45 @@ class Backward {
             b_line = bias_.forward.data() + off;
             db_line = bias_into + (off - bias_.lines_offset(h, 0, 0));
           }
+          const bool use_lanes = lanes && !contained;
           if constexpr (std::is_same_v<A, float>) {
-            if (lanes) {
-              lane_line_scores(s.at.data(), D_, kt + base, geo_.ld, offsets, s.s_lanes.data());
-              lane_line_scores(s.bt.data(), Dv_, vt + base, geo_.ld, offsets,
-                               s.dp_lanes.data());
-              lane_line_probs(s.s_lanes.data(), s.dp_lanes.data(), offsets, base, lane_lo,
-                              lane_hi, static_cast<float>(p_.scale), lse, delta);
+            if (use_lanes) {
+              lane_line_scores(s.at.data(), D_, kt + base, geo_.ld, offsets, s_lane0);
+              lane_line_scores(s.bt.data(), Dv_, vt + base, geo_.ld, offsets, dp_lane0);
+              lane_line_probs(s_lane0, dp_lane0, offsets, base, lane_lo, lane_hi,
+                              static_cast<float>(p_.scale), lse, delta);
             }
           }
           for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
             const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
             chunk_spans(lo, hi, c0, n, clo, chi);
-            if (lanes) {  // row r's key c0 + c is at offset c0 + c - base - r
-              std::fill(s.s.begin(), s.s.end(), A(0));
-              std::fill(s.dp.begin(), s.dp.end(), A(0));
-              for (int r = 0; r < tile.count; ++r) {
-                const A* sl = s.s_lanes.data() + (c0 - base - r) * kRows + r;
-                const A* dl = s.dp_lanes.data() + (c0 - base - r) * kRows + r;
-                for (int64_t c = clo[r]; c < chi[r]; ++c) {
-                  s.s[r * kCols + c] = sl[c * kRows];
-                  s.dp[r * kCols + c] = dl[c * kRows];
-                }
-              }
+            // P and dS as kRows x kCols blocks: computed here, or the lane layout read in place
+            // (row r's key c0 + c is offset c0 + c - base - r: entry (r, c) at (c0 - base) *
+            // kRows + r * (1 - kRows) + c * kRows, zero outside each row's window).
+            const A* p_blk = s.s.data();
+            const A* ds_blk = s.dp.data();
+            int64_t ps_r = kCols, ps_c = 1;
+            if (use_lanes) {
+              p_blk = s_lane0 + (c0 - base) * kRows;
+              ds_blk = dp_lane0 + (c0 - base) * kRows;
+              ps_r = 1 - kRows;
+              ps_c = kRows;
+              block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
+                               ps_c);
+            } else {
+              const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
+                                                                           tile.j0, c0);
+              dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
+                       k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
+                       b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr,
+                       contained);
             }
-            const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
-                                                                         tile.j0, c0);
-            dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
-                     k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
-                     b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr,
-                     contained, lanes);
-            if (into != nullptr) {  // s.s holds P, s.dp holds dS
+            if (into != nullptr) {
               const int64_t row = key_row0 + geo_.dilation * c0;
-              block_accumulate_transposed(s.s.data(), n, s.b.data(), Dv_, Dv_,
-                                          into->dv + row * Dv_, geo_.dilation * Dv_, clo, chi);
-              block_accumulate_transposed(s.dp.data(), n, s.a.data(), D_, D_, into->dk + row * D_,
-                                          geo_.dilation * D_, clo, chi);
+              block_accumulate_transposed(p_blk, n, s.b.data(), Dv_, Dv_, into->dv + row * Dv_,
+                                          geo_.dilation * Dv_, clo, chi, ps_r, ps_c);
+              block_accumulate_transposed(ds_blk, n, s.a.data(), D_, D_, into->dk + row * D_,
+                                          geo_.dilation * D_, clo, chi, ps_r, ps_c);
             }
           }
         }
@@ -608,7 +616,7 @@ class Backward {
         dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
                  M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
                  s.s.data(), s.dp.data(), static_cast<const A*>(nullptr),
-                 static_cast<A*>(nullptr), contained, false);
+                 static_cast<A*>(nullptr), contained);
         if (into == nullptr) continue;
         // Into the partial sums of (tile of kRows additional tokens, part of this query line).
         const int64_t part = geo_.line(x0, x1, tile.group) / lines_per_part_;

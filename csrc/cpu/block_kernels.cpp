@@ -95,7 +95,8 @@ template <int kRowPass, int kBytes, bool kTransposedP = false, typename A>
 NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
                                         int64_t width, A* o, int64_t ldo, int rows = kRows,
                                         const int64_t* clo = nullptr,
-                                        const int64_t* chi = nullptr, int64_t key0 = 0) {
+                                        const int64_t* chi = nullptr, int64_t key0 = 0,
+                                        int64_t ps_r = kCols, int64_t ps_c = 1) {
   using V = Vec<A, kBytes>;
   constexpr int kN = V::kPerPanel;
   // Column panels of kCols: a kRowPass x kCols accumulator block stays in registers across the
@@ -149,7 +150,8 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
         typename V::type b_row[kN];
         for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
         for (int r = 0; r < kRowPass; ++r) {
-          const A p_rc = kTransposedP ? p[c * kCols + r0 + r] : p[(r0 + r) * kCols + c];
+          const A p_rc =
+              kTransposedP ? p[c * ps_r + (r0 + r) * ps_c] : p[(r0 + r) * ps_r + c * ps_c];
           for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
         }
       }
@@ -165,7 +167,7 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
   for (int r = 0; r < rows; ++r) {
     A* o_row = o + r * ldo + w0;
     for (int64_t c = 0; c < n; ++c) {
-      const A p_rc = kTransposedP ? p[c * kCols + r] : p[r * kCols + c];
+      const A p_rc = kTransposedP ? p[c * ps_r + r * ps_c] : p[r * ps_r + c * ps_c];
       const A* b_row = b + c * ldb + w0;
       for (int64_t w = 0; w < tail; ++w) o_row[w] += p_rc * b_row[w];
     }
@@ -179,11 +181,13 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
 template <int kRowPass, int kBytes, typename A>
 NATTN_INLINE void block_accumulate_transposed_impl(const A* p, int64_t n, const A* b,
                                                    int64_t ldb, int64_t width, A* o, int64_t ldo,
-                                                   const int64_t* clo, const int64_t* chi) {
+                                                   const int64_t* clo, const int64_t* chi,
+                                                   int64_t ps_r, int64_t ps_c) {
   for (int c0 = 0; c0 < n; c0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, n - c0));
-    block_accumulate_impl<kRowPass, kBytes, true>(p + c0, kRows, b, ldb, width, o + c0 * ldo,
-                                                  ldo, rows, clo, chi, c0);
+    block_accumulate_impl<kRowPass, kBytes, true>(p + c0 * ps_c, kRows, b, ldb, width,
+                                                  o + c0 * ldo, ldo, rows, clo, chi, c0, ps_r,
+                                                  ps_c);
   }
 }
 
@@ -779,14 +783,17 @@ NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, floa
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,           \
-                int64_t ldo, const int64_t* clo, const int64_t* chi) {                         \
-    block_accumulate_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo, kRows, clo, chi);  \
+                int64_t ldo, const int64_t* clo, const int64_t* chi, int64_t ps_r,             \
+                int64_t ps_c) {                                                                \
+    block_accumulate_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo, kRows, clo, chi,   \
+                                               0, ps_r, ps_c);                                 \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void acc_t(const A* p, int64_t n, const A* b, int64_t ldb, int64_t width, A* o,         \
-                  int64_t ldo, const int64_t* clo, const int64_t* chi) {                       \
+                  int64_t ldo, const int64_t* clo, const int64_t* chi, int64_t ps_r,           \
+                  int64_t ps_c) {                                                              \
     block_accumulate_transposed_impl<kPass<A>, REG_BYTES>(p, n, b, ldb, width, o, ldo, clo,    \
-                                                          chi);                                \
+                                                          chi, ps_r, ps_c);                    \
   }                                                                                            \
   template <typename A>                                                                        \
   ATTR void softmax(A* s, const int64_t* clo, const int64_t* chi, A scale, A* m, A* l,         \
@@ -819,13 +826,13 @@ struct Kernels {
   void (*dot_f)(const float*, int64_t, const float*, int64_t, int64_t, float*);
   void (*dot_d)(const double*, int64_t, const double*, int64_t, int64_t, double*);
   void (*acc_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
-                const int64_t*, const int64_t*);
+                const int64_t*, const int64_t*, int64_t, int64_t);
   void (*acc_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t,
-                const int64_t*, const int64_t*);
+                const int64_t*, const int64_t*, int64_t, int64_t);
   void (*acc_t_f)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t,
-                  const int64_t*, const int64_t*);
+                  const int64_t*, const int64_t*, int64_t, int64_t);
   void (*acc_t_d)(const double*, int64_t, const double*, int64_t, int64_t, double*, int64_t,
-                  const int64_t*, const int64_t*);
+                  const int64_t*, const int64_t*, int64_t, int64_t);
   void (*softmax_f)(float*, const int64_t*, const int64_t*, float, float*, float*, float*);
   void (*softmax_d)(double*, const int64_t*, const int64_t*, double, double*, double*, double*);
   void (*probs_f)(float*, const float*, const int64_t*, const int64_t*, float, const float*,
@@ -993,22 +1000,24 @@ void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int6
   g_kernels->dot_d(a, lda, bt, ldb, depth, s);
 }
 void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
-                      float* o, int64_t ldo, const int64_t* clo, const int64_t* chi) {
-  g_kernels->acc_f(p, n, b, ldb, width, o, ldo, clo, chi);
+                      float* o, int64_t ldo, const int64_t* clo, const int64_t* chi, int64_t ps_r,
+                      int64_t ps_c) {
+  g_kernels->acc_f(p, n, b, ldb, width, o, ldo, clo, chi, ps_r, ps_c);
 }
 void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
-                      double* o, int64_t ldo, const int64_t* clo, const int64_t* chi) {
-  g_kernels->acc_d(p, n, b, ldb, width, o, ldo, clo, chi);
+                      double* o, int64_t ldo, const int64_t* clo, const int64_t* chi, int64_t ps_r,
+                      int64_t ps_c) {
+  g_kernels->acc_d(p, n, b, ldb, width, o, ldo, clo, chi, ps_r, ps_c);
 }
 void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
                                  int64_t width, float* o, int64_t ldo, const int64_t* clo,
-                                 const int64_t* chi) {
-  g_kernels->acc_t_f(p, n, b, ldb, width, o, ldo, clo, chi);
+                                 const int64_t* chi, int64_t ps_r, int64_t ps_c) {
+  g_kernels->acc_t_f(p, n, b, ldb, width, o, ldo, clo, chi, ps_r, ps_c);
 }
 void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
                                  int64_t width, double* o, int64_t ldo, const int64_t* clo,
-                                 const int64_t* chi) {
-  g_kernels->acc_t_d(p, n, b, ldb, width, o, ldo, clo, chi);
+                                 const int64_t* chi, int64_t ps_r, int64_t ps_c) {
+  g_kernels->acc_t_d(p, n, b, ldb, width, o, ldo, clo, chi, ps_r, ps_c);
 }
 void block_online_softmax(float* s, const int64_t* clo, const int64_t* chi, float scale,
                           float* m, float* l, float* corr) {

@@ -38,12 +38,14 @@ void block_dot(const double* a, int64_t lda, const double* bt, int64_t ldb, int6
 // rows of b are contiguous (they may be rows of the caller's own tensor, read in place).
 // clo, chi (or null): p[r * kCols + c] is exactly 0 outside clo[r] <= c < chi[r] (masked P, dS),
 // so the kernel may leave out those terms; the result is the same bits (block_kernels.cpp).
+// ps_r, ps_c: entry (r, c) of the block is at p[r * ps_r + c * ps_c] (default: the kRows x kCols
+// block; the backward's lane layout reads it in place, block row r shifted by one lane per row).
 void block_accumulate(const float* p, int64_t n, const float* b, int64_t ldb, int64_t width,
                       float* o, int64_t ldo, const int64_t* clo = nullptr,
-                      const int64_t* chi = nullptr);
+                      const int64_t* chi = nullptr, int64_t ps_r = kCols, int64_t ps_c = 1);
 void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, int64_t width,
                       double* o, int64_t ldo, const int64_t* clo = nullptr,
-                      const int64_t* chi = nullptr);
+                      const int64_t* chi = nullptr, int64_t ps_r = kCols, int64_t ps_c = 1);
 
 // The same with p transposed: o[c * ldo + w] += sum_{r < kRows} p[r * kCols + c] * b[r * ldb + w]
 // for c < n (rows of o past n are not touched), clo and chi as above (spans of p's rows). Each o
@@ -51,10 +53,12 @@ void block_accumulate(const double* p, int64_t n, const double* b, int64_t ldb, 
 // transposed block.
 void block_accumulate_transposed(const float* p, int64_t n, const float* b, int64_t ldb,
                                  int64_t width, float* o, int64_t ldo,
-                                 const int64_t* clo = nullptr, const int64_t* chi = nullptr);
+                                 const int64_t* clo = nullptr, const int64_t* chi = nullptr,
+                                 int64_t ps_r = kCols, int64_t ps_c = 1);
 void block_accumulate_transposed(const double* p, int64_t n, const double* b, int64_t ldb,
                                  int64_t width, double* o, int64_t ldo,
-                                 const int64_t* clo = nullptr, const int64_t* chi = nullptr);
+                                 const int64_t* clo = nullptr, const int64_t* chi = nullptr,
+                                 int64_t ps_r = kCols, int64_t ps_c = 1);
 
 // Exponentials below use, for fp32, a vectorizable polynomial (about 2 ulp; results below
 // exp(-87) flush to 0) and, for fp64, std::exp for full accuracy.
