@@ -19,7 +19,7 @@ import time
 import torch
 
 import nattn
-from nattn import problems
+from nattn import perf, problems
 
 
 def _inputs(p, batch, rpb, dtype):
@@ -58,16 +58,18 @@ def variant(p, batch, rpb, backward, dtype=torch.float32):
 
 def interleaved(variants, warmup, rounds):
     """Times every callable of ``variants`` (a dict) once per round, in an order rotated per
-    round, so that load from other processes hits all variants alike; returns, per key, the
-    seconds of each of the ``rounds`` rounds after ``warmup`` untimed ones."""
+    round, so that load from other processes hits all variants alike, each call with Python's
+    garbage collector paused; returns, per key, the seconds of each of the ``rounds`` rounds
+    after ``warmup`` untimed ones."""
     keys = list(variants)
     times = {key: [] for key in keys}
     for r in range(warmup + rounds):
         order = keys[r % len(keys):] + keys[: r % len(keys)]
         for key in order:
-            t0 = time.perf_counter()
-            variants[key]()
-            dt = time.perf_counter() - t0
+            with perf.gc_paused():  # as bench times its calls
+                t0 = time.perf_counter()
+                variants[key]()
+                dt = time.perf_counter() - t0
             if r >= warmup:
                 times[key].append(dt)
     return times
