@@ -73,15 +73,6 @@ struct BackwardScratch {
         dp(kRows * kCols) {}
 };
 
-// dst[w * kRows + r] = src[r * width + w]: a tile's rows as the lane kernels' operand.
-template <typename A>
-void transpose_tile(const A* src, int64_t width, std::vector<A>& dst) {
-  dst.resize(static_cast<size_t>(width * kRows));
-  for (int r = 0; r < kRows; ++r) {
-    for (int64_t w = 0; w < width; ++w) dst[w * kRows + r] = src[r * width + w];
-  }
-}
-
 // One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
 // With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
 // out the same way) receives dS. `contained`: dS K restricted to each row's keys
@@ -342,24 +333,28 @@ class Backward {
     // dq: per query tile over its key windows, then the additional keys; fused, dk/dv on the
     // way (items in order on this thread: heads, then query lines, then positions).
     KeyGradients kg{st.dk_acc.data(), st.dv_acc.data(), st.add_partial.data()};
-    auto dq_item = [&](int64_t item, int thread, A* d_bias) {
-      const int64_t h = kvh * hpk_ + item / per_head;
-      const AxisTile& tile = tiles_[item % n_tiles_];
+    struct Item {
+      int64_t h, x0, x1;
+      const AxisTile* tile;
+    };
+    const auto decode = [&](int64_t item) {
       const int64_t x01 = (item % per_head) / n_tiles_;
+      return Item{kvh * hpk_ + item / per_head, x01 / geo_.len[1], x01 % geo_.len[1],
+                  &tiles_[item % n_tiles_]};
+    };
+    auto dq_item = [&](int64_t item, int thread, A* d_bias) {
+      const Item it = decode(item);
       if (item + 1 < hpk_ * per_head) {  // this thread's next item, in the usual case
-        const int64_t nh = kvh * hpk_ + (item + 1) / per_head;
-        const int64_t nx01 = ((item + 1) % per_head) / n_tiles_;
-        const AxisTile& next = tiles_[(item + 1) % n_tiles_];
-        const int64_t nx0 = nx01 / geo_.len[1], nx1 = nx01 % geo_.len[1];
-        prefetch_tile<false>(static_cast<const T*>(p_.q.data), p_.q.stride, b, nh, nx0, nx1,
-                             next, geo_, D_);
-        prefetch_tile<false>(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, nh, nx0,
-                             nx1, next, geo_, Dv_);
-        prefetch_tile<true>(static_cast<const T*>(p_.dq.data), p_.dq.stride, b, nh, nx0, nx1,
-                            next, geo_, D_);
+        const Item next = decode(item + 1);
+        prefetch_tile<false>(static_cast<const T*>(p_.q.data), p_.q.stride, b, next.h, next.x0,
+                             next.x1, *next.tile, geo_, D_);
+        prefetch_tile<false>(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, next.h,
+                             next.x0, next.x1, *next.tile, geo_, Dv_);
+        prefetch_tile<true>(static_cast<const T*>(p_.dq.data), p_.dq.stride, b, next.h, next.x0,
+                            next.x1, *next.tile, geo_, D_);
       }
-      dq_tile(b, h, x01 / geo_.len[1], x01 % geo_.len[1], tile, k_lines, v_lines, k_rows, st,
-              st.scratch[thread], fused ? &kg : nullptr, d_bias);
+      dq_tile(b, it.h, it.x0, it.x1, *it.tile, k_lines, v_lines, k_rows, st, st.scratch[thread],
+              fused ? &kg : nullptr, d_bias);
     };
     if (p_.has_rpb()) {
       // Items in d_rpb parts (setup_rpb): the same items in the same order on one thread (fused).
@@ -504,39 +499,31 @@ class Backward {
     A* dq = s.acc_a.data();
     // Lanes (fp32 at the AVX2 and AVX-512 levels, no bias): S, dP, P and dS of each key line for
     // every window offset u of the rows, row r at position base + u + r, one vector lane per row
-    // (lane_line_scores, lane_line_probs), then copied into each chunk's blocks for the three
-    // accumulations: the rows' own keys only (7 of a 16-key chunk's at window 7) instead of two
-    // whole kRows x kCols block products and a block of probabilities. Each entry is the same
+    // (lane_line_scores, lane_line_probs), which the three accumulations then read in place as
+    // blocks: the rows' own keys only (7 of a 16-key chunk's at window 7) instead of two whole
+    // kRows x kCols block products and a block of probabilities. Each entry is the same
     // sequence of roundings as in block_dot and block_backward_probs, so P and dS stay
     // bit-identical to the key-side walk's (Backward: the two schedules). Where the windows are
     // wide, the blocks waste little and run faster per multiply-add (kLaneCostRatio).
-    int64_t base = 0, offsets = 0;
+    LaneSpan span;
     bool lanes = false;
-    int32_t lane_lo[kRows] = {}, lane_hi[kRows] = {};
     A* s_lane0 = nullptr;  // the lane scores at offset 0 (S, then P), when `lanes`
     A* dp_lane0 = nullptr;  // and dP, then dS
     if constexpr (std::is_same_v<A, float>) {
       if (dq_lanes_ && u_hi > u_lo) {
-        base = std::numeric_limits<int64_t>::max();
-        int64_t end = std::numeric_limits<int64_t>::min();
-        for (int r = 0; r < tile.count; ++r) {
-          base = std::min(base, lo[r] - r);
-          end = std::max(end, hi[r] - r);
-        }
-        offsets = end - base;
+        span = lane_span(tile, lo, hi);
         const int64_t block_cols = (u_hi - u_lo + kCols - 1) / kCols * kCols;
-        lanes = static_cast<double>(block_cols) > kLaneCostRatio * static_cast<double>(offsets);
+        lanes = static_cast<double>(block_cols) >
+                kLaneCostRatio * static_cast<double>(span.offsets);
       }
       if (lanes) {
-        for (int r = 0; r < tile.count; ++r) {
-          lane_lo[r] = static_cast<int32_t>(lo[r]);
-          lane_hi[r] = static_cast<int32_t>(hi[r]);
-        }
-        transpose_tile(s.a.data(), D_, s.at);
-        transpose_tile(s.b.data(), Dv_, s.bt);
+        s.at.resize(static_cast<size_t>(D_ * kRows));
+        s.bt.resize(static_cast<size_t>(Dv_ * kRows));
+        transpose_tile(s.a.data(), D_, s.at.data());
+        transpose_tile(s.b.data(), Dv_, s.bt.data());
         // kLanePad zero offsets on either side: the accumulations read the lane layout as blocks
         // (below), whose corners reach up to kRows - 1 offsets past either end.
-        s.s_lanes.assign(static_cast<size_t>((offsets + 2 * kLanePad) * kRows), A(0));
+        s.s_lanes.assign(static_cast<size_t>((span.offsets + 2 * kLanePad) * kRows), A(0));
         s.dp_lanes.assign(s.s_lanes.size(), A(0));
         s_lane0 = s.s_lanes.data() + kLanePad * kRows;
         dp_lane0 = s.dp_lanes.data() + kLanePad * kRows;
@@ -567,9 +554,10 @@ class Backward {
           const bool use_lanes = lanes && !contained;
           if constexpr (std::is_same_v<A, float>) {
             if (use_lanes) {
-              lane_line_scores(s.at.data(), D_, kt + base, geo_.ld, offsets, s_lane0);
-              lane_line_scores(s.bt.data(), Dv_, vt + base, geo_.ld, offsets, dp_lane0);
-              lane_line_probs(s_lane0, dp_lane0, offsets, base, lane_lo, lane_hi,
+              lane_line_scores(s.at.data(), D_, kt + span.base, geo_.ld, span.offsets, s_lane0);
+              lane_line_scores(s.bt.data(), Dv_, vt + span.base, geo_.ld, span.offsets,
+                               dp_lane0);
+              lane_line_probs(s_lane0, dp_lane0, span.offsets, span.base, span.lo, span.hi,
                               static_cast<float>(p_.scale), lse, delta);
             }
           }
@@ -583,8 +571,8 @@ class Backward {
             const A* ds_blk = s.dp.data();
             int64_t ps_r = kCols, ps_c = 1;
             if (use_lanes) {
-              p_blk = s_lane0 + (c0 - base) * kRows;
-              ds_blk = dp_lane0 + (c0 - base) * kRows;
+              p_blk = s_lane0 + (c0 - span.base) * kRows;
+              ds_blk = dp_lane0 + (c0 - span.base) * kRows;
               ps_r = 1 - kRows;
               ps_c = kRows;
               block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,

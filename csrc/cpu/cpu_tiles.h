@@ -298,6 +298,36 @@ void prefetch_tile(const T* data, const int64_t* stride, int64_t b, int64_t head
   }
 }
 
+// A tile as the lane kernels see it (block_kernels.h: LaneTile): lane r's window [lo[r], hi[r])
+// in group positions (0, 0 past the tile), and the window offsets: lane r at offset u reads
+// position base + u + r, and u < offsets covers every lane's window. lo, hi: tile_spans.
+struct LaneSpan {
+  int64_t base = 0, offsets = 0;
+  int32_t lo[kLanes] = {}, hi[kLanes] = {};  // positions fit int32 (use_lane_forward)
+};
+inline LaneSpan lane_span(const AxisTile& tile, const int64_t* lo, const int64_t* hi) {
+  LaneSpan span;
+  int64_t first = std::numeric_limits<int64_t>::max(), end = std::numeric_limits<int64_t>::min();
+  for (int r = 0; r < kLanes; ++r) {
+    span.lo[r] = static_cast<int32_t>(lo[r]);
+    span.hi[r] = static_cast<int32_t>(hi[r]);
+    if (r >= tile.count) continue;
+    first = std::min(first, lo[r] - r);
+    end = std::max(end, hi[r] - r);
+  }
+  span.base = first;
+  span.offsets = end - first;
+  return span;
+}
+
+// dst[w * kRows + r] = src[r * width + w]: a tile's rows as the lane kernels' operand.
+template <typename A>
+void transpose_tile(const A* src, int64_t width, A* dst) {
+  for (int r = 0; r < kRows; ++r) {
+    for (int64_t w = 0; w < width; ++w) dst[w * kRows + r] = src[r * width + w];
+  }
+}
+
 // Per-row [lo, hi) of a tile, clipped to the chunk [c0, c0 + n) and made chunk-local.
 inline void chunk_spans(const int64_t* lo, const int64_t* hi, int64_t c0, int64_t n,
                         int64_t* clo, int64_t* chi) {
@@ -508,20 +538,10 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
     const IndexRange w0 = key_window(p.axes[0], x0), wa = key_window(p.axes[1], rows.x1);
     const IndexRange wb = n_rows == 2 ? key_window(p.axes[1], rows.x1b) : wa;
     const IndexRange w1 = window_union(wa, wb);
-    // Lane r's window [lo, hi) in group positions; the offsets u span, over the tile's lanes,
-    // the positions lo - (j0 + r) .. hi - 1 - (j0 + r) relative to the lane's own query.
     int64_t span_lo[kLanes], span_hi[kLanes];
     tile_spans(p, geo, tile, span_lo, span_hi);
-    int32_t lo[kLanes], hi[kLanes];  // use_lane_forward: positions fit int32
-    int64_t u_min = std::numeric_limits<int64_t>::max(), u_max = std::numeric_limits<int64_t>::min();
-    for (int r = 0; r < kLanes; ++r) {
-      lo[r] = static_cast<int32_t>(span_lo[r]);
-      hi[r] = static_cast<int32_t>(span_hi[r]);
-      if (r >= tile.count) continue;
-      u_min = std::min(u_min, span_lo[r] - (tile.j0 + r));
-      u_max = std::max(u_max, span_hi[r] - 1 - (tile.j0 + r));
-    }
-    const int64_t base = tile.j0 + u_min, offsets = u_max - u_min + 1;
+    const LaneSpan span = lane_span(tile, span_lo, span_hi);
+    const int64_t base = span.base, offsets = span.offsets;
     const int64_t lines = w0.count * w1.count;
     scratch.k_at.resize(static_cast<size_t>(lines));
     scratch.v_at.resize(static_cast<size_t>(lines));
@@ -540,19 +560,15 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
     }
     scratch.qt.resize(static_cast<size_t>(n_rows * D * kLanes));
     for (int i = 0; i < n_rows; ++i) {
-      const float* q = scratch.q.data() + i * kRows * D;
-      float* qt = scratch.qt.data() + i * D * kLanes;
-      for (int r = 0; r < kLanes; ++r) {
-        for (int64_t w = 0; w < D; ++w) qt[w * kLanes + r] = q[r * D + w];
-      }
+      transpose_tile(scratch.q.data() + i * kRows * D, D, scratch.qt.data() + i * D * kLanes);
     }
     scratch.lane_s.resize(
         static_cast<size_t>(n_rows * (lines * offsets + p.num_additional) * kLanes));
     scratch.ot.resize(static_cast<size_t>(n_rows * Dv * kLanes));
     const LaneTile t{n_rows, scratch.qt.data(), D, Dv, scratch.k_at.data(), scratch.v_at.data(),
                      lines, geo.ld, n_rows == 2 ? scratch.member.data() : nullptr, base, offsets,
-                     lo, hi, keys.add_kt, p.num_additional + kCols, keys.add_v, p.num_additional,
-                     static_cast<float>(p.scale), contained};
+                     span.lo, span.hi, keys.add_kt, p.num_additional + kCols, keys.add_v,
+                     p.num_additional, static_cast<float>(p.scale), contained};
     lane_forward(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
   }
 }
