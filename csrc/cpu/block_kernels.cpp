@@ -82,27 +82,23 @@ NATTN_INLINE void block_dot_impl(const A* a, int64_t lda, const A* bt, int64_t l
   }
 }
 
-// Output row r, term c reads p[r * kCols + c], or p[c * kCols + r] when kTransposedP. Only the
-// first `rows` rows of o are read and written (the others are computed on zeros and dropped,
-// so the FMA loop keeps its fixed shape).
-// Band (clo, chi not null): entry (i, j) of the p block is 0 unless clo[i] <= j < chi[i] (the
-// masked P and dS of the backward), so each pass runs only over the terms that are nonzero for
-// one of its rows: [min clo, max chi) of its rows, or (kTransposedP, output rows are the block's
-// columns key0 + r) the block rows whose span meets those columns. The terms left out are exact
-// zeros, and an accumulator that starts at +0 and changes only by fused multiply-adds is never
-// -0, so adding them would not change a bit: the sums are those of the whole block.
-template <int kRowPass, int kBytes, bool kTransposedP = false, typename A>
-NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
-                                        int64_t width, A* o, int64_t ldo, int rows = kRows,
-                                        const int64_t* clo = nullptr,
-                                        const int64_t* chi = nullptr, int64_t key0 = 0,
-                                        int64_t ps_r = kCols, int64_t ps_c = 1) {
+// Passes of kRowPass rows over kPanels adjacent column panels at once (kRowPass * kPanels *
+// kPerPanel accumulators), over the columns [w0, last full group of kPanels panels); returns
+// where it stopped. Narrow passes fit the band closer: a pass runs over the union of its rows'
+// spans, so 2-row passes over two panels execute fewer terms than 4-row passes over one with the
+// same registers (8 queries x 14 keys of a window-7 line: 64 row-terms instead of 80, 56 of them
+// nonzero).
+template <int kRowPass, int kPanels, int kBytes, bool kTransposedP, typename A>
+NATTN_INLINE int64_t accumulate_panels(const A* p, int64_t n, const A* b, int64_t ldb,
+                                       int64_t width, int64_t w0, A* o, int64_t ldo, int rows,
+                                       const int64_t* clo, const int64_t* chi, int64_t key0,
+                                       int64_t ps_r, int64_t ps_c) {
   using V = Vec<A, kBytes>;
-  constexpr int kN = V::kPerPanel;
-  // Column panels of kCols: a kRowPass x kCols accumulator block stays in registers across the
-  // n rows of b (row_pass); the last, partial panel (width not a multiple of kCols) runs a
-  // scalar loop. Each output element sees the same sequence of FMAs whatever kRowPass is.
-  int64_t t_begin[kRows], t_end[kRows];  // per pass
+  constexpr int kN = V::kPerPanel * kPanels;
+  constexpr int64_t kWidth = static_cast<int64_t>(kCols) * kPanels;
+  if (w0 + kWidth > width) return w0;
+  constexpr int kPasses = (kRows + kRowPass - 1) / kRowPass;
+  int64_t t_begin[kPasses], t_end[kPasses];
   for (int r0 = 0; r0 < rows; r0 += kRowPass) {
     int64_t lo = 0, hi = n;
     if (clo != nullptr) {
@@ -129,8 +125,7 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
     t_begin[r0 / kRowPass] = lo;
     t_end[r0 / kRowPass] = hi;
   }
-  int64_t w0 = 0;
-  for (; w0 + kCols <= width; w0 += kCols) {
+  for (; w0 + kWidth <= width; w0 += kWidth) {
     for (int r0 = 0; r0 < rows; r0 += kRowPass) {
       const int64_t c_begin = t_begin[r0 / kRowPass], c_end = t_end[r0 / kRowPass];
       if (c_begin >= c_end) continue;
@@ -147,12 +142,16 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
         }
       }
       for (int64_t c = c_begin; c < c_end; ++c) {
-        typename V::type b_row[kN];
-        for (int j = 0; j < kN; ++j) V::load(b_row[j], b + c * ldb + w0 + j * V::kLanes);
+        A p_c[kRowPass];
         for (int r = 0; r < kRowPass; ++r) {
-          const A p_rc =
-              kTransposedP ? p[c * ps_r + (r0 + r) * ps_c] : p[(r0 + r) * ps_r + c * ps_c];
-          for (int j = 0; j < kN; ++j) acc[r][j] += p_rc * b_row[j];
+          p_c[r] = kTransposedP ? p[c * ps_r + (r0 + r) * ps_c] : p[(r0 + r) * ps_r + c * ps_c];
+        }
+        // One vector of b at a time: GCC keeps an array of four b vectors on the stack (copied
+        // in 16-byte halves), which made the two-panel pass slower than the one-panel one.
+        for (int j = 0; j < kN; ++j) {
+          typename V::type b_j;
+          V::load(b_j, b + c * ldb + w0 + j * V::kLanes);
+          for (int r = 0; r < kRowPass; ++r) acc[r][j] += p_c[r] * b_j;
         }
       }
       for (int r = 0; r < kRowPass; ++r) {
@@ -162,6 +161,37 @@ NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64
       }
     }
   }
+  return w0;
+}
+
+// Output row r, term c reads p[r * ps_r + c * ps_c] (default: a row-major kRows x kCols block),
+// or p[c * ps_r + r * ps_c] when kTransposedP. Only the first `rows` rows of o are read and
+// written (the others are computed on zeros and dropped, so the FMA loop keeps its fixed shape).
+// Column panels of kCols: a kRowPass x kCols accumulator block stays in registers across the n
+// rows of b; the last, partial panel (width not a multiple of kCols) runs a scalar loop. Each
+// output element sees the same sequence of FMAs whatever the pass shape is.
+// Band (clo, chi not null): entry (i, j) of the p block is 0 unless clo[i] <= j < chi[i] (the
+// masked P and dS of the backward), so each pass runs only over the terms that are nonzero for
+// one of its rows: [min clo, max chi) of its rows, or (kTransposedP, output rows are the block's
+// columns key0 + r) the block rows whose span meets those columns. The terms left out are exact
+// zeros, and an accumulator that starts at +0 and changes only by fused multiply-adds is never
+// -0, so adding them would not change a bit: the sums are those of the whole block. Banded
+// calls take passes of half the rows over two panels where the width allows (accumulate_panels).
+template <int kRowPass, int kBytes, bool kTransposedP = false, typename A>
+NATTN_INLINE void block_accumulate_impl(const A* p, int64_t n, const A* b, int64_t ldb,
+                                        int64_t width, A* o, int64_t ldo, int rows = kRows,
+                                        const int64_t* clo = nullptr,
+                                        const int64_t* chi = nullptr, int64_t key0 = 0,
+                                        int64_t ps_r = kCols, int64_t ps_c = 1) {
+  int64_t w0 = 0;
+  if constexpr (kRowPass >= 2) {
+    if (clo != nullptr) {
+      w0 = accumulate_panels<kRowPass / 2, 2, kBytes, kTransposedP>(
+          p, n, b, ldb, width, w0, o, ldo, rows, clo, chi, key0, ps_r, ps_c);
+    }
+  }
+  w0 = accumulate_panels<kRowPass, 1, kBytes, kTransposedP>(p, n, b, ldb, width, w0, o, ldo,
+                                                            rows, clo, chi, key0, ps_r, ps_c);
   const int64_t tail = width - w0;
   if (tail == 0) return;
   for (int r = 0; r < rows; ++r) {
