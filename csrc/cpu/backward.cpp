@@ -372,8 +372,7 @@ class Backward {
       });
     }
     if (fused) {
-      contain_key_gradients(b, kvh, nt, st);
-      store_dk_dv(b, kvh, nt, st);
+      store_key_gradients(b, kvh, nt, st);
       return;
     }
 
@@ -391,6 +390,14 @@ class Backward {
         }
       });
     }
+    store_key_gradients(b, kvh, nt, st);
+  }
+
+  // dk, dv and d_add_k, d_add_v into the outputs. The store checks the accumulator rows it reads
+  // (store_dk_dv); only when one is not finite does contain_key_gradients repair them and the
+  // rows go out again, so the usual case reads the accumulators once.
+  void store_key_gradients(int64_t b, int64_t kvh, int nt, GroupStorage<A>& st) {
+    if (store_dk_dv(b, kvh, nt, st)) return;
     contain_key_gradients(b, kvh, nt, st);
     store_dk_dv(b, kvh, nt, st);
   }
@@ -431,8 +438,8 @@ class Backward {
   // A non-finite q or dO row multiplies the masked (exactly 0) P and dS entries of every key of
   // its chunks (0 * NaN = NaN), so it may have reached keys outside its inverse window. Every key
   // tile with a non-finite dk or dv row is recomputed from zero by the key-side walk with its sums
-  // restricted to each key's queries; the other keys keep their sums. A scan of the accumulators
-  // when every row is finite (the usual case).
+  // restricted to each key's queries; the other keys keep their sums. Run only when store_dk_dv
+  // found a non-finite row (store_key_gradients).
   void contain_key_gradients(int64_t b, int64_t kvh, int nt, GroupStorage<A>& st) {
     const int64_t key_items = n_x01_ * n_tiles_;
     std::vector<char> bad(static_cast<size_t>(key_items), 0);
@@ -554,9 +561,8 @@ class Backward {
           const bool use_lanes = lanes && !contained;
           if constexpr (std::is_same_v<A, float>) {
             if (use_lanes) {
-              lane_line_scores(s.at.data(), D_, kt + span.base, geo_.ld, span.offsets, s_lane0);
-              lane_line_scores(s.bt.data(), Dv_, vt + span.base, geo_.ld, span.offsets,
-                               dp_lane0);
+              lane_line_scores(s.at.data(), D_, kt + span.base, s.bt.data(), Dv_, vt + span.base,
+                               geo_.ld, span.offsets, s_lane0, dp_lane0);
               lane_line_probs(s_lane0, dp_lane0, span.offsets, span.base, span.lo, span.hi,
                               static_cast<float>(p_.scale), lse, delta);
             }
@@ -733,12 +739,16 @@ class Backward {
     std::copy(s.acc_b.data(), s.acc_b.data() + kRows * Dv_, partial + kRows * D_);
   }
 
-  // dk, dv of the group's kv head and d_add_k, d_add_v (partial sums added in part order).
-  void store_dk_dv(int64_t b, int64_t kvh, int nt, GroupStorage<A>& st) const {
+  // dk, dv of the group's kv head and d_add_k, d_add_v (partial sums added in part order);
+  // whether every dk and dv accumulator row was finite. The accumulators are left as they are.
+  bool store_dk_dv(int64_t b, int64_t kvh, int nt, GroupStorage<A>& st) const {
     const A scale = static_cast<A>(p_.scale);
     T* dk = static_cast<T*>(p_.dk.data);
     T* dv = static_cast<T*>(p_.dv.data);
+    std::vector<char> finite(static_cast<size_t>(n_x01_), 1);
     parallel_for(nt, n_x01_, [&](int64_t x01, int) {
+      std::vector<A> dk_scaled(static_cast<size_t>(D_));
+      bool ok = true;
       for (int64_t x2 = 0; x2 < geo_.len[2]; ++x2) {
         const int64_t x[3] = {x01 / geo_.len[1], x01 % geo_.len[1], x2};
         if (x2 + kStorePrefetchRows < geo_.len[2] && p_.dk.stride[5] == 1 &&
@@ -747,13 +757,16 @@ class Backward {
           prefetch_row<true>(dk + token_offset(p_.dk.stride, b, y) + kvh * p_.dk.stride[4], D_);
           prefetch_row<true>(dv + token_offset(p_.dv.stride, b, y) + kvh * p_.dv.stride[4], Dv_);
         }
-        A* dk_row = st.dk_acc.data() + (x01 * geo_.len[2] + x2) * D_;
-        for (int64_t w = 0; w < D_; ++w) dk_row[w] *= scale;
-        store_row(dk_row, D_, dk + token_offset(p_.dk.stride, b, x) + kvh * p_.dk.stride[4],
-                  p_.dk.stride[5]);
-        store_row(st.dv_acc.data() + (x01 * geo_.len[2] + x2) * Dv_, Dv_,
-                  dv + token_offset(p_.dv.stride, b, x) + kvh * p_.dv.stride[4], p_.dv.stride[5]);
+        const A* dk_row = st.dk_acc.data() + (x01 * geo_.len[2] + x2) * D_;
+        const A* dv_row = st.dv_acc.data() + (x01 * geo_.len[2] + x2) * Dv_;
+        ok = ok && all_finite(dk_row, D_) && all_finite(dv_row, Dv_);
+        for (int64_t w = 0; w < D_; ++w) dk_scaled[w] = dk_row[w] * scale;
+        store_row(dk_scaled.data(), D_,
+                  dk + token_offset(p_.dk.stride, b, x) + kvh * p_.dk.stride[4], p_.dk.stride[5]);
+        store_row(dv_row, Dv_, dv + token_offset(p_.dv.stride, b, x) + kvh * p_.dv.stride[4],
+                  p_.dv.stride[5]);
       }
+      finite[x01] = ok;
     });
     for (int64_t m = 0; m < M_; ++m) {
       const int64_t mt = m / kRows, r = m % kRows;
@@ -773,6 +786,7 @@ class Backward {
                     m * p_.d_add_v.stride[1] + kvh * p_.d_add_v.stride[2],
                 p_.d_add_v.stride[3]);
     }
+    return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
   }
 
   const AttentionParams& p_;

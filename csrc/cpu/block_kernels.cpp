@@ -752,12 +752,56 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
   }
 }
 
-// block_kernels.h: lane_line_scores. kLaneChunk<1> offsets per call (their accumulators, the
-// query vector and the key vector fit AVX2's 16 registers).
+// Two lane_dot<N, 1> of the same depth in one loop: s from (qt, k), dp from (gt, v). Twice the
+// independent accumulator chains of one call (7 offsets: 14, where one call's 7 leave AVX2's
+// two FMA pipes short of the 8 their 4-cycle latency needs); the key and value vectors are FMA
+// memory operands, so 2N accumulators and the two query vectors fill the 16 registers. Each
+// entry is the same FMA chain as in lane_dot.
+template <int N>
+NATTN_INLINE void lane_dot_pair(const float* qt, const float* gt, int64_t depth, const float* k,
+                                const float* v, int64_t ld, float* s, float* dp) {
+  L8 acc_s[N] = {}, acc_p[N] = {};
+  for (int64_t w = 0; w < depth; ++w) {
+    L8 q, g;
+    load8(q, qt + w * kLanes);
+    load8(g, gt + w * kLanes);
+    const float* kw = k + w * ld;
+    const float* vw = v + w * ld;
+    for (int n = 0; n < N; ++n) {
+      L8 kv, vv;
+      load8(kv, kw + n);
+      acc_s[n] += q * kv;
+      load8(vv, vw + n);
+      acc_p[n] += g * vv;
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    store8(s + n * kLanes, acc_s[n]);
+    store8(dp + n * kLanes, acc_p[n]);
+  }
+}
+
+// Offsets per lane_dot_pair call: 2N accumulators and two query vectors in 16 registers.
+constexpr int kLanePairChunk = 7;
+
+// block_kernels.h: lane_line_scores. Paired when both products have the same depth, else one
+// product at a time, kLaneChunk<1> offsets per call (their accumulators, the query vector and
+// the key vector fit AVX2's 16 registers).
 NATTN_INLINE void lane_line_scores_impl(const float* qt, int64_t depth, const float* k,
-                                        int64_t ld, int64_t offsets, float* s) {
+                                        const float* gt, int64_t value_depth, const float* v,
+                                        int64_t ld, int64_t offsets, float* s, float* dp) {
+  if (depth == value_depth) {
+    for_chunks<kLanePairChunk>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+      lane_dot_pair<decltype(n)::value>(qt, gt, depth, k + u0, v + u0, ld, s + u0 * kLanes,
+                                        dp + u0 * kLanes);
+    });
+    return;
+  }
   for_chunks<kLaneChunk<1>>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
     lane_dot<decltype(n)::value, 1>(qt, 0, depth, k + u0, ld, s + u0 * kLanes, 0);
+  });
+  for_chunks<kLaneChunk<1>>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot<decltype(n)::value, 1>(gt, 0, value_depth, v + u0, ld, dp + u0 * kLanes, 0);
   });
 }
 
@@ -888,9 +932,10 @@ NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
   ATTR void lane(const LaneTile& t, float* s, float* ot, float* o, float* lse) {               \
     lane_forward_rows(t, s, ot, o, lse);                                                       \
   }                                                                                            \
-  ATTR void line_scores(const float* qt, int64_t depth, const float* k, int64_t ld,            \
-                        int64_t offsets, float* s) {                                           \
-    lane_line_scores_impl(qt, depth, k, ld, offsets, s);                                       \
+  ATTR void line_scores(const float* qt, int64_t depth, const float* k, const float* gt,      \
+                        int64_t value_depth, const float* v, int64_t ld, int64_t offsets,      \
+                        float* s, float* dp) {                                                 \
+    lane_line_scores_impl(qt, depth, k, gt, value_depth, v, ld, offsets, s, dp);               \
   }                                                                                            \
   ATTR void line_probs(float* s, float* dp, int64_t offsets, int64_t base, const int32_t* lo,   \
                        const int32_t* hi, float scale, const float* lse, const float* delta) { \
@@ -973,7 +1018,8 @@ const Kernels& kernels_for(CpuIsa isa) {
 const Kernels* g_kernels = &baseline::kKernels;
 using LaneFn = void (*)(const LaneTile&, float*, float*, float*, float*);
 LaneFn g_lane = nullptr;  // the lane kernel of the chosen level, or null (baseline)
-using LineScoresFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+using LineScoresFn = void (*)(const float*, int64_t, const float*, const float*, int64_t,
+                             const float*, int64_t, int64_t, float*, float*);
 LineScoresFn g_line_scores = nullptr;  // the same level's lane_line_scores
 using LineProbsFn = void (*)(float*, float*, int64_t, int64_t, const int32_t*, const int32_t*,
                             float, const float*, const float*);
@@ -1012,9 +1058,10 @@ void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse) 
   g_lane(t, s, ot, o, lse);
 }
 
-void lane_line_scores(const float* qt, int64_t depth, const float* k, int64_t ld,
-                      int64_t offsets, float* s) {
-  g_line_scores(qt, depth, k, ld, offsets, s);
+void lane_line_scores(const float* qt, int64_t depth, const float* k, const float* gt,
+                      int64_t value_depth, const float* v, int64_t ld, int64_t offsets, float* s,
+                      float* dp) {
+  g_line_scores(qt, depth, k, gt, value_depth, v, ld, offsets, s, dp);
 }
 void lane_line_probs(float* s, float* dp, int64_t offsets, int64_t base, const int32_t* lo,
                      const int32_t* hi, float scale, const float* lse, const float* delta) {

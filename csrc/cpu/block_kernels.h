@@ -160,14 +160,16 @@ bool lane_kernels_available();
 // floats and ot of rows * value_dim * kLanes.
 void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse);
 
-// The scores of one key line for every window offset of a tile of kLanes queries, one lane per
-// query (the backward's dq pass): s[u * kLanes + r] = sum_w qt[w * kLanes + r] * k[w * ld + u +
-// r] for u < offsets, with qt the tile transposed ([depth][kLanes]) and k a packed transposed
-// line (pack_lines) at lane 0's position for offset 0. Each entry is one fused multiply-add
+// The scores S and dP of one key line for every window offset of a tile of kLanes queries, one
+// lane per query (the backward's dq pass): s[u * kLanes + r] = sum_w qt[w * kLanes + r] * k[w *
+// ld + u + r] for u < offsets, with qt the tile transposed ([depth][kLanes]) and k a packed
+// transposed line (pack_lines) at lane 0's position for offset 0; dp the same from gt (dO
+// transposed, [value_depth][kLanes]) and the value line v. Each entry is one fused multiply-add
 // chain over w = 0, 1, ... from zero, as in block_dot, so the two give the same bits. Only where
 // lane_kernels_available().
-void lane_line_scores(const float* qt, int64_t depth, const float* k, int64_t ld,
-                      int64_t offsets, float* s);
+void lane_line_scores(const float* qt, int64_t depth, const float* k, const float* gt,
+                      int64_t value_depth, const float* v, int64_t ld, int64_t offsets, float* s,
+                      float* dp);
 
 // block_backward_probs (dq orientation) on one line of lane scores s (S) and dp (dP): lane r of
 // offset u is the key at position base + u + r, in the query's window when lo[r] <= it < hi[r].
