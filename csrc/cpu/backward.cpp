@@ -31,6 +31,9 @@ constexpr int64_t kStorePrefetchRows = 4;
 
 // Most memory the fused schedule's per-thread group storage may take (bytes, all threads).
 constexpr int64_t kFusedStorageBudget = int64_t{1} << 30;
+// The group storage (packed lines, accumulators) a thread keeps from one backward call to the
+// next when it takes at most this many bytes (Backward::cached_storage).
+constexpr int64_t kCachedStorageBudget = int64_t{64} << 20;
 
 // d_rpb sums dS over every (batch, query) pair: each head's query tiles are cut into at most this
 // many parts of consecutive dq-pass items, each part summed in item order into its own partial
@@ -134,6 +137,16 @@ struct GroupStorage {
       do_rows_store, add_kt, add_vt, add_k_rows, add_v_rows, dk_acc, dv_acc, add_partial;
   std::vector<BackwardScratch<A>> scratch;
   std::vector<ForwardScratch<A>> fwd_scratch;
+  int64_t capacity_bytes() const {
+    size_t n = 0;
+    for (const std::vector<A>* v :
+         {&k_store, &v_store, &k_rows_store, &v_rows_store, &q_store, &do_store, &q_rows_store,
+          &do_rows_store, &add_kt, &add_vt, &add_k_rows, &add_v_rows, &dk_acc, &dv_acc,
+          &add_partial}) {
+      n += v->capacity();
+    }
+    return static_cast<int64_t>(n * sizeof(A));
+  }
 };
 
 // The two ways to schedule a group, with the same sums in the same order (so the same bits):
@@ -175,18 +188,36 @@ class Backward {
     const int nt = resolve_num_threads(p_);
     compute_row_stats(nt);
     const int64_t groups = p_.batch * p_.kv_heads;
-    if (use_fused(nt, groups)) {
-      std::vector<GroupStorage<A>> storage(static_cast<size_t>(std::min<int64_t>(nt, groups)));
+    const bool fused = use_fused(nt, groups);
+    std::vector<GroupStorage<A>>& storage = cached_storage();
+    const size_t sets = fused ? static_cast<size_t>(std::min<int64_t>(nt, groups)) : 1;
+    if (storage.size() < sets) storage.resize(sets);
+    for (GroupStorage<A>& st : storage) {  // sized by the call's dimensions
+      st.scratch.clear();
+      st.fwd_scratch.clear();
+    }
+    if (fused) {
       parallel_for(nt, groups, [&](int64_t g, int thread) {
         run_group(g / p_.kv_heads, g % p_.kv_heads, 1, true, storage[thread]);
       });
     } else {
-      GroupStorage<A> storage;
       for (int64_t g = 0; g < groups; ++g) {
-        run_group(g / p_.kv_heads, g % p_.kv_heads, nt, false, storage);
+        run_group(g / p_.kv_heads, g % p_.kv_heads, nt, false, storage[0]);
       }
     }
     if (p_.has_rpb()) store_d_rpb(nt);
+    int64_t bytes = 0;
+    for (const GroupStorage<A>& st : storage) bytes += st.capacity_bytes();
+    if (bytes > kCachedStorageBudget) storage.clear();
+  }
+
+  // The calling thread's group storage, kept across calls (up to kCachedStorageBudget): every
+  // buffer in it is resized or filled before use, and a training loop's backward then reuses
+  // its pages instead of faulting in fresh ones each step (glibc returns freed buffers of this
+  // size to the system).
+  static std::vector<GroupStorage<A>>& cached_storage() {
+    thread_local std::vector<GroupStorage<A>> storage;
+    return storage;
   }
 
  private:
