@@ -660,10 +660,16 @@ class Backward {
     T* dq_out = static_cast<T*>(p_.dq.data);
     const A scale = static_cast<A>(p_.scale);
     for (int64_t r = 0; r < tile.count; ++r) {
-      for (int64_t w = 0; w < D_; ++w) dq[r * D_ + w] *= scale;
       const int64_t x[3] = {x0, x1, tile.index(geo_, r)};
-      store_row(dq + r * D_, D_, dq_out + token_offset(p_.dq.stride, b, x) + h * p_.dq.stride[4],
-                p_.dq.stride[5]);
+      T* dst = dq_out + token_offset(p_.dq.stride, b, x) + h * p_.dq.stride[4];
+      if constexpr (std::is_same_v<T, A>) {
+        if (p_.dq.stride[5] == 1) {  // scaled straight into a dense row
+          for (int64_t w = 0; w < D_; ++w) dst[w] = dq[r * D_ + w] * scale;
+          continue;
+        }
+      }
+      for (int64_t w = 0; w < D_; ++w) dq[r * D_ + w] *= scale;
+      store_row(dq + r * D_, D_, dst, p_.dq.stride[5]);
     }
   }
 
