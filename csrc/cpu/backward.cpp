@@ -67,6 +67,12 @@ struct BackwardScratch {
   std::vector<A> a, b, acc_a, acc_b, s, dp;
   // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
   std::vector<A> at, bt, s_lanes, dp_lanes;
+  // Pairs (dq_tile): the next tile's q and dO rows, both tiles transposed side by side, and the
+  // next tile's lane scores of every key line, computed with this tile's.
+  std::vector<A> a_next, b_next, at_pair, bt_pair, next_s, next_dp;
+  bool next_valid = false;        // next_s, next_dp hold the scores of the tile next_key names
+  int64_t next_key[5] = {};       // (h, x0, x1, group, j0)
+  int64_t next_slot = 0;          // entries per key line in next_s, next_dp
   explicit BackwardScratch(const AttentionParams& p)
       : a(kRows * p.head_dim),
         b(kRows * p.value_dim),
@@ -180,8 +186,15 @@ class Backward {
         n_parts_((geo_.lines + lines_per_part_ - 1) / lines_per_part_),
         m_tiles_((M_ + kRows - 1) / kRows),
         partial_size_(kRows * (D_ + Dv_)),
-        dq_lanes_(std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available()) {
+        dq_lanes_(std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available()),
+        dq_pairs_(dq_lanes_ && D_ == Dv_ && lane_pair_available()) {
     if (p_.has_rpb()) setup_rpb();
+    if (dq_pairs_) {  // units of two consecutive tiles of one group (run_group)
+      for (int64_t t = 0; t < n_tiles_; ++t) {
+        pair_starts_.push_back(t);
+        if (t + 1 < n_tiles_ && tiles_[t + 1].group == tiles_[t].group) ++t;
+      }
+    }
   }
 
   void run() {
@@ -373,7 +386,7 @@ class Backward {
       return Item{kvh * hpk_ + item / per_head, x01 / geo_.len[1], x01 % geo_.len[1],
                   &tiles_[item % n_tiles_]};
     };
-    auto dq_item = [&](int64_t item, int thread, A* d_bias) {
+    auto dq_item = [&](int64_t item, int thread, A* d_bias, const AxisTile* pair_next) {
       const Item it = decode(item);
       if (item + 1 < hpk_ * per_head) {  // this thread's next item, in the usual case
         const Item next = decode(item + 1);
@@ -385,7 +398,7 @@ class Backward {
                             next.x1, *next.tile, geo_, D_);
       }
       dq_tile(b, it.h, it.x0, it.x1, *it.tile, k_lines, v_lines, k_rows, st, st.scratch[thread],
-              fused ? &kg : nullptr, d_bias);
+              fused ? &kg : nullptr, d_bias, pair_next);
     };
     if (p_.has_rpb()) {
       // Items in d_rpb parts (setup_rpb): the same items in the same order on one thread (fused).
@@ -394,12 +407,23 @@ class Backward {
         A* d_bias = rpb_partial(b, kvh * hpk_ + hh, part);
         const int64_t end = std::min(per_head, (part + 1) * rpb_items_per_part_);
         for (int64_t i = part * rpb_items_per_part_; i < end; ++i) {
-          dq_item(hh * per_head + i, thread, d_bias);
+          dq_item(hh * per_head + i, thread, d_bias, nullptr);
         }
+      });
+    } else if (dq_pairs_) {
+      // Units of a tile and the next of its query line, on one thread: the second's lane scores
+      // come with the first's (dq_tile). The items keep their order.
+      const int64_t units = static_cast<int64_t>(pair_starts_.size());
+      parallel_for(nt, hpk_ * n_x01_ * units, [&](int64_t unit, int thread) {
+        const int64_t item = unit / units * n_tiles_ + pair_starts_[unit % units];
+        const int64_t t = item % n_tiles_;
+        const bool two = t + 1 < n_tiles_ && tiles_[t + 1].group == tiles_[t].group;
+        dq_item(item, thread, nullptr, two ? &tiles_[t + 1] : nullptr);
+        if (two) dq_item(item + 1, thread, nullptr, nullptr);
       });
     } else {
       parallel_for(nt, hpk_ * per_head, [&](int64_t item, int thread) {
-        dq_item(item, thread, nullptr);
+        dq_item(item, thread, nullptr, nullptr);
       });
     }
     if (fused) {
@@ -510,13 +534,40 @@ class Backward {
     }
   }
 
+  // A query tile's last-axis key spans lo, hi (group positions; 0, 0 past the tile), their union
+  // [u_lo, u_hi), and whether its dq pass runs on lanes, with their span (dq_tile).
+  struct TilePlan {
+    int64_t lo[kRows] = {}, hi[kRows] = {};
+    int64_t u_lo = std::numeric_limits<int64_t>::max(), u_hi = 0;
+    bool lanes = false;
+    LaneSpan span;
+  };
+  TilePlan plan_tile(const AxisTile& tile) const {
+    TilePlan t;
+    for (int r = 0; r < tile.count; ++r) {
+      group_span(key_window(p_.axes[2], tile.index(geo_, r)), tile.group, geo_.dilation,
+                 &t.lo[r], &t.hi[r]);
+      t.u_lo = std::min(t.u_lo, t.lo[r]);
+      t.u_hi = std::max(t.u_hi, t.hi[r]);
+    }
+    if (std::is_same_v<A, float> && dq_lanes_ && t.u_hi > t.u_lo) {
+      t.span = lane_span(tile, t.lo, t.hi);
+      const int64_t block_cols = (t.u_hi - t.u_lo + kCols - 1) / kCols * kCols;
+      t.lanes = static_cast<double>(block_cols) >
+                kLaneCostRatio * static_cast<double>(t.span.offsets);
+    }
+    return t;
+  }
+
   // dq of one query tile at (x0, x1) of head h; with kg (fused schedule) also its terms of dk,
   // dv and the additional tokens' partial sums; with d_bias (rpb) its dS into that d_rpb partial
-  // table (laid out like the BiasTable of one head).
+  // table (laid out like the BiasTable of one head). pair_next: the tile of the same query line
+  // this thread runs next (dq_pairs_), whose lane scores this call then computes with its own
+  // (lane_line_scores_pair) and leaves in s for that call.
   void dq_tile(int64_t b, int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                const A* k_lines, const A* v_lines, const Rows<A>& k_rows,
                const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg,
-               A* d_bias) {
+               A* d_bias, const AxisTile* pair_next) {
     load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, tile, geo_, D_,
               s.a.data());
     load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
@@ -525,14 +576,11 @@ class Backward {
     const A* lse = row_lse_.data() + at;
     const A* delta = row_delta_.data() + at;
     const IndexRange w0 = key_window(p_.axes[0], x0), w1 = key_window(p_.axes[1], x1);
-    int64_t lo[kRows] = {}, hi[kRows] = {}, clo[kRows], chi[kRows];
-    int64_t u_lo = std::numeric_limits<int64_t>::max(), u_hi = 0;
-    for (int r = 0; r < tile.count; ++r) {
-      group_span(key_window(p_.axes[2], tile.index(geo_, r)), tile.group, geo_.dilation, &lo[r],
-                 &hi[r]);
-      u_lo = std::min(u_lo, lo[r]);
-      u_hi = std::max(u_hi, hi[r]);
-    }
+    const TilePlan plan = plan_tile(tile);
+    const int64_t* lo = plan.lo;
+    const int64_t* hi = plan.hi;
+    const int64_t u_lo = plan.u_lo, u_hi = plan.u_hi;
+    int64_t clo[kRows], chi[kRows];
     const int64_t k_step = geo_.dilation * k_rows.s[2];
     A* dq = s.acc_a.data();
     // Lanes (fp32 at the AVX2 and AVX-512 levels, no bias): S, dP, P and dS of each key line for
@@ -543,28 +591,67 @@ class Backward {
     // sequence of roundings as in block_dot and block_backward_probs, so P and dS stay
     // bit-identical to the key-side walk's (Backward: the two schedules). Where the windows are
     // wide, the blocks waste little and run faster per multiply-add (kLaneCostRatio).
-    LaneSpan span;
-    bool lanes = false;
+    // Pairs (dq_pairs_, AVX-512): a tile whose next tile also runs on lanes computes both tiles'
+    // scores in 16-lane vectors (lane_line_scores_pair, the same bits as alone) and keeps the
+    // next one's in s (next_s, next_dp: one padded lane layout per key line of the window, which
+    // the two tiles share); that tile's call then finds them (`cached`) and only runs its
+    // probabilities and accumulations. The pair's lane l at pair offset u reads position
+    // pair_base + u + l.
+    const LaneSpan& span = plan.span;
+    const bool lanes = plan.lanes;
+    const int64_t key[5] = {h, x0, x1, tile.group, tile.j0};
+    const bool cached = lanes && s.next_valid && std::equal(key, key + 5, s.next_key);
+    s.next_valid = false;
+    bool fill = false;
+    int64_t pair_base = 0, pair_offsets = 0;
+    LaneHalf halves[2] = {};
     A* s_lane0 = nullptr;  // the lane scores at offset 0 (S, then P), when `lanes`
     A* dp_lane0 = nullptr;  // and dP, then dS
     if constexpr (std::is_same_v<A, float>) {
-      if (dq_lanes_ && u_hi > u_lo) {
-        span = lane_span(tile, lo, hi);
-        const int64_t block_cols = (u_hi - u_lo + kCols - 1) / kCols * kCols;
-        lanes = static_cast<double>(block_cols) >
-                kLaneCostRatio * static_cast<double>(span.offsets);
+      TilePlan next_plan;
+      if (lanes && !cached && pair_next != nullptr) {
+        next_plan = plan_tile(*pair_next);
+        fill = next_plan.lanes;
       }
-      if (lanes) {
-        s.at.resize(static_cast<size_t>(D_ * kRows));
-        s.bt.resize(static_cast<size_t>(Dv_ * kRows));
-        transpose_tile(s.a.data(), D_, s.at.data());
-        transpose_tile(s.b.data(), Dv_, s.bt.data());
+      if (lanes && !cached) {
         // kLanePad zero offsets on either side: the accumulations read the lane layout as blocks
         // (below), whose corners reach up to kRows - 1 offsets past either end.
         s.s_lanes.assign(static_cast<size_t>((span.offsets + 2 * kLanePad) * kRows), A(0));
         s.dp_lanes.assign(s.s_lanes.size(), A(0));
         s_lane0 = s.s_lanes.data() + kLanePad * kRows;
         dp_lane0 = s.dp_lanes.data() + kLanePad * kRows;
+      }
+      if (fill) {
+        s.a_next.resize(s.a.size());
+        s.b_next.resize(s.b.size());
+        load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, *pair_next, geo_,
+                  D_, s.a_next.data());
+        load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1,
+                  *pair_next, geo_, Dv_, s.b_next.data());
+        s.at_pair.resize(static_cast<size_t>(D_ * 2 * kRows));
+        s.bt_pair.resize(static_cast<size_t>(Dv_ * 2 * kRows));
+        transpose_tile(s.a.data(), D_, s.at_pair.data(), 2 * kRows);
+        transpose_tile(s.a_next.data(), D_, s.at_pair.data() + kRows, 2 * kRows);
+        transpose_tile(s.b.data(), Dv_, s.bt_pair.data(), 2 * kRows);
+        transpose_tile(s.b_next.data(), Dv_, s.bt_pair.data() + kRows, 2 * kRows);
+        // The next tile's lane l sits in pair lane kRows + l.
+        const LaneSpan& next_span = next_plan.span;
+        pair_base = std::min(span.base, next_span.base - kRows);
+        pair_offsets =
+            std::max(span.base + span.offsets, next_span.base - kRows + next_span.offsets) -
+            pair_base;
+        halves[0] = {s_lane0, dp_lane0, span.base - pair_base, span.offsets};
+        halves[1] = {nullptr, nullptr, next_span.base - kRows - pair_base, next_span.offsets};
+        s.next_slot = (next_span.offsets + 2 * kLanePad) * kRows;
+        s.next_s.assign(static_cast<size_t>(w0.count * w1.count * s.next_slot), A(0));
+        s.next_dp.assign(s.next_s.size(), A(0));
+        const int64_t next_key[5] = {h, x0, x1, pair_next->group, pair_next->j0};
+        std::copy(next_key, next_key + 5, s.next_key);
+      } else if (lanes && !cached) {
+        s.at.resize(static_cast<size_t>(D_ * kRows));
+        s.bt.resize(static_cast<size_t>(Dv_ * kRows));
+        transpose_tile(s.a.data(), D_, s.at.data());
+        transpose_tile(s.b.data(), Dv_, s.bt.data());
       }
     }
     // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
@@ -590,11 +677,25 @@ class Backward {
             db_line = bias_into + (off - bias_.lines_offset(h, 0, 0));
           }
           const bool use_lanes = lanes && !contained;
+          A* sl = s_lane0;  // this line's lane scores
+          A* dl = dp_lane0;
           if constexpr (std::is_same_v<A, float>) {
             if (use_lanes) {
-              lane_line_scores(s.at.data(), D_, kt + span.base, s.bt.data(), Dv_, vt + span.base,
-                               geo_.ld, span.offsets, s_lane0, dp_lane0);
-              lane_line_probs(s_lane0, dp_lane0, span.offsets, span.base, span.lo, span.hi,
+              const int64_t at_line = (i0 * w1.count + i1) * s.next_slot + kLanePad * kRows;
+              if (cached) {
+                sl = s.next_s.data() + at_line;
+                dl = s.next_dp.data() + at_line;
+              } else if (fill) {
+                LaneHalf line_halves[2] = {halves[0], halves[1]};
+                line_halves[1].s = s.next_s.data() + at_line;
+                line_halves[1].dp = s.next_dp.data() + at_line;
+                lane_line_scores_pair(s.at_pair.data(), s.bt_pair.data(), D_, kt + pair_base,
+                                      vt + pair_base, geo_.ld, pair_offsets, line_halves);
+              } else {
+                lane_line_scores(s.at.data(), D_, kt + span.base, s.bt.data(), Dv_,
+                                 vt + span.base, geo_.ld, span.offsets, sl, dl);
+              }
+              lane_line_probs(sl, dl, span.offsets, span.base, span.lo, span.hi,
                               static_cast<float>(p_.scale), lse, delta);
             }
           }
@@ -608,8 +709,8 @@ class Backward {
             const A* ds_blk = s.dp.data();
             int64_t ps_r = kCols, ps_c = 1;
             if (use_lanes) {
-              p_blk = s_lane0 + (c0 - span.base) * kRows;
-              ds_blk = dp_lane0 + (c0 - span.base) * kRows;
+              p_blk = sl + (c0 - span.base) * kRows;
+              ds_blk = dl + (c0 - span.base) * kRows;
               ps_r = 1 - kRows;
               ps_c = kRows;
               block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
@@ -656,6 +757,7 @@ class Backward {
       }
     };
     walk(kg, d_bias, false);
+    s.next_valid = fill;
     if (!all_finite(dq, tile.count * D_)) walk(nullptr, nullptr, true);
     T* dq_out = static_cast<T*>(p_.dq.data);
     const A scale = static_cast<A>(p_.scale);
@@ -832,6 +934,10 @@ class Backward {
   const int64_t n_tiles_, n_x01_, D_, Dv_, M_, hpk_;
   const int64_t lines_per_part_, n_parts_, m_tiles_, partial_size_;
   const bool dq_lanes_;  // dq_tile may run its scores and probabilities on lanes
+  // and two tiles' scores at once (lane_line_scores_pair), in units of the tiles pair_starts_
+  // begins (a tile and the next one of its group)
+  const bool dq_pairs_;
+  std::vector<int64_t> pair_starts_;
   std::vector<A> row_lse_, row_delta_;
   // rpb only: the bias tables, and the d_rpb partials [batch][heads][part][head_size].
   BiasTable<A> bias_;

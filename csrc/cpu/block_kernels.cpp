@@ -844,6 +844,61 @@ NATTN_INLINE void lane_line_probs_impl(float* s, float* dp, int64_t offsets, int
   }
 }
 
+// ---- Two tiles in one 16-lane vector (block_kernels.h: lane_line_scores_pair), AVX-512 only. ----
+using L16 = float __attribute__((vector_size(64)));
+static_assert(sizeof(L16) == 2 * kLanes * sizeof(float), "two tiles' lanes per vector");
+NATTN_INLINE void load16(L16& v, const float* p) { std::memcpy(&v, p, sizeof v); }
+
+// lane_dot_pair on 2 x kLanes lanes for offsets u0 .. u0 + N - 1, each half stored into its
+// tile's lane layout where the offset falls in that tile's range.
+template <int N>
+NATTN_INLINE void lane_dot_pair16(const float* qt, const float* gt, int64_t depth, const float* k,
+                                  const float* v, int64_t ld, int64_t u0, const LaneHalf* halves) {
+  L16 acc_s[N] = {}, acc_p[N] = {};
+  for (int64_t w = 0; w < depth; ++w) {
+    L16 q, g;
+    load16(q, qt + w * 2 * kLanes);
+    load16(g, gt + w * 2 * kLanes);
+    const float* kw = k + w * ld;
+    const float* vw = v + w * ld;
+    for (int n = 0; n < N; ++n) {
+      L16 kv, vv;
+      load16(kv, kw + n);
+      acc_s[n] += q * kv;
+      load16(vv, vw + n);
+      acc_p[n] += g * vv;
+    }
+  }
+  // The halves through shuffles, not through memory: taking the accumulators' addresses made GCC
+  // keep them on the stack inside the FMA loop.
+  for (int n = 0; n < N; ++n) {
+    const L8 s_half[2] = {__builtin_shufflevector(acc_s[n], acc_s[n], 0, 1, 2, 3, 4, 5, 6, 7),
+                          __builtin_shufflevector(acc_s[n], acc_s[n], 8, 9, 10, 11, 12, 13, 14,
+                                                  15)};
+    const L8 dp_half[2] = {
+        __builtin_shufflevector(acc_p[n], acc_p[n], 0, 1, 2, 3, 4, 5, 6, 7),
+        __builtin_shufflevector(acc_p[n], acc_p[n], 8, 9, 10, 11, 12, 13, 14, 15)};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t u = u0 + n - halves[h].shift;
+      if (u < 0 || u >= halves[h].offsets) continue;
+      store8(halves[h].s + u * kLanes, s_half[h]);
+      store8(halves[h].dp + u * kLanes, dp_half[h]);
+    }
+  }
+}
+
+// Offsets per lane_dot_pair16 call: 2N accumulators and two query vectors in AVX-512's 32
+// registers.
+constexpr int kLanePair16Chunk = 14;
+
+NATTN_INLINE void lane_line_scores_pair_impl(const float* qt, const float* gt, int64_t depth,
+                                             const float* k, const float* v, int64_t ld,
+                                             int64_t offsets, const LaneHalf* halves) {
+  for_chunks<kLanePair16Chunk>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_pair16<decltype(n)::value>(qt, gt, depth, k + u0, v + u0, ld, u0, halves);
+  });
+}
+
 NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, float* o,
                                     float* lse) {
   if (t.rows == 2) {
@@ -954,6 +1009,13 @@ NATTN_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))), 64, 32)
 NATTN_LANE_LEVEL(avx2, __attribute__((target("arch=x86-64-v3"))))
 NATTN_LANE_LEVEL(avx512, __attribute__((target("arch=x86-64-v4"))))
 #undef NATTN_LANE_LEVEL
+namespace avx512 {
+__attribute__((target("arch=x86-64-v4"))) void line_scores_pair(
+    const float* qt, const float* gt, int64_t depth, const float* k, const float* v, int64_t ld,
+    int64_t offsets, const LaneHalf* halves) {
+  lane_line_scores_pair_impl(qt, gt, depth, k, v, ld, offsets, halves);
+}
+}  // namespace avx512
 #else
 NATTN_LEVEL(baseline, , 16, 32)
 #endif
@@ -1033,6 +1095,9 @@ LineScoresFn g_line_scores = nullptr;  // the same level's lane_line_scores
 using LineProbsFn = void (*)(float*, float*, int64_t, int64_t, const int32_t*, const int32_t*,
                             float, const float*, const float*);
 LineProbsFn g_line_probs = nullptr;  // and lane_line_probs
+using LineScoresPairFn = void (*)(const float*, const float*, int64_t, const float*,
+                                  const float*, int64_t, int64_t, const LaneHalf*);
+LineScoresPairFn g_line_scores_pair = nullptr;  // lane_line_scores_pair (AVX-512 only)
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
@@ -1043,6 +1108,7 @@ CpuIsa chosen_isa() {
       g_lane = avx512::lane;
       g_line_scores = avx512::line_scores;
       g_line_probs = avx512::line_probs;
+      g_line_scores_pair = avx512::line_scores_pair;
     }
     if (chosen == CpuIsa::kAvx2) {
       g_lane = avx2::lane;
@@ -1071,6 +1137,14 @@ void lane_line_scores(const float* qt, int64_t depth, const float* k, const floa
                       int64_t value_depth, const float* v, int64_t ld, int64_t offsets, float* s,
                       float* dp) {
   g_line_scores(qt, depth, k, gt, value_depth, v, ld, offsets, s, dp);
+}
+bool lane_pair_available() {
+  chosen_isa();
+  return g_line_scores_pair != nullptr;
+}
+void lane_line_scores_pair(const float* qt, const float* gt, int64_t depth, const float* k,
+                           const float* v, int64_t ld, int64_t offsets, const LaneHalf* halves) {
+  g_line_scores_pair(qt, gt, depth, k, v, ld, offsets, halves);
 }
 void lane_line_probs(float* s, float* dp, int64_t offsets, int64_t base, const int32_t* lo,
                      const int32_t* hi, float scale, const float* lse, const float* delta) {

@@ -171,6 +171,24 @@ void lane_line_scores(const float* qt, int64_t depth, const float* k, const floa
                       int64_t value_depth, const float* v, int64_t ld, int64_t offsets, float* s,
                       float* dp);
 
+// lane_line_scores for two tiles of one query line at once (the backward's dq pass, AVX-512
+// only: lane_pair_available): 2 x kLanes lanes, the first tile's queries in lanes 0 .. kLanes - 1
+// and the next tile's in the others, so that one 64-byte key (or value) vector and one
+// multiply-add serve both tiles, half the instructions of two lane_line_scores calls. qt, gt: the
+// two tiles transposed, [depth][2 * kLanes]. Lane l at offset u < offsets reads position u + l of
+// k and v (packed lines at the first tile's lowest position); halves[h] receives offset u of its
+// kLanes lanes at its own offset u - shift, where 0 <= u - shift < offsets (the lane layout
+// lane_line_scores writes for that tile alone, with the same bits), and nothing elsewhere.
+// depth is also the value depth.
+struct LaneHalf {
+  float* s;
+  float* dp;
+  int64_t shift, offsets;
+};
+bool lane_pair_available();
+void lane_line_scores_pair(const float* qt, const float* gt, int64_t depth, const float* k,
+                           const float* v, int64_t ld, int64_t offsets, const LaneHalf* halves);
+
 // block_backward_probs (dq orientation) on one line of lane scores s (S) and dp (dP): lane r of
 // offset u is the key at position base + u + r, in the query's window when lo[r] <= it < hi[r].
 // s becomes P = exp(scale * S - lse[r]) and dp dS = P * (dP - delta[r]), both 0 outside the

@@ -320,11 +320,11 @@ inline LaneSpan lane_span(const AxisTile& tile, const int64_t* lo, const int64_t
   return span;
 }
 
-// dst[w * kRows + r] = src[r * width + w]: a tile's rows as the lane kernels' operand. fp32 in
-// 4 x 4 blocks through SSE registers (as pack_lines), a quarter of the element-wise loads and
-// stores.
+// dst[w * lanes + r] = src[r * width + w]: a tile's rows as the lane kernels' operand (lanes:
+// kRows, or 2 * kRows for lane_line_scores_pair's two tiles). fp32 in 4 x 4 blocks through SSE
+// registers (as pack_lines), a quarter of the element-wise loads and stores.
 template <typename A>
-void transpose_tile(const A* src, int64_t width, A* dst) {
+void transpose_tile(const A* src, int64_t width, A* dst, int64_t lanes = kRows) {
   int64_t w0 = 0;
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<A, float>) {
@@ -335,17 +335,17 @@ void transpose_tile(const A* src, int64_t width, A* dst) {
         __m128 r0 = _mm_loadu_ps(in), r1 = _mm_loadu_ps(in + width);
         __m128 r2 = _mm_loadu_ps(in + 2 * width), r3 = _mm_loadu_ps(in + 3 * width);
         _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        float* out = dst + w0 * kRows + r;
+        float* out = dst + w0 * lanes + r;
         _mm_storeu_ps(out, r0);
-        _mm_storeu_ps(out + kRows, r1);
-        _mm_storeu_ps(out + 2 * kRows, r2);
-        _mm_storeu_ps(out + 3 * kRows, r3);
+        _mm_storeu_ps(out + lanes, r1);
+        _mm_storeu_ps(out + 2 * lanes, r2);
+        _mm_storeu_ps(out + 3 * lanes, r3);
       }
     }
   }
 #endif
   for (int r = 0; r < kRows; ++r) {
-    for (int64_t w = w0; w < width; ++w) dst[w * kRows + r] = src[r * width + w];
+    for (int64_t w = w0; w < width; ++w) dst[w * lanes + r] = src[r * width + w];
   }
 }
 
