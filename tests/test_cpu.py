@@ -214,6 +214,24 @@ def test_fp32_large_scores_match_reference():
         assert k_err <= 2 * t_err + 1e-5, (k_err, t_err, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_half_precision_value_round_trips(dtype):
+    """With a window of one key, out = 1 * v exactly, so every one of the 65536 bit patterns of
+    fp16 / bf16 as a value must come back unchanged through the kernels' conversions to fp32 and
+    back (cpu_common.h, including the vectorized fp16 rows): zeros, subnormals, the largest
+    normals, infinities; NaN stays NaN. -0 comes back as +0 (0 + 1 * -0 = +0 in the sum), so
+    values are compared with ==, and the bits of every nonzero one."""
+    v = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 4096, 1, 16)
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 4096, 1, 16, generator=gen).to(dtype) for _ in range(2))
+    out = nattn.na1d(q, k, v, kernel_size=1, backend="cpu")
+    nan = v.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan], v[~nan])
+    nonzero = ~nan & (v != 0)
+    assert torch.equal(out[nonzero].view(torch.int16), v[nonzero].view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_error_ratio(dtype):
     """Kernel error vs the fp64 reference <= 2x (forward) / 3x (gradients) the error of the

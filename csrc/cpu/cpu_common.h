@@ -5,6 +5,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "nattn/params.h"
 
@@ -30,46 +35,39 @@ inline float bits_float(uint32_t u) {
 }
 
 // IEEE binary16 -> binary32, exact for every input (subnormals, infinities, NaN payloads).
+// Branch-free (selects only), so that the row loops around it vectorize: the exponent and
+// mantissa shifted into place and rebiased from 15 to 127; infinities and NaNs get the all-ones
+// exponent; a subnormal m * 2^-24 is formed as (1 + m / 1024) * 2^-14 - 2^-14, exact.
 inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1f) return bits_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    // Subnormal: mantissa * 2^-24 is exact in fp32.
-    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -magnitude : magnitude;
-  }
-  // Rebias the exponent from 15 to 127.
-  return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exponent = shifted & 0x0f800000u;
+  const uint32_t normal = shifted + (112u << 23);
+  const uint32_t special = normal + (112u << 23);  // exponent 31 -> 255
+  const float subnormal = bits_float(normal + (1u << 23)) - 6.103515625e-05f;  // - 2^-14
+  const uint32_t magnitude = exponent == 0x0f800000u ? special
+                             : exponent == 0         ? float_bits(subnormal)
+                                                     : normal;
+  return bits_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
-// binary32 -> binary16, round to nearest, ties to even; overflow gives infinity, NaN stays NaN.
+// binary32 -> binary16, round to nearest, ties to even; overflow gives infinity, NaN stays NaN
+// (quiet, payload dropped). Branch-free like half_to_float:
+// - normal results: rebias the exponent (127 -> 15) and round away 13 mantissa bits by adding
+//   0xfff plus the kept mantissa's lowest bit; a carry out of the mantissa correctly bumps the
+//   exponent, up to infinity;
+// - subnormal results (below 2^-14): adding 0.5 (2^-1) aligns the value's bits to 2^-24 units in
+//   the low mantissa bits, rounded to nearest even by the fp32 addition itself.
 inline uint16_t float_to_half(float f) {
   const uint32_t x = float_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t magnitude = x & 0x7fffffffu;
-  if (magnitude >= 0x7f800000u) {
-    return static_cast<uint16_t>(sign | (magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  }
-  if (magnitude >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 2^16
-  auto round_shift = [](uint32_t value, uint32_t shift) {
-    const uint32_t kept = value >> shift;
-    const uint32_t rest = value & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    return kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
-  };
-  if (magnitude < 0x38800000u) {
-    // Below 2^-14 the result is subnormal: value * 2^24 rounded to an integer. With the implicit
-    // bit, value = m * 2^(e - 150), so the shift is 126 - e; past 24 the result rounds to zero.
-    const uint32_t e = magnitude >> 23;
-    if (e < 102) return static_cast<uint16_t>(sign);
-    const uint32_t m = (magnitude & 0x7fffffu) | 0x800000u;
-    return static_cast<uint16_t>(sign | round_shift(m, 126u - e));
-  }
-  // Normal: rebias the exponent (127 -> 15) and drop 13 mantissa bits; a carry out of the
-  // mantissa correctly bumps the exponent (up to infinity).
-  return static_cast<uint16_t>(sign | round_shift(magnitude - 0x38000000u, 13u));
+  const uint32_t rounded = (magnitude - (112u << 23) + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - 0x3f000000u;
+  const uint32_t out = magnitude > 0x7f800000u    ? 0x7e00u
+                       : magnitude >= 0x47800000u ? 0x7c00u  // >= 2^16, or infinity
+                       : magnitude < 0x38800000u  ? subnormal
+                                                  : rounded;
+  return static_cast<uint16_t>(sign | out);
 }
 
 inline float bfloat16_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
@@ -113,11 +111,73 @@ inline BFloat16 from_compute<BFloat16, float>(float x) {
   return BFloat16{float_to_bfloat16(x)};
 }
 
+#if defined(__SSE2__)
+// half_to_float on 8 contiguous values in SSE2 registers (every x86-64 CPU has SSE2): the same
+// integer operations and selects, so the same bits. GCC does not vectorize the scalar loops at the
+// baseline level the module is built for, and element by element the conversions made fp16 run
+// at 0.5-0.6x fp32's speed (bench/results/cpu-2026-12-03-xeon/).
+inline void half_to_float8(const Half* src, float* dst) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i zero = _mm_setzero_si128();
+  for (int half = 0; half < 2; ++half) {
+    const __m128i x = half == 0 ? _mm_unpacklo_epi16(h, zero) : _mm_unpackhi_epi16(h, zero);
+    const __m128i shifted = _mm_slli_epi32(_mm_and_si128(x, _mm_set1_epi32(0x7fff)), 13);
+    const __m128i exponent = _mm_and_si128(shifted, _mm_set1_epi32(0x0f800000));
+    const __m128i normal = _mm_add_epi32(shifted, _mm_set1_epi32(112 << 23));
+    const __m128i special = _mm_add_epi32(normal, _mm_set1_epi32(112 << 23));
+    const __m128i subnormal = _mm_castps_si128(
+        _mm_sub_ps(_mm_castsi128_ps(_mm_add_epi32(normal, _mm_set1_epi32(1 << 23))),
+                   _mm_set1_ps(6.103515625e-05f)));
+    const __m128i is_special = _mm_cmpeq_epi32(exponent, _mm_set1_epi32(0x0f800000));
+    const __m128i is_zero_exp = _mm_cmpeq_epi32(exponent, zero);
+    __m128i magnitude = _mm_or_si128(_mm_and_si128(is_zero_exp, subnormal),
+                                     _mm_andnot_si128(is_zero_exp, normal));
+    magnitude = _mm_or_si128(_mm_and_si128(is_special, special),
+                             _mm_andnot_si128(is_special, magnitude));
+    const __m128i sign = _mm_slli_epi32(_mm_and_si128(x, _mm_set1_epi32(0x8000)), 16);
+    _mm_storeu_ps(dst + 4 * half, _mm_castsi128_ps(_mm_or_si128(magnitude, sign)));
+  }
+}
+
+// float_to_half on 8 contiguous values, the same operations and selects as the scalar function
+// (magnitudes are below 2^31, so SSE2's signed compares order them as unsigned ones).
+inline void float_to_half8(const float* src, Half* dst) {
+  __m128i out[2];
+  for (int half = 0; half < 2; ++half) {
+    const __m128i x = _mm_castps_si128(_mm_loadu_ps(src + 4 * half));
+    const __m128i sign = _mm_and_si128(_mm_srli_epi32(x, 16), _mm_set1_epi32(0x8000));
+    const __m128i magnitude = _mm_and_si128(x, _mm_set1_epi32(0x7fffffff));
+    const __m128i odd = _mm_and_si128(_mm_srli_epi32(magnitude, 13), _mm_set1_epi32(1));
+    const __m128i rounded = _mm_srli_epi32(
+        _mm_add_epi32(_mm_add_epi32(magnitude, _mm_set1_epi32(0xfff - (112 << 23))), odd), 13);
+    const __m128i subnormal = _mm_sub_epi32(
+        _mm_castps_si128(_mm_add_ps(_mm_castsi128_ps(magnitude), _mm_set1_ps(0.5f))),
+        _mm_set1_epi32(0x3f000000));
+    const __m128i is_nan = _mm_cmpgt_epi32(magnitude, _mm_set1_epi32(0x7f800000));
+    const __m128i is_big = _mm_cmpgt_epi32(magnitude, _mm_set1_epi32(0x47800000 - 1));
+    const __m128i is_small = _mm_cmplt_epi32(magnitude, _mm_set1_epi32(0x38800000));
+    __m128i r = _mm_or_si128(_mm_and_si128(is_small, subnormal),
+                             _mm_andnot_si128(is_small, rounded));
+    r = _mm_or_si128(_mm_and_si128(is_big, _mm_set1_epi32(0x7c00)), _mm_andnot_si128(is_big, r));
+    r = _mm_or_si128(_mm_and_si128(is_nan, _mm_set1_epi32(0x7e00)), _mm_andnot_si128(is_nan, r));
+    // Sign-extend the 16-bit results so that the signed saturating pack keeps their bits.
+    out[half] = _mm_srai_epi32(_mm_slli_epi32(_mm_or_si128(r, sign), 16), 16);
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packs_epi32(out[0], out[1]));
+}
+#endif
+
 // Loads n elements spaced `stride` apart into a contiguous compute-type row.
 template <typename T, typename A>
 inline void load_row(const T* src, int64_t stride, int64_t n, A* dst) {
   if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = to_compute<A>(src[i]);
+    int64_t i = 0;
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<T, Half> && std::is_same_v<A, float>) {
+      for (; i + 8 <= n; i += 8) half_to_float8(src + i, dst + i);
+    }
+#endif
+    for (; i < n; ++i) dst[i] = to_compute<A>(src[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = to_compute<A>(src[i * stride]);
   }
@@ -126,7 +186,15 @@ inline void load_row(const T* src, int64_t stride, int64_t n, A* dst) {
 // Stores a contiguous compute-type row as n elements spaced `stride` apart.
 template <typename T, typename A>
 inline void store_row(const A* src, int64_t n, T* dst, int64_t stride) {
-  for (int64_t i = 0; i < n; ++i) dst[i * stride] = from_compute<T>(src[i]);
+  int64_t i = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, Half> && std::is_same_v<A, float>) {
+    if (stride == 1) {
+      for (; i + 8 <= n; i += 8) float_to_half8(src + i, dst + i);
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i * stride] = from_compute<T>(src[i]);
 }
 
 // Element offset of token (x0, x1, x2) of a heads-last tensor; s = [b, x0, x1, x2, h, ...].
