@@ -761,6 +761,29 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
   }
 }
 
+// Accumulates both products of lane_dot_pair for N offsets in vectors V (L8: kLanes lanes, or
+// L16: two tiles' lanes, lane_dot_pair16); qt, gt hold one V of lanes per depth index.
+template <int N, typename V>
+NATTN_INLINE void lane_dot_pair_acc(const float* qt, const float* gt, int64_t depth,
+                                    const float* k, const float* v, int64_t ld, V (&acc_s)[N],
+                                    V (&acc_p)[N]) {
+  constexpr int64_t kWidth = sizeof(V) / sizeof(float);
+  for (int64_t w = 0; w < depth; ++w) {
+    V q, g;
+    std::memcpy(&q, qt + w * kWidth, sizeof q);
+    std::memcpy(&g, gt + w * kWidth, sizeof g);
+    const float* kw = k + w * ld;
+    const float* vw = v + w * ld;
+    for (int n = 0; n < N; ++n) {
+      V kv, vv;
+      std::memcpy(&kv, kw + n, sizeof kv);
+      acc_s[n] += q * kv;
+      std::memcpy(&vv, vw + n, sizeof vv);
+      acc_p[n] += g * vv;
+    }
+  }
+}
+
 // Two lane_dot<N, 1> of the same depth in one loop: s from (qt, k), dp from (gt, v). Twice the
 // independent accumulator chains of one call (7 offsets: 14, where one call's 7 leave AVX2's
 // two FMA pipes short of the 8 their 4-cycle latency needs); the key and value vectors are FMA
@@ -770,20 +793,7 @@ template <int N>
 NATTN_INLINE void lane_dot_pair(const float* qt, const float* gt, int64_t depth, const float* k,
                                 const float* v, int64_t ld, float* s, float* dp) {
   L8 acc_s[N] = {}, acc_p[N] = {};
-  for (int64_t w = 0; w < depth; ++w) {
-    L8 q, g;
-    load8(q, qt + w * kLanes);
-    load8(g, gt + w * kLanes);
-    const float* kw = k + w * ld;
-    const float* vw = v + w * ld;
-    for (int n = 0; n < N; ++n) {
-      L8 kv, vv;
-      load8(kv, kw + n);
-      acc_s[n] += q * kv;
-      load8(vv, vw + n);
-      acc_p[n] += g * vv;
-    }
-  }
+  lane_dot_pair_acc<N>(qt, gt, depth, k, v, ld, acc_s, acc_p);
   for (int n = 0; n < N; ++n) {
     store8(s + n * kLanes, acc_s[n]);
     store8(dp + n * kLanes, acc_p[n]);
@@ -847,7 +857,6 @@ NATTN_INLINE void lane_line_probs_impl(float* s, float* dp, int64_t offsets, int
 // ---- Two tiles in one 16-lane vector (block_kernels.h: lane_line_scores_pair), AVX-512 only. ----
 using L16 = float __attribute__((vector_size(64)));
 static_assert(sizeof(L16) == 2 * kLanes * sizeof(float), "two tiles' lanes per vector");
-NATTN_INLINE void load16(L16& v, const float* p) { std::memcpy(&v, p, sizeof v); }
 
 // lane_dot_pair on 2 x kLanes lanes for offsets u0 .. u0 + N - 1, each half stored into its
 // tile's lane layout where the offset falls in that tile's range.
@@ -855,20 +864,7 @@ template <int N>
 NATTN_INLINE void lane_dot_pair16(const float* qt, const float* gt, int64_t depth, const float* k,
                                   const float* v, int64_t ld, int64_t u0, const LaneHalf* halves) {
   L16 acc_s[N] = {}, acc_p[N] = {};
-  for (int64_t w = 0; w < depth; ++w) {
-    L16 q, g;
-    load16(q, qt + w * 2 * kLanes);
-    load16(g, gt + w * 2 * kLanes);
-    const float* kw = k + w * ld;
-    const float* vw = v + w * ld;
-    for (int n = 0; n < N; ++n) {
-      L16 kv, vv;
-      load16(kv, kw + n);
-      acc_s[n] += q * kv;
-      load16(vv, vw + n);
-      acc_p[n] += g * vv;
-    }
-  }
+  lane_dot_pair_acc<N>(qt, gt, depth, k, v, ld, acc_s, acc_p);
   // The halves through shuffles, not through memory: taking the accumulators' addresses made GCC
   // keep them on the stack inside the FMA loop.
   for (int n = 0; n < N; ++n) {
