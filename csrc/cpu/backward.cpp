@@ -550,7 +550,7 @@ class Backward {
       t.u_lo = std::min(t.u_lo, t.lo[r]);
       t.u_hi = std::max(t.u_hi, t.hi[r]);
     }
-    if (std::is_same_v<A, float> && dq_lanes_ && t.u_hi > t.u_lo) {
+    if (dq_lanes_ && t.u_hi > t.u_lo) {  // dq_lanes_: fp32 only
       t.span = lane_span(tile, t.lo, t.hi);
       const int64_t block_cols = (t.u_hi - t.u_lo + kCols - 1) / kCols * kCols;
       t.lanes = static_cast<double>(block_cols) >
