@@ -220,13 +220,22 @@ def test_every_half_precision_value_round_trips(dtype):
     fp16 / bf16 as a value must come back unchanged through the kernels' conversions to fp32 and
     back (cpu_common.h, including the vectorized fp16 rows): zeros, subnormals, the largest
     normals, infinities; NaN stays NaN. -0 comes back as +0 (0 + 1 * -0 = +0 in the sum), so
-    values are compared with ==, and the bits of every nonzero one."""
+    values are compared with ==, and the bits of every nonzero one.
+
+    bf16 at the avx512bf16 level runs on bf16 products (vdpbf16ps), which read subnormal inputs
+    as 0 (block_kernels.h: lane_forward_bf16): there the 254 subnormal bf16 values must come back
+    as exactly 0, and every other value unchanged."""
     v = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 4096, 1, 16)
     gen = torch.Generator().manual_seed(3)
     q, k = (torch.randn(1, 4096, 1, 16, generator=gen).to(dtype) for _ in range(2))
     out = nattn.na1d(q, k, v, kernel_size=1, backend="cpu")
     nan = v.isnan()
     assert torch.equal(out.isnan(), nan)
+    if dtype == torch.bfloat16 and _native._C.cpu_isa() == "avx512bf16":
+        subnormal = (v != 0) & (v.abs() < torch.finfo(dtype).tiny)
+        assert int(subnormal.sum()) == 254
+        assert torch.equal(out[subnormal], torch.zeros_like(v[subnormal]))
+        v = torch.where(subnormal, torch.zeros_like(v), v)
     assert torch.equal(out[~nan], v[~nan])
     nonzero = ~nan & (v != 0)
     assert torch.equal(out[nonzero].view(torch.int16), v[nonzero].view(torch.int16))
@@ -307,6 +316,38 @@ def test_fp32_two_row_lane_tiles_match_reference(c):
         k_err = (k.double() - e).abs().max().item()
         t_err = (t.double() - e).abs().max().item()
         assert k_err <= 2 * t_err + 1e-6, (k_err, t_err, c)
+
+
+@pytest.mark.parametrize("odd_strides", [False, True], ids=["dense", "odd-strides"])
+@pytest.mark.parametrize("c", PAIRED_CASES)
+def test_bf16_lane_forward_matches_reference(c, odd_strides):
+    """bf16 forward and lse of the lane tiles against the fp64 reference: error <= 2x that of the
+    reference computed in bf16, plus 1e-3 (DESIGN.md section 5; the floor of
+    test_low_precision_error_ratio). At the avx512bf16 level these run on bf16 products
+    (block_kernels.h: lane_forward_bf16) where head_dim is even, there are no additional tokens
+    and the strides keep depth pairs whole (the heads-first cases are views); odd_strides gives
+    every input rows of dim + 1 elements seen through a slice, which fall back to the fp32
+    products. One- and two-row tiles, odd offset counts, dilation, strides, causal, GQA."""
+    gen = torch.Generator().manual_seed(sum(c.shape) + c.dim + 1)
+    low = [None if t is None else t.to(torch.bfloat16) for t in make_inputs(c, generator=gen)]
+    if odd_strides:
+        low[:3] = [torch.cat([t, t[..., :1]], -1)[..., :-1] for t in low[:3]]
+        assert all(t.stride(-2) % 2 == 1 or t.shape[-1] % 2 == 1 for t in low[:3])
+    exact_inputs = [None if t is None else t.double() for t in low]
+    kwargs = dict(stride=c.stride, dilation=c.dilation, is_causal=c.is_causal, return_lse=True)
+    exact = nattn.reference.neighborhood_attention(
+        *exact_inputs[:3], c.kernel_size, additional_keys=exact_inputs[3],
+        additional_values=exact_inputs[4], **kwargs)
+    torch_low = nattn.reference.neighborhood_attention(
+        *low[:3], c.kernel_size, additional_keys=low[3], additional_values=low[4], **kwargs)
+    kernel = cpu_fn(*low[:3], c.kernel_size, additional_keys=low[3], additional_values=low[4],
+                    **kwargs)
+    assert kernel[0].dtype == torch.bfloat16 and kernel[1].dtype == torch.float32
+    for e, t, k in zip(exact, torch_low, kernel):
+        assert torch.isfinite(k).all()
+        k_err = (k.double() - e).abs().max().item()
+        t_err = (t.double() - e).abs().max().item()
+        assert k_err <= 2 * t_err + 1e-3, (k_err, t_err, c)
 
 
 @pytest.mark.parametrize("shape,kernel_size,dilation", [

@@ -1,7 +1,8 @@
 """The CPU kernels at every instruction-set level the machine has.
 
-The block kernels are compiled for baseline x86-64, AVX2 (x86-64-v3) and AVX-512 (x86-64-v4);
-a process runs the best level its CPU has unless NATTN_CPU_ISA names a lower one. The level is
+The block kernels are compiled for baseline x86-64, AVX2 (x86-64-v3) and AVX-512 (x86-64-v4),
+and the bf16 lane forward for AVX-512 with AVX512-BF16 (avx512bf16); a process runs the best
+level its CPU has unless NATTN_CPU_ISA names a lower one. The level is
 chosen once per process, so each lower level reruns tests/test_cpu.py (the fp64 sweep, gradcheck,
 fp32/fp16/bf16 error ratios, large scores, bit-identical backward schedules) in a subprocess
 with NATTN_CPU_ISA set; the default level is what the rest of the suite runs.
@@ -16,7 +17,7 @@ import pytest
 
 C = pytest.importorskip("nattn._C")
 
-LEVELS = ["baseline", "avx2", "avx512"]
+LEVELS = ["baseline", "avx2", "avx512", "avx512bf16"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -54,7 +55,7 @@ def test_cpu_kernels_at_lower_level(isa):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("sse9", "is not one of baseline, avx2, avx512"),
+    ("sse9", "is not one of baseline, avx2, avx512, avx512bf16"),
 ])
 def test_bad_isa_request_is_a_clear_error(value, message):
     code = ("import torch, nattn\n"

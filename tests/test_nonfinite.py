@@ -168,8 +168,8 @@ def _cases():
 
 @pytest.mark.parametrize("c,tensor,value", _cases())
 @pytest.mark.parametrize("backend,dtype", [("cpu", torch.float64), ("cpu", torch.float32),
-                                           ("reference", torch.float64)],
-                         ids=["cpu-fp64", "cpu-fp32", "reference"])
+                                           ("cpu", torch.bfloat16), ("reference", torch.float64)],
+                         ids=["cpu-fp64", "cpu-fp32", "cpu-bf16", "reference"])
 def test_non_finite_input_reaches_exactly_its_window(c, tensor, value, backend, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((c, tensor, value)).encode()))
     clean = _inputs(c, dtype, gen)

@@ -672,28 +672,14 @@ NATTN_INLINE void lane_pv(const LaneTile& t, const float* p, int64_t ps, int64_t
   }
 }
 
+// The lane forward's softmax on the scores s of R rows (row stride ss): masks, scales and takes
+// each lane's maximum, then replaces the scores by their weights exp(x - max) (0 where masked),
+// leaves their sums in sum[i] and the natural-log LSE in lse[i * kLanes + r].
 template <int R>
-NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, float* o,
-                                    float* lse) {
+NATTN_INLINE void lane_softmax(const LaneTile& t, float* s, int64_t ss, L8 (&sum)[R],
+                               float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t T = t.offsets;
-  const int64_t qs = t.head_dim * kLanes;                        // row stride of qt
-  const int64_t ss = (t.lines * T + t.num_additional) * kLanes;  // of s
-  const int64_t os = t.value_dim * kLanes;                       // of ot
-  // Scores: up to kLaneChunk<R> offsets at a time (the query vectors loaded once per depth, each
-  // key vector once for all R rows).
-  for (int64_t line = 0; line < t.lines; ++line) {
-    float* sl = s + line * T * kLanes;
-    for_chunks<kLaneChunk<R>>(T, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
-      lane_dot<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.k[line] + u0, t.ld,
-                                      sl + u0 * kLanes, ss);
-    });
-  }
-  float* sa = s + t.lines * T * kLanes;
-  for_chunks<kLaneChunk<R>>(t.num_additional, [&](int64_t m0, auto n) NATTN_LAMBDA_INLINE {
-    lane_dot_shared<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.add_kt + m0, t.add_ld,
-                                           sa + m0 * kLanes, ss);
-  });
   // Mask, scale and maximum, lane by lane and row by row: position base + u + r of lane r is in
   // its window when lo[r] <= it < hi[r] (and the line in the row's); the additional keys are in
   // every query's window.
@@ -704,7 +690,6 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
   const L8 neg_inf = L8{} + kNegInf;
   const M8 has_query = lo < hi;
   const int64_t total = t.lines * T + t.num_additional;
-  L8 sum[R];
   for (int i = 0; i < R; ++i) {
     float* si = s + i * ss;
     L8 mx = neg_inf;
@@ -740,14 +725,13 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
     }
     for (int r = 0; r < kLanes; ++r) lse[i * kLanes + r] = shift[r] + std::log(sum[i][r]);
   }
-  // Values: up to kLaneChunk<R> output columns at a time.
-  for_chunks<kLaneChunk<R>>(t.value_dim, [&](int64_t w0, auto n) NATTN_LAMBDA_INLINE {
-    if (t.contained) {
-      lane_pv<decltype(n)::value, R, true>(t, s, ss, w0, ot, os);
-    } else {
-      lane_pv<decltype(n)::value, R, false>(t, s, ss, w0, ot, os);
-    }
-  });
+}
+
+// o[(i * kLanes + r) * value_dim + w] = ot[i * os + w * kLanes + r] / sum[i][r]: the lane
+// forward's transposed, unnormalized output of R rows as normalized rows.
+template <int R>
+NATTN_INLINE void lane_normalize(const LaneTile& t, const L8 (&sum)[R], const float* ot,
+                                 int64_t os, float* o) {
   for (int i = 0; i < R; ++i) {
     float inv[kLanes];
     for (int r = 0; r < kLanes; ++r) inv[r] = 1.0f / sum[i][r];
@@ -759,6 +743,40 @@ NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, floa
       }
     }
   }
+}
+
+template <int R>
+NATTN_INLINE void lane_forward_impl(const LaneTile& t, float* s, float* ot, float* o,
+                                    float* lse) {
+  const int64_t T = t.offsets;
+  const int64_t qs = t.head_dim * kLanes;                        // row stride of qt
+  const int64_t ss = (t.lines * T + t.num_additional) * kLanes;  // of s
+  const int64_t os = t.value_dim * kLanes;                       // of ot
+  // Scores: up to kLaneChunk<R> offsets at a time (the query vectors loaded once per depth, each
+  // key vector once for all R rows).
+  for (int64_t line = 0; line < t.lines; ++line) {
+    float* sl = s + line * T * kLanes;
+    for_chunks<kLaneChunk<R>>(T, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+      lane_dot<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.k[line] + u0, t.ld,
+                                      sl + u0 * kLanes, ss);
+    });
+  }
+  float* sa = s + t.lines * T * kLanes;
+  for_chunks<kLaneChunk<R>>(t.num_additional, [&](int64_t m0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_shared<decltype(n)::value, R>(t.qt, qs, t.head_dim, t.add_kt + m0, t.add_ld,
+                                           sa + m0 * kLanes, ss);
+  });
+  L8 sum[R];
+  lane_softmax<R>(t, s, ss, sum, lse);
+  // Values: up to kLaneChunk<R> output columns at a time.
+  for_chunks<kLaneChunk<R>>(t.value_dim, [&](int64_t w0, auto n) NATTN_LAMBDA_INLINE {
+    if (t.contained) {
+      lane_pv<decltype(n)::value, R, true>(t, s, ss, w0, ot, os);
+    } else {
+      lane_pv<decltype(n)::value, R, false>(t, s, ss, w0, ot, os);
+    }
+  });
+  lane_normalize<R>(t, sum, ot, os, o);
 }
 
 // Accumulates both products of lane_dot_pair for N offsets in vectors V (L8: kLanes lanes, or
@@ -904,6 +922,171 @@ NATTN_INLINE void lane_forward_rows(const LaneTile& t, float* s, float* ot, floa
   }
 }
 
+// ---- bf16 pairs (block_kernels.h: lane_forward_bf16), AVX512-BF16 only. ----
+// The three AVX512-BF16 / AVX512BW instructions they need are inline assembly: their intrinsics
+// carry a target attribute that GCC will not inline through the generic helpers (for_chunks'
+// lambdas) into the level's entry point; the assembly takes its registers from that entry point,
+// compiled for x86-64-v4 with AVX512-BF16 (the assembler must know the instructions: binutils
+// 2.34 or later).
+#if NATTN_X86
+#define NATTN_LANE_BF16 1
+
+// acc[r] += lo(a[r]) * lo(b[r]) + hi(a[r]) * hi(b[r]) for 8 lanes of two bf16 each: one
+// vdpbf16ps, whose products and sum are fp32 (subnormal bf16 inputs count as 0, subnormal
+// results are flushed to 0, round to nearest even; the instruction reads no MXCSR).
+// The accumulator goes through a local copy, and the callers' loops carry unroll pragmas: with
+// the array element itself as the asm operand, or loops GCC would not unroll around an asm
+// statement, the accumulator arrays stayed on the stack (a load and a store per instruction).
+NATTN_INLINE void dot_pairs(L8& acc, const M8& a, const M8& b) {
+  L8 r = acc;
+  __asm__("vdpbf16ps %2, %1, %0" : "+v"(r) : "v"(a), "v"(b));
+  acc = r;
+}
+
+// Lane r of the result: the pair (bf16(first[r]), bf16(second[r])), each rounded to nearest even
+// (vcvtne2ps2bf16: words 0..7 from first, 8..15 from second; vpermw interleaves them).
+NATTN_INLINE void bf16_pairs(M8& out, const L8& first, const L8& second) {
+  static constexpr int16_t kInterleave[16] = {0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15};
+  M8 words, index;
+  std::memcpy(&index, kInterleave, sizeof index);
+  __asm__("vcvtne2ps2bf16 %2, %1, %0" : "=v"(words) : "v"(second), "v"(first));
+  __asm__("vpermw %2, %1, %0" : "=v"(out) : "v"(index), "v"(words));
+}
+
+// lane_dot on bf16 pairs: s[i * ss + n * kLanes + r] = sum_j dot_pairs of qt[i * qs + j * kLanes
+// + r] and k[j * ld + n + r] for j < pairs (each a 32-bit pair of depth indices 2j, 2j + 1).
+template <int N, int R>
+NATTN_INLINE void lane_dot_bf16(const float* qt, int64_t qs, int64_t pairs, const float* k,
+                                int64_t ld, float* s, int64_t ss) {
+  L8 acc[R][N] = {};
+  for (int64_t j = 0; j < pairs; ++j) {
+    M8 q[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) std::memcpy(&q[i], qt + i * qs + j * kLanes, sizeof q[i]);
+    const float* kj = k + j * ld;
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) {
+      M8 kv;
+      std::memcpy(&kv, kj + n, sizeof kv);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) dot_pairs(acc[i][n], q[i], kv);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int n = 0; n < N; ++n) store8(s + i * ss + n * kLanes, acc[i][n]);
+  }
+}
+
+// The weights of R rows (lane_softmax's, fp32, [line][offset][lane]) as bf16 pairs of offsets
+// 2m, 2m + 1 (0 past the last offset), rounded to nearest even, in place: pair m of a line goes
+// to [line][m][lane] with ceil(offsets / 2) pairs per line, at or below the weights it is made
+// of, which the ascending walk has read by then.
+template <int R>
+NATTN_INLINE void lane_pair_weights(const LaneTile& t, float* s, int64_t ss) {
+  const int64_t T = t.offsets, pairs = (T + 1) / 2;
+  for (int i = 0; i < R; ++i) {
+    float* si = s + i * ss;
+    for (int64_t line = 0; line < t.lines; ++line) {
+      const float* in = si + line * T * kLanes;
+      float* out = si + line * pairs * kLanes;
+      for (int64_t m = 0; m < pairs; ++m) {
+        L8 first, second = L8{};
+        load8(first, in + 2 * m * kLanes);
+        if (2 * m + 1 < T) load8(second, in + (2 * m + 1) * kLanes);
+        M8 pair;
+        bf16_pairs(pair, first, second);
+        std::memcpy(out + m * kLanes, &pair, sizeof pair);
+      }
+    }
+  }
+}
+
+// lane_pv on bf16 pairs: p holds lane_pair_weights' pairs of offsets (2m, 2m + 1), and t.v the
+// value lines as position pairs (element (w, x) = the values at positions x and x + 1), so that
+// the load at offset 2m gives lane r the values of its two keys. kContained: each half of a pair
+// is kept only where its offset is in the lane's window (lane_valid), so a non-finite value
+// reaches only its own queries.
+template <int N, int R, bool kContained>
+NATTN_INLINE void lane_pv_bf16(const LaneTile& t, const float* p, int64_t ps, int64_t w0,
+                               float* ot, int64_t os) {
+  L8 acc[R][N] = {};
+  const int64_t T = t.offsets, pairs = (T + 1) / 2;
+  M8 lo, hi, lane;
+  std::memcpy(&lo, t.lo, sizeof lo);
+  std::memcpy(&hi, t.hi, sizeof hi);
+  for (int r = 0; r < kLanes; ++r) lane[r] = r;
+  const M8 low_half = M8{} + 0xffff;
+  for (int64_t line = 0; line < t.lines; ++line) {
+    const float* v = t.v[line] + w0 * t.ld;
+    const float* pl = p + line * pairs * kLanes;
+    for (int64_t m = 0; m < pairs; ++m) {
+      M8 pu[R], keep[R];
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        std::memcpy(&pu[i], pl + i * ps + m * kLanes, sizeof pu[i]);
+        if constexpr (kContained) {
+          M8 first, second;
+          lane_valid<R>(first, t, lo, hi, lane, line, 2 * m, i);
+          lane_valid<R>(second, t, lo, hi, lane, line, 2 * m + 1, i);
+          keep[i] = (first & low_half) | (second & ~low_half);
+        }
+      }
+#pragma GCC unroll 16
+      for (int n = 0; n < N; ++n) {
+        M8 vv;
+        std::memcpy(&vv, v + n * t.ld + 2 * m, sizeof vv);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) {
+          if constexpr (kContained) {
+            dot_pairs(acc[i][n], pu[i], vv & keep[i]);
+          } else {
+            dot_pairs(acc[i][n], pu[i], vv);
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int n = 0; n < N; ++n) store8(ot + i * os + (w0 + n) * kLanes, acc[i][n]);
+  }
+}
+
+// Offsets (scores) or value columns (P V) per bf16 product call, for R rows: AVX-512's 32
+// registers hold R x N accumulators and the R + 1 operand vectors (2 x 8 + 3 = 19, 16 + 2 = 18),
+// and 8 divides the usual value widths (64: 8 calls, not 11 of kLaneChunk<2>).
+template <int R>
+constexpr int kLaneChunkBf16 = R == 1 ? 16 : 8;
+
+template <int R>
+NATTN_INLINE void lane_forward_bf16_impl(const LaneTile& t, float* s, float* ot, float* o,
+                                         float* lse) {
+  const int64_t T = t.offsets, pairs = t.head_dim / 2;
+  const int64_t qs = pairs * kLanes;          // row stride of qt (pairs)
+  const int64_t ss = t.lines * T * kLanes;    // of s
+  const int64_t os = t.value_dim * kLanes;    // of ot
+  for (int64_t line = 0; line < t.lines; ++line) {
+    float* sl = s + line * T * kLanes;
+    for_chunks<kLaneChunkBf16<R>>(T, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+      lane_dot_bf16<decltype(n)::value, R>(t.qt, qs, pairs, t.k[line] + u0, t.ld,
+                                           sl + u0 * kLanes, ss);
+    });
+  }
+  L8 sum[R];
+  lane_softmax<R>(t, s, ss, sum, lse);
+  lane_pair_weights<R>(t, s, ss);
+  for_chunks<kLaneChunkBf16<R>>(t.value_dim, [&](int64_t w0, auto n) NATTN_LAMBDA_INLINE {
+    if (t.contained) {
+      lane_pv_bf16<decltype(n)::value, R, true>(t, s, ss, w0, ot, os);
+    } else {
+      lane_pv_bf16<decltype(n)::value, R, false>(t, s, ss, w0, ot, os);
+    }
+  });
+  lane_normalize<R>(t, sum, ot, os, o);
+}
+#else
+#define NATTN_LANE_BF16 0
+#endif
+
 // One set of entry points per instruction-set level: each is the always-inlined template above
 // compiled under that level's target attribute (so with its vector width), and a table of them
 // is picked once per process (block_kernels.h: cpu_isa).
@@ -1012,6 +1195,19 @@ __attribute__((target("arch=x86-64-v4"))) void line_scores_pair(
   lane_line_scores_pair_impl(qt, gt, depth, k, v, ld, offsets, halves);
 }
 }  // namespace avx512
+#if NATTN_LANE_BF16
+namespace avx512bf16 {
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void lane_bf16(const LaneTile& t, float* s,
+                                                                    float* ot, float* o,
+                                                                    float* lse) {
+  if (t.rows == 2) {
+    lane_forward_bf16_impl<2>(t, s, ot, o, lse);
+  } else {
+    lane_forward_bf16_impl<1>(t, s, ot, o, lse);
+  }
+}
+}  // namespace avx512bf16
+#endif
 #else
 NATTN_LEVEL(baseline, , 16, 32)
 #endif
@@ -1024,6 +1220,9 @@ CpuIsa best_supported_isa() {
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+#if NATTN_LANE_BF16
+    if (__builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512Bf16;
+#endif
     return CpuIsa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -1037,6 +1236,8 @@ CpuIsa best_supported_isa() {
 
 const char* isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Bf16:
+      return "avx512bf16";
     case CpuIsa::kAvx512:
       return "avx512";
     case CpuIsa::kAvx2:
@@ -1047,13 +1248,14 @@ const char* isa_name(CpuIsa isa) {
   return "baseline";
 }
 
-// The level NATTN_CPU_ISA asks for (baseline, avx2, avx512), else the best the CPU has.
+// The level NATTN_CPU_ISA asks for (baseline, avx2, avx512, avx512bf16), else the best the CPU
+// has.
 CpuIsa choose_isa() {
   const CpuIsa best = best_supported_isa();
   const char* env = std::getenv("NATTN_CPU_ISA");
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
-  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
     if (want != isa_name(isa)) continue;
     if (static_cast<int>(isa) > static_cast<int>(best)) {
       throw std::runtime_error("NATTN_CPU_ISA=" + want + " asks for instructions this CPU (or " +
@@ -1063,12 +1265,14 @@ CpuIsa choose_isa() {
     return isa;
   }
   throw std::runtime_error("NATTN_CPU_ISA='" + want +
-                           "' is not one of baseline, avx2, avx512 (or unset for the best)");
+                           "' is not one of baseline, avx2, avx512, avx512bf16 (or unset for the " +
+                           "best)");
 }
 
 const Kernels& kernels_for(CpuIsa isa) {
   switch (isa) {
 #if NATTN_X86
+    case CpuIsa::kAvx512Bf16:  // the same block kernels; only the bf16 lane forward differs
     case CpuIsa::kAvx512:
       return avx512::kKernels;
     case CpuIsa::kAvx2:
@@ -1094,18 +1298,22 @@ LineProbsFn g_line_probs = nullptr;  // and lane_line_probs
 using LineScoresPairFn = void (*)(const float*, const float*, int64_t, const float*,
                                   const float*, int64_t, int64_t, const LaneHalf*);
 LineScoresPairFn g_line_scores_pair = nullptr;  // lane_line_scores_pair (AVX-512 only)
+LaneFn g_lane_bf16 = nullptr;  // lane_forward_bf16 (AVX512-BF16 only)
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
     const CpuIsa chosen = choose_isa();
     g_kernels = &kernels_for(chosen);
 #if NATTN_X86
-    if (chosen == CpuIsa::kAvx512) {
+    if (chosen == CpuIsa::kAvx512 || chosen == CpuIsa::kAvx512Bf16) {
       g_lane = avx512::lane;
       g_line_scores = avx512::line_scores;
       g_line_probs = avx512::line_probs;
       g_line_scores_pair = avx512::line_scores_pair;
     }
+#if NATTN_LANE_BF16
+    if (chosen == CpuIsa::kAvx512Bf16) g_lane_bf16 = avx512bf16::lane_bf16;
+#endif
     if (chosen == CpuIsa::kAvx2) {
       g_lane = avx2::lane;
       g_line_scores = avx2::line_scores;
@@ -1127,6 +1335,14 @@ bool lane_kernels_available() {
 }
 void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse) {
   g_lane(t, s, ot, o, lse);
+}
+
+bool lane_bf16_available() {
+  chosen_isa();
+  return g_lane_bf16 != nullptr;
+}
+void lane_forward_bf16(const LaneTile& t, float* s, float* ot, float* o, float* lse) {
+  g_lane_bf16(t, s, ot, o, lse);
 }
 
 void lane_line_scores(const float* qt, int64_t depth, const float* k, const float* gt,

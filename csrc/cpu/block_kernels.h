@@ -18,11 +18,12 @@ constexpr int kRows = 8;
 constexpr int kCols = 16;
 
 // Instruction-set levels the kernels are compiled for (x86-64: baseline, x86-64-v3 = AVX2 + FMA,
-// x86-64-v4 = AVX-512; other architectures: baseline only).
-enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+// x86-64-v4 = AVX-512, and x86-64-v4 with AVX512-BF16, whose only difference is the bf16 lane
+// forward, lane_forward_bf16 (GCC builds); other architectures: baseline only).
+enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // Name of the level every kernel below runs at: the best this CPU supports, or the one the
-// environment variable NATTN_CPU_ISA (baseline, avx2, avx512) names, read once per process.
+// environment variable NATTN_CPU_ISA (baseline, avx2, avx512, avx512bf16) names, read once per process.
 // Throws std::runtime_error when NATTN_CPU_ISA names an unknown level or one the CPU lacks (and
 // so does every CPU forward and backward call, until the process restarts with a valid value).
 const char* cpu_isa();
@@ -159,6 +160,18 @@ bool lane_kernels_available();
 // of query r of row i, with s as scratch of rows * (lines * offsets + num_additional) * kLanes
 // floats and ot of rows * value_dim * kLanes.
 void lane_forward(const LaneTile& t, float* s, float* ot, float* o, float* lse);
+
+// lane_forward for bf16 inputs on bf16 products (AVX512-BF16's vdpbf16ps: pairs of bf16
+// products summed in fp32), at the avx512bf16 level only (lane_bf16_available); no additional
+// keys (num_additional = 0). The operands are bf16 pairs, 32 bits each, behind the same pointers:
+//   qt    [rows][head_dim / 2][kLanes]: the pair of depth indices 2j, 2j + 1 of each query;
+//   k     per line, [head_dim / 2][ld]: the pair of depth indices 2j, 2j + 1 of each position;
+//   v     per line, [value_dim][ld]: the values at positions x and x + 1 (0 past the line);
+// head_dim even. Scores, softmax, sums and LSE are fp32 as in lane_forward; the weights enter
+// the P V product rounded to bf16 (nearest even), as the tensor-core kernels' P does, and the
+// output is normalized by the sums of the unrounded weights. Subnormal bf16 inputs count as 0.
+bool lane_bf16_available();
+void lane_forward_bf16(const LaneTile& t, float* s, float* ot, float* o, float* lse);
 
 // The scores S and dP of one key line for every window offset of a tile of kLanes queries, one
 // lane per query (the backward's dq pass): s[u * kLanes + r] = sum_w qt[w * kLanes + r] * k[w *

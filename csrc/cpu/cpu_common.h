@@ -98,6 +98,17 @@ inline A to_compute(Half x) { return half_to_float(x.bits); }
 template <typename A>
 inline A to_compute(BFloat16 x) { return bfloat16_to_float(x.bits); }
 
+// Two consecutive bf16 elements as one 32-bit unit (the bf16 lane forward's depth pairs,
+// block_kernels.h: lane_forward_bf16); to_compute keeps the bits: lo in the low half.
+struct BF16Pair {
+  uint16_t lo, hi;
+};
+template <typename A>
+inline A to_compute(BF16Pair x) {
+  static_assert(std::is_same_v<A, float>, "a pair is 32 bits of bf16 pair, not a number");
+  return bits_float(static_cast<uint32_t>(x.lo) | static_cast<uint32_t>(x.hi) << 16);
+}
+
 template <typename T, typename A>
 inline T from_compute(A x) {
   return static_cast<T>(x);

@@ -195,14 +195,32 @@ inline void transpose4x4(const float* in, int64_t in_step, float* out, int64_t o
 }
 #endif
 
+// One packed row of n fp32 values holding bf16 values, in place, as position pairs: element x
+// becomes the bf16 pair (row[x - 1], row[x]), with row[-1] = 0 (block_kernels.h:
+// lane_forward_bf16 reads the pair of positions x, x + 1 one element further on). Through a copy,
+// so that the loop reads and writes different arrays and vectorizes. Exact: the values' low 16
+// bits are zero.
+inline void position_pairs(float* row, int64_t n) {
+  thread_local std::vector<uint32_t> copy;
+  copy.resize(static_cast<size_t>(n) + 1);
+  copy[0] = 0;
+  std::memcpy(copy.data() + 1, row, static_cast<size_t>(n) * sizeof(float));
+  const uint32_t* in = copy.data();
+  for (int64_t x = 0; x < n; ++x) {
+    const uint32_t pair = (in[x] >> 16) | (in[x + 1] & 0xffff0000u);
+    std::memcpy(row + x, &pair, sizeof pair);
+  }
+}
+
 // Transposed lines of heads [head0, head0 + n_heads) of batch b: storage[i][line][w][t] = element
 // w of group position t, zero past the group's end (chunks read up to kCols - 1 positions beyond
 // it) and, through the row before's tail, for the kLanes positions before its start. Head i's
-// lines start at the returned pointer + i * geo.lines * width * geo.ld.
+// lines start at the returned pointer + i * geo.lines * width * geo.ld. pairs (bf16 values in
+// fp32 only): each row of ld elements then holds position pairs (position_pairs).
 template <typename T, typename A>
 const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t head0,
                     int64_t n_heads, int64_t width, const Geometry& geo, int nt,
-                    std::vector<A>& storage) {
+                    std::vector<A>& storage, bool pairs = false) {
   const T* first = data + b * stride[0] + head0 * stride[4];
   // kLanes zeros ahead of the first line: the lane kernels read up to kLanes - 1 positions before
   // a line's start, which for the other rows is the row before's zero tail.
@@ -233,15 +251,18 @@ const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t hea
       // CPU has SSE2), a quarter of the element-wise loop's loads and stores. fp16 and bf16
       // rows are first converted into an fp32 block of kCols rows (load_row, whose fp16 loop is
       // vectorized; element by element, fp16's conversion made the fp16 backward 2x slower than
-      // fp32's), then transposed from there.
+      // fp32's), then transposed from there. bf16 pairs (BF16Pair) move as their 32 bits.
       if constexpr (std::is_same_v<A, float> &&
                     (std::is_same_v<T, float> || std::is_same_v<T, Half> ||
-                     std::is_same_v<T, BFloat16>)) {
+                     std::is_same_v<T, BFloat16> || std::is_same_v<T, BF16Pair>)) {
         if (stride[5] == 1 && count == kCols) {
           const float* rows = nullptr;
           int64_t row_step = 0;
           if constexpr (std::is_same_v<T, float>) {
             rows = src + t0 * t_step;
+            row_step = t_step;
+          } else if constexpr (std::is_same_v<T, BF16Pair>) {
+            rows = reinterpret_cast<const float*>(src + t0 * t_step);
             row_step = t_step;
           } else {
             thread_local std::vector<float> block;
@@ -268,6 +289,11 @@ const A* pack_lines(const T* data, const int64_t* stride, int64_t b, int64_t hea
     }
     for (int64_t w = 0; w < width; ++w) {
       std::fill(line + w * geo.ld + n, line + (w + 1) * geo.ld, A(0));
+    }
+    if constexpr (std::is_same_v<A, float>) {
+      if (pairs) {
+        for (int64_t w = 0; w < width; ++w) position_pairs(line + w * geo.ld, geo.ld);
+      }
     }
   });
   return dst;
@@ -364,6 +390,36 @@ void transpose_tile(const A* src, int64_t width, A* dst, int64_t lanes = kRows) 
 #endif
   for (int r = 0; r < kRows; ++r) {
     for (int64_t w = w0; w < width; ++w) dst[w * lanes + r] = src[r * width + w];
+  }
+}
+
+// The tile's bf16 query rows of (b, head) at (x0, x1) as the bf16 lane forward's operand
+// (block_kernels.h: lane_forward_bf16): dst[j * kLanes + r] = the pair of elements 2j, 2j + 1 of
+// row r for j < pairs, 0 for rows past the tile's count. pair_stride: the tensor's strides in
+// pairs (dims 0..4; its elements are contiguous). 4 x 4 blocks of pairs through SSE registers,
+// as transpose_tile moves fp32.
+inline void load_tile_pairs(const BF16Pair* data, const int64_t* pair_stride, int64_t b,
+                            int64_t head, int64_t x0, int64_t x1, const AxisTile& tile,
+                            const Geometry& geo, int64_t pairs, float* dst) {
+  const BF16Pair* first = data + b * pair_stride[0] + x0 * pair_stride[1] +
+                          x1 * pair_stride[2] + head * pair_stride[4] +
+                          tile.index(geo, 0) * pair_stride[3];
+  const int64_t step = geo.dilation * pair_stride[3];  // between the tile's rows
+  int64_t j0 = 0;
+#if defined(__SSE2__)
+  if (tile.count == kRows) {
+    for (; j0 + 4 <= pairs; j0 += 4) {
+      for (int r = 0; r < kRows; r += 4) {
+        transpose4x4(reinterpret_cast<const float*>(first + r * step + j0), step,
+                     dst + j0 * kLanes + r, kLanes);
+      }
+    }
+  }
+#endif
+  for (int r = 0; r < kRows; ++r) {
+    for (int64_t j = j0; j < pairs; ++j) {
+      dst[j * kLanes + r] = r < tile.count ? to_compute<float>(first[r * step + j]) : 0.0f;
+    }
   }
 }
 
@@ -481,6 +537,9 @@ struct ForwardKeys {
   const A* add_v;    // additional values, rows [num_additional][value_dim]
   const BiasTable<A>* bias = nullptr;  // relative positional bias, or null
   const A* v_lines = nullptr;  // pack_lines of v (width value_dim) for the lane kernels, or null
+  // k_lines and v_lines in the bf16 pair layouts of lane_forward_bf16 (block_kernels.h), which
+  // then runs instead of lane_forward.
+  bool bf16_pairs = false;
 };
 
 template <typename A>
@@ -582,6 +641,7 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
     const LaneSpan span = lane_span(tile, span_lo, span_hi);
     const int64_t base = span.base, offsets = span.offsets;
     const int64_t lines = w0.count * w1.count;
+    const int64_t k_width = keys.bf16_pairs ? D / 2 : D;  // 32-bit units per position
     scratch.k_at.resize(static_cast<size_t>(lines));
     scratch.v_at.resize(static_cast<size_t>(lines));
     scratch.member.resize(static_cast<size_t>(lines));
@@ -591,15 +651,18 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
       for (int64_t i1 = 0; i1 < w1.count; ++i1, ++n) {
         const int64_t y1 = w1.first + i1 * w1.step;
         const int64_t line = geo.line(y0, y1, tile.group);
-        scratch.k_at[n] = keys.k_lines + line * D * geo.ld + base;
-        scratch.v_at[n] = keys.v_lines + line * Dv * geo.ld + base;
+        scratch.k_at[n] = keys.k_lines + line * k_width * geo.ld + base;
+        // Position pairs: the pair of positions x, x + 1 is stored at x + 1 (position_pairs).
+        scratch.v_at[n] = keys.v_lines + line * Dv * geo.ld + base + (keys.bf16_pairs ? 1 : 0);
         scratch.member[n] = static_cast<uint8_t>((wa.contains(y1) ? 1 : 0) |
                                                  (n_rows == 2 && wb.contains(y1) ? 2 : 0));
       }
     }
-    scratch.qt.resize(static_cast<size_t>(n_rows * D * kLanes));
-    for (int i = 0; i < n_rows; ++i) {
-      transpose_tile(scratch.q.data() + i * kRows * D, D, scratch.qt.data() + i * D * kLanes);
+    scratch.qt.resize(static_cast<size_t>(n_rows * k_width * kLanes));
+    if (!keys.bf16_pairs) {  // bf16 pairs: forward_tiles loaded qt (load_tile_pairs)
+      for (int i = 0; i < n_rows; ++i) {
+        transpose_tile(scratch.q.data() + i * kRows * D, D, scratch.qt.data() + i * D * kLanes);
+      }
     }
     scratch.lane_s.resize(
         static_cast<size_t>(n_rows * (lines * offsets + p.num_additional) * kLanes));
@@ -608,7 +671,11 @@ void lane_forward_tile(const AttentionParams& p, const Geometry& geo, const Axis
                      lines, geo.ld, n_rows == 2 ? scratch.member.data() : nullptr, base, offsets,
                      span.lo, span.hi, keys.add_kt, p.num_additional + kCols, keys.add_v,
                      p.num_additional, static_cast<float>(p.scale), contained};
-    lane_forward(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
+    if (keys.bf16_pairs) {
+      lane_forward_bf16(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
+    } else {
+      lane_forward(t, scratch.lane_s.data(), scratch.ot.data(), scratch.o.data(), lse);
+    }
   }
 }
 
@@ -717,6 +784,8 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
   const int64_t per_head = geo.len[0] * n_rows1 * n_tiles;
   const int64_t items = p.heads_per_kv() * per_head;
   const T* q = static_cast<const T*>(p.q.data);
+  int64_t q_pair_stride[6] = {};  // q's strides in bf16 pairs (keys.bf16_pairs)
+  for (int d = 0; d < 6; ++d) q_pair_stride[d] = p.q.stride[d] / 2;
   struct Item {
     int64_t h, x0;
     const AxisTile* tile;
@@ -746,10 +815,25 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
       }
     }
     ForwardScratch<A>& s = scratch[thread];
-    load_tile(q, p.q.stride, b, h, x0, rows.x1, tile, geo, p.head_dim, s.q.data());
-    if (n_rows == 2) {
-      load_tile(q, p.q.stride, b, h, x0, rows.x1b, tile, geo, p.head_dim,
-                s.q.data() + kRows * p.head_dim);
+    bool loaded = false;
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (keys.bf16_pairs) {  // the queries straight into the lane operand, as pairs
+        const int64_t pairs = p.head_dim / 2;
+        s.qt.resize(static_cast<size_t>(n_rows * pairs * kLanes));
+        for (int i = 0; i < n_rows; ++i) {
+          load_tile_pairs(static_cast<const BF16Pair*>(p.q.data), q_pair_stride, b, h, x0,
+                          i == 0 ? rows.x1 : rows.x1b, tile, geo, pairs,
+                          s.qt.data() + i * pairs * kLanes);
+        }
+        loaded = true;
+      }
+    }
+    if (!loaded) {
+      load_tile(q, p.q.stride, b, h, x0, rows.x1, tile, geo, p.head_dim, s.q.data());
+      if (n_rows == 2) {
+        load_tile(q, p.q.stride, b, h, x0, rows.x1b, tile, geo, p.head_dim,
+                  s.q.data() + kRows * p.head_dim);
+      }
     }
     A tile_lse[kLaneRowsMax * kRows];
     const auto run = [&](bool contained) {

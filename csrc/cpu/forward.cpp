@@ -29,7 +29,8 @@ template <typename T>
 void forward_group(const AttentionParams& p, const Geometry& geo,
                    const std::vector<AxisTile>& tiles, int64_t b, int64_t kvh, int nt,
                    ForwardStorage<typename ComputeType<T>::type>& st,
-                   const BiasTable<typename ComputeType<T>::type>* bias, bool lanes) {
+                   const BiasTable<typename ComputeType<T>::type>* bias, bool lanes,
+                   bool bf16_pairs) {
   using A = typename ComputeType<T>::type;
   const int64_t D = p.head_dim, Dv = p.value_dim;
   T* out = static_cast<T*>(p.out.data);
@@ -37,8 +38,19 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
   if (st.scratch.size() < static_cast<size_t>(nt)) {
     st.scratch.assign(static_cast<size_t>(nt), ForwardScratch<A>(p));
   }
-  const A* k_lines =
-      pack_lines(static_cast<const T*>(p.k.data), p.k.stride, b, kvh, 1, D, geo, nt, st.k_store);
+  const A* k_lines = nullptr;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (bf16_pairs) {  // the keys' depth pairs as 32-bit units (use_bf16_pairs: strides even)
+      const int64_t pair_stride[6] = {p.k.stride[0] / 2, p.k.stride[1] / 2, p.k.stride[2] / 2,
+                                      p.k.stride[3] / 2, p.k.stride[4] / 2, 1};
+      k_lines = pack_lines(static_cast<const BF16Pair*>(p.k.data), pair_stride, b, kvh, 1, D / 2,
+                           geo, nt, st.k_store);
+    }
+  }
+  if (k_lines == nullptr) {
+    k_lines = pack_lines(static_cast<const T*>(p.k.data), p.k.stride, b, kvh, 1, D, geo, nt,
+                         st.k_store);
+  }
   // The lane kernels (lanes: use_lane_forward) read the values as transposed lines, the block
   // kernels as rows.
   const Rows<A> v_rows =
@@ -51,11 +63,11 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
     pack_additional_rows(static_cast<const T*>(p.add_v.data), p.add_v.stride, b, kvh,
                          p.num_additional, Dv, st.add_v);
   }
-  const A* v_lines = lanes ? pack_lines(static_cast<const T*>(p.v.data),
-                                       p.v.stride, b, kvh, 1, Dv, geo, nt, st.v_line_store)
+  const A* v_lines = lanes ? pack_lines(static_cast<const T*>(p.v.data), p.v.stride, b, kvh, 1,
+                                       Dv, geo, nt, st.v_line_store, bf16_pairs)
                            : nullptr;
   const ForwardKeys<A> keys{k_lines, v_rows.head(0), st.add_kt.data(), st.add_v.data(), bias,
-                            v_lines};
+                            v_lines, bf16_pairs};
   forward_tiles<T>(p, geo, tiles, b, kvh, keys, st.scratch, nt, true,
                    [&](int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
                        const A* o, const A* tile_lse) {
@@ -70,6 +82,22 @@ void forward_group(const AttentionParams& p, const Geometry& geo,
                    });
 }
 
+// Whether the lane forward runs on bf16 products (block_kernels.h: lane_forward_bf16): bf16
+// inputs on the lane kernels, a CPU with AVX512-BF16, no additional keys, an even head_dim and
+// query and key strides that keep each pair of depth indices (2j, 2j + 1) one 32-bit unit of
+// the rows (any layout with contiguous, even-sized heads).
+template <typename T>
+bool use_bf16_pairs(const AttentionParams& p, bool lanes) {
+  if (!std::is_same_v<T, BFloat16> || !lanes || p.num_additional > 0 || p.head_dim % 2 != 0 ||
+      p.k.stride[5] != 1 || p.q.stride[5] != 1) {
+    return false;
+  }
+  for (int d = 0; d < 5; ++d) {
+    if (p.k.stride[d] % 2 != 0 || p.q.stride[d] % 2 != 0) return false;
+  }
+  return lane_bf16_available();
+}
+
 template <typename T>
 void forward_impl(const AttentionParams& p) {
   using A = typename ComputeType<T>::type;
@@ -81,6 +109,7 @@ void forward_impl(const AttentionParams& p) {
   if (p.has_rpb()) bias_table = BiasTable<A>(p, static_cast<const T*>(p.rpb.data), false);
   const BiasTable<A>* bias = p.has_rpb() ? &bias_table : nullptr;
   const bool lanes = use_lane_forward<A>(p);  // once: it walks the last axis's tiles
+  const bool bf16_pairs = use_bf16_pairs<T>(p, lanes);
   // When the groups share out evenly over the threads (the last round at least 3/4 full in
   // work), each thread runs whole groups: one parallel region instead of three per group, whose
   // start-up dominates small problems (14 x 14 tokens, 8 heads, 2 threads: 0.60 ms -> 0.33 ms).
@@ -97,13 +126,14 @@ void forward_impl(const AttentionParams& p) {
     std::vector<ForwardStorage<A>> storage(static_cast<size_t>(nt));
     parallel_for(nt, groups, [&](int64_t g, int thread) {
       forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, 1, storage[thread], bias,
-                       lanes);
+                       lanes, bf16_pairs);
     });
     return;
   }
   ForwardStorage<A> storage;
   for (int64_t g = 0; g < groups; ++g) {
-    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage, bias, lanes);
+    forward_group<T>(p, geo, tiles, g / p.kv_heads, g % p.kv_heads, nt, storage, bias, lanes,
+                     bf16_pairs);
   }
 }
 
