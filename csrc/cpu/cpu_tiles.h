@@ -785,7 +785,8 @@ void forward_tiles(const AttentionParams& p, const Geometry& geo,
   const int64_t items = p.heads_per_kv() * per_head;
   const T* q = static_cast<const T*>(p.q.data);
   int64_t q_pair_stride[6] = {};  // q's strides in bf16 pairs (keys.bf16_pairs)
-  for (int d = 0; d < 6; ++d) q_pair_stride[d] = p.q.stride[d] / 2;
+  for (int d = 0; d < 5; ++d) q_pair_stride[d] = p.q.stride[d] / 2;
+  q_pair_stride[5] = 1;
   struct Item {
     int64_t h, x0;
     const AxisTile* tile;
