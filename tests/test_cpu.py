@@ -160,7 +160,7 @@ def test_backward_is_deterministic():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_backward_schedules_agree_bitwise(dtype):
     """The backward runs each (batch, kv head) group on one thread with dq accumulated on the
     key-side walk when the groups keep the threads busy, and splits each group over all threads

@@ -65,6 +65,8 @@ A dot_fixed_order(const A* a, const A* b, int64_t n) {
 template <typename A>
 struct BackwardScratch {
   std::vector<A> a, b, acc_a, acc_b, s, dp;
+  // bf16 scores (Backward::bf16_): a and b as bf16 pairs, the operands of block_dot_bf16.
+  std::vector<A> a_pairs, b_pairs;
   // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
   std::vector<A> at, bt, s_lanes, dp_lanes;
   // Pairs (dq_tile): the next tile's q and dO rows, both tiles transposed side by side, and the
@@ -86,19 +88,37 @@ struct BackwardScratch {
 // With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
 // out the same way) receives dS. `contained`: dS K restricted to each row's keys
 // (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
+// The two score products of a chunk, S = a bt and dP = g gt (block_dot); with pairs (bf16
+// scores: a_pairs, g_pairs the rows as bf16 pairs, bt, gt panels of pairs) on bf16 products
+// (block_dot_bf16).
 template <typename A>
-void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt, const A* vt,
-              int64_t ld, const A* k_rows, int64_t k_step, int64_t n, const int64_t* clo,
-              const int64_t* chi, const A* lse, const A* delta, A* dq, A* s, A* dp,
-              const A* bias, A* d_bias, bool contained) {
+void chunk_scores(const AttentionParams& p, const A* a, const A* g, const A* a_pairs,
+                  const A* g_pairs, const A* bt, const A* gt, int64_t ld, A* s, A* dp) {
+  if constexpr (std::is_same_v<A, float>) {
+    if (a_pairs != nullptr) {
+      block_dot_bf16(a_pairs, p.head_dim / 2, bt, ld, p.head_dim / 2, s);
+      block_dot_bf16(g_pairs, p.value_dim / 2, gt, ld, p.value_dim / 2, dp);
+      return;
+    }
+  }
+  block_dot(a, p.head_dim, bt, ld, p.head_dim, s);
+  block_dot(g, p.value_dim, gt, ld, p.value_dim, dp);
+}
+
+// q_pairs, do_pairs: null, or q and d_out as bf16 pairs with kt, vt panels of pairs
+// (chunk_scores).
+template <typename A>
+void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* q_pairs,
+              const A* do_pairs, const A* kt, const A* vt, int64_t ld, const A* k_rows,
+              int64_t k_step, int64_t n, const int64_t* clo, const int64_t* chi, const A* lse,
+              const A* delta, A* dq, A* s, A* dp, const A* bias, A* d_bias, bool contained) {
   static constexpr A kZeros[kCols] = {};
   A scale = static_cast<A>(p.scale);
-  block_dot(q, p.head_dim, kt, ld, p.head_dim, s);
+  chunk_scores(p, q, d_out, q_pairs, do_pairs, kt, vt, ld, s, dp);
   if (bias != nullptr) {
     block_add_bias(s, scale, bias, -1);
     scale = A(1);
   }
-  block_dot(d_out, p.value_dim, vt, ld, p.value_dim, dp);
   block_backward_probs(s, dp, clo, chi, scale, lse, kZeros, delta, kZeros, dp);
   // Masked entries of dS are exactly 0 (P = exp(-inf)), so the whole block may be added.
   if (d_bias != nullptr) block_add_bias_grad(dp, d_bias, -1);
@@ -112,19 +132,20 @@ void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* kt,
 // One chunk of the dk/dv pass: the tile's key rows (k, v) against n queries (panels qt, dot;
 // rows q, dO; per-query lse, delta); bias from the reversed BiasTable lines, or null.
 // `contained`: P^T dO and dS^T Q restricted to each key's queries (block_accumulate_spans).
+// k_pairs, v_pairs: null, or k and v as bf16 pairs with qt, dot panels of pairs (chunk_scores).
 template <typename A>
-void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, const A* dot,
-                int64_t ld, const A* q_rows, int64_t q_step, const A* do_rows, int64_t do_step,
-                int64_t n, const int64_t* clo, const int64_t* chi, const A* lse, const A* delta,
-                A* dk, A* dv, A* s, A* dp, const A* bias, bool contained) {
+void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* k_pairs,
+                const A* v_pairs, const A* qt, const A* dot, int64_t ld, const A* q_rows,
+                int64_t q_step, const A* do_rows, int64_t do_step, int64_t n, const int64_t* clo,
+                const int64_t* chi, const A* lse, const A* delta, A* dk, A* dv, A* s, A* dp,
+                const A* bias, bool contained) {
   static constexpr A kZeros[kRows] = {};
   A scale = static_cast<A>(p.scale);
-  block_dot(k, p.head_dim, qt, ld, p.head_dim, s);
+  chunk_scores(p, k, v, k_pairs, v_pairs, qt, dot, ld, s, dp);
   if (bias != nullptr) {  // the same values as the dq orientation: P, dS stay bit-identical
     block_add_bias(s, scale, bias, -1);
     scale = A(1);
   }
-  block_dot(v, p.value_dim, dot, ld, p.value_dim, dp);
   block_backward_probs(s, dp, clo, chi, scale, kZeros, lse, kZeros, delta, dp);
   if (contained) {
     block_accumulate_spans(s, clo, chi, do_rows, do_step, p.value_dim, dv, p.value_dim);
@@ -187,7 +208,10 @@ class Backward {
         m_tiles_((M_ + kRows - 1) / kRows),
         partial_size_(kRows * (D_ + Dv_)),
         dq_lanes_(std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available()),
-        dq_pairs_(dq_lanes_ && D_ == Dv_ && lane_pair_available()) {
+        dq_pairs_(dq_lanes_ && D_ == Dv_ && lane_pair_available()),
+        bf16_(use_bf16_scores(p)),
+        kw_(bf16_ ? D_ / 2 : D_),
+        vw_(bf16_ ? Dv_ / 2 : Dv_) {
     if (p_.has_rpb()) setup_rpb();
     if (dq_pairs_) {  // units of two consecutive tiles of one group (run_group)
       for (int64_t t = 0; t < n_tiles_; ++t) {
@@ -234,6 +258,52 @@ class Backward {
   }
 
  private:
+  // Whether S and dP run on bf16 products (block_kernels.h: lane_line_scores_bf16 and
+  // block_dot_bf16): bf16 inputs at the avx512bf16 level, even head_dim and value_dim, no
+  // additional tokens or rpb, and q, k, v, dO strides that keep each pair of depth indices
+  // (2j, 2j + 1) one 32-bit unit (any layout with contiguous, even-sized heads). The forward's
+  // lanes (use_bf16_pairs) compute the same scores. The accumulations stay fp32, on the fp32
+  // rows.
+  static bool use_bf16_scores(const AttentionParams& p) {
+    if (!std::is_same_v<T, BFloat16> || p.head_dim % 2 != 0 || p.value_dim % 2 != 0 ||
+        p.num_additional > 0 || p.has_rpb()) {
+      return false;
+    }
+    for (const TensorRef<6>* t : {&p.q, &p.k, &p.v, &p.d_out}) {
+      if (t->stride[5] != 1) return false;
+      for (int d = 0; d < 5; ++d) {
+        if (t->stride[d] % 2 != 0) return false;
+      }
+    }
+    return lane_bf16_available();
+  }
+
+  // pack_lines of head `head` of a q, k, v or dO tensor (width elements per row): fp32, or with
+  // bf16_ the rows read as width / 2 bf16 pairs (use_bf16_scores: the strides allow it).
+  const A* pack_operand(const TensorRef<6>& t, int64_t b, int64_t head, int64_t width, int nt,
+                        std::vector<A>& storage) const {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (bf16_) {
+        const int64_t pair_stride[6] = {t.stride[0] / 2, t.stride[1] / 2, t.stride[2] / 2,
+                                        t.stride[3] / 2, t.stride[4] / 2, 1};
+        return pack_lines(static_cast<const BF16Pair*>(t.data), pair_stride, b, head, 1,
+                          width / 2, geo_, nt, storage);
+      }
+    }
+    return pack_lines(static_cast<const T*>(t.data), t.stride, b, head, 1, width, geo_, nt,
+                      storage);
+  }
+
+  // bf16_: the tile rows in s.a (width D_) and s.b (Dv_) as bf16 pairs into s.a_pairs, s.b_pairs.
+  void tile_pairs(BackwardScratch<A>& s) const {
+    if constexpr (std::is_same_v<A, float>) {
+      s.a_pairs.resize(s.a.size() / 2);
+      s.b_pairs.resize(s.b.size() / 2);
+      bf16_pairs_of(s.a.data(), static_cast<int64_t>(s.a_pairs.size()), s.a_pairs.data());
+      bf16_pairs_of(s.b.data(), static_cast<int64_t>(s.b_pairs.size()), s.b_pairs.data());
+    }
+  }
+
   // Fused groups need one thread per group: worth it when the groups keep the threads about as
   // busy as splitting each group would (the split schedule does 7/5 of the work, so a last round
   // of groups that leaves threads idle may cost up to that much) and their storage (one set per
@@ -336,8 +406,8 @@ class Backward {
     if (st.scratch.size() < static_cast<size_t>(nt)) {
       st.scratch.assign(static_cast<size_t>(nt), BackwardScratch<A>(p_));
     }
-    const A* k_lines = pack_lines(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_store);
-    const A* v_lines = pack_lines(v, p_.v.stride, b, kvh, 1, Dv_, geo_, nt, st.v_store);
+    const A* k_lines = pack_operand(p_.k, b, kvh, D_, nt, st.k_store);
+    const A* v_lines = pack_operand(p_.v, b, kvh, Dv_, nt, st.v_store);
     const Rows<A> k_rows = make_rows(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_rows_store);
     if (M_ > 0) {
       const T* ak = static_cast<const T*>(p_.add_k.data);
@@ -480,8 +550,8 @@ class Backward {
     const T* q = static_cast<const T*>(p_.q.data);
     const T* d_out = static_cast<const T*>(p_.d_out.data);
     HeadQueries hq;
-    hq.lines = pack_lines(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_store);
-    hq.do_lines = pack_lines(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_store);
+    hq.lines = pack_operand(p_.q, b, h, D_, nt, st.q_store);
+    hq.do_lines = pack_operand(p_.d_out, b, h, Dv_, nt, st.do_store);
     hq.rows = make_rows(q, p_.q.stride, b, h, 1, D_, geo_, nt, st.q_rows_store);
     hq.do_rows = make_rows(d_out, p_.d_out.stride, b, h, 1, Dv_, geo_, nt, st.do_rows_store);
     hq.h = h;
@@ -572,6 +642,7 @@ class Backward {
               s.a.data());
     load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
               Dv_, s.b.data());
+    if (bf16_) tile_pairs(s);
     const int64_t at = stats_line(b, h, geo_.line(x0, x1, tile.group)) + tile.j0;
     const A* lse = row_lse_.data() + at;
     const A* delta = row_delta_.data() + at;
@@ -608,6 +679,14 @@ class Backward {
     A* s_lane0 = nullptr;  // the lane scores at offset 0 (S, then P), when `lanes`
     A* dp_lane0 = nullptr;  // and dP, then dS
     if constexpr (std::is_same_v<A, float>) {
+      // The lanes' operands: the tile's rows transposed, as bf16 pairs with bf16_.
+      const auto transpose = [&](const A* src, int64_t width, A* dst, int64_t lanes) {
+        if (bf16_) {
+          transpose_tile_pairs(src, width, dst, lanes);
+        } else {
+          transpose_tile(src, width, dst, lanes);
+        }
+      };
       TilePlan next_plan;
       if (lanes && !cached && pair_next != nullptr) {
         next_plan = plan_tile(*pair_next);
@@ -630,10 +709,10 @@ class Backward {
                   *pair_next, geo_, Dv_, s.b_next.data());
         s.at_pair.resize(static_cast<size_t>(D_ * 2 * kRows));
         s.bt_pair.resize(static_cast<size_t>(Dv_ * 2 * kRows));
-        transpose_tile(s.a.data(), D_, s.at_pair.data(), 2 * kRows);
-        transpose_tile(s.a_next.data(), D_, s.at_pair.data() + kRows, 2 * kRows);
-        transpose_tile(s.b.data(), Dv_, s.bt_pair.data(), 2 * kRows);
-        transpose_tile(s.b_next.data(), Dv_, s.bt_pair.data() + kRows, 2 * kRows);
+        transpose(s.a.data(), D_, s.at_pair.data(), 2 * kRows);
+        transpose(s.a_next.data(), D_, s.at_pair.data() + kRows, 2 * kRows);
+        transpose(s.b.data(), Dv_, s.bt_pair.data(), 2 * kRows);
+        transpose(s.b_next.data(), Dv_, s.bt_pair.data() + kRows, 2 * kRows);
         // The next tile's lane l sits in pair lane kRows + l.
         const LaneSpan& next_span = next_plan.span;
         pair_base = std::min(span.base, next_span.base - kRows);
@@ -650,8 +729,8 @@ class Backward {
       } else if (lanes && !cached) {
         s.at.resize(static_cast<size_t>(D_ * kRows));
         s.bt.resize(static_cast<size_t>(Dv_ * kRows));
-        transpose_tile(s.a.data(), D_, s.at.data());
-        transpose_tile(s.b.data(), Dv_, s.bt.data());
+        transpose(s.a.data(), D_, s.at.data(), kRows);
+        transpose(s.b.data(), Dv_, s.bt.data(), kRows);
       }
     }
     // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
@@ -664,8 +743,8 @@ class Backward {
         for (int64_t i1 = 0; i1 < w1.count; ++i1) {
           const int64_t y1 = w1.first + i1 * w1.step;
           const int64_t line = geo_.line(y0, y1, tile.group);
-          const A* kt = k_lines + line * D_ * geo_.ld;
-          const A* vt = v_lines + line * Dv_ * geo_.ld;
+          const A* kt = k_lines + line * kw_ * geo_.ld;
+          const A* vt = v_lines + line * vw_ * geo_.ld;
           const A* kr = k_rows.line(0, y0, y1, tile.group);
           // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
           const int64_t key_row0 = (y0 * geo_.len[1] + y1) * geo_.len[2] + tile.group;
@@ -689,8 +768,17 @@ class Backward {
                 LaneHalf line_halves[2] = {halves[0], halves[1]};
                 line_halves[1].s = s.next_s.data() + at_line;
                 line_halves[1].dp = s.next_dp.data() + at_line;
-                lane_line_scores_pair(s.at_pair.data(), s.bt_pair.data(), D_, kt + pair_base,
-                                      vt + pair_base, geo_.ld, pair_offsets, line_halves);
+                if (bf16_) {
+                  lane_line_scores_pair_bf16(s.at_pair.data(), s.bt_pair.data(), kw_,
+                                             kt + pair_base, vt + pair_base, geo_.ld,
+                                             pair_offsets, line_halves);
+                } else {
+                  lane_line_scores_pair(s.at_pair.data(), s.bt_pair.data(), D_, kt + pair_base,
+                                        vt + pair_base, geo_.ld, pair_offsets, line_halves);
+                }
+              } else if (bf16_) {
+                lane_line_scores_bf16(s.at.data(), kw_, kt + span.base, s.bt.data(), vw_,
+                                      vt + span.base, geo_.ld, span.offsets, sl, dl);
               } else {
                 lane_line_scores(s.at.data(), D_, kt + span.base, s.bt.data(), Dv_,
                                  vt + span.base, geo_.ld, span.offsets, sl, dl);
@@ -718,10 +806,11 @@ class Backward {
             } else {
               const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
                                                                            tile.j0, c0);
-              dq_chunk(p_, s.a.data(), s.b.data(), kt + c0, vt + c0, geo_.ld, kr + c0 * k_step,
-                       k_step, n, clo, chi, lse, delta, dq, s.s.data(), s.dp.data(),
-                       b_line ? b_line + rel : nullptr, db_line ? db_line + rel : nullptr,
-                       contained);
+              dq_chunk(p_, s.a.data(), s.b.data(), bf16_ ? s.a_pairs.data() : nullptr,
+                       bf16_ ? s.b_pairs.data() : nullptr, kt + c0, vt + c0, geo_.ld,
+                       kr + c0 * k_step, k_step, n, clo, chi, lse, delta, dq, s.s.data(),
+                       s.dp.data(), b_line ? b_line + rel : nullptr,
+                       db_line ? db_line + rel : nullptr, contained);
             }
             if (into != nullptr) {
               const int64_t row = key_row0 + geo_.dilation * c0;
@@ -739,7 +828,8 @@ class Backward {
           clo[r] = 0;
           chi[r] = r < tile.count ? n : 0;
         }
-        dq_chunk(p_, s.a.data(), s.b.data(), st.add_kt.data() + c0, st.add_vt.data() + c0,
+        dq_chunk(p_, s.a.data(), s.b.data(), static_cast<const A*>(nullptr),
+                 static_cast<const A*>(nullptr), st.add_kt.data() + c0, st.add_vt.data() + c0,
                  M_ + kCols, st.add_k_rows.data() + c0 * D_, D_, n, clo, chi, lse, delta, dq,
                  s.s.data(), s.dp.data(), static_cast<const A*>(nullptr),
                  static_cast<A*>(nullptr), contained);
@@ -784,8 +874,8 @@ class Backward {
                  int64_t c_end, const A* bias_line_ptr = nullptr, int64_t j0 = 0,
                  bool contained = false) const {
     const int64_t line = geo_.line(x0, x1, group);
-    const A* qt = hq.lines + line * D_ * geo_.ld;
-    const A* dot = hq.do_lines + line * Dv_ * geo_.ld;
+    const A* qt = hq.lines + line * kw_ * geo_.ld;
+    const A* dot = hq.do_lines + line * vw_ * geo_.ld;
     const A* qr = hq.rows.line(0, x0, x1, group);
     const A* dor = hq.do_rows.line(0, x0, x1, group);
     const int64_t q_step = geo_.dilation * hq.rows.s[2];
@@ -796,7 +886,8 @@ class Backward {
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kCols) {
       const int64_t n = std::min<int64_t>(kCols, c_end - c0);
       chunk_spans(lo, hi, c0, n, clo, chi);
-      dkdv_chunk(p_, s.a.data(), s.b.data(), qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
+      dkdv_chunk(p_, s.a.data(), s.b.data(), bf16_ ? s.a_pairs.data() : nullptr,
+                 bf16_ ? s.b_pairs.data() : nullptr, qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,
                  s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data(),
                  bias_line_ptr ? bias_.chunk(bias_line_ptr, j0, c0) : nullptr, contained);
@@ -812,6 +903,7 @@ class Backward {
               s.a.data());
     load_tile(static_cast<const T*>(p_.v.data), p_.v.stride, b, kvh, y0, y1, tile, geo_, Dv_,
               s.b.data());
+    if (bf16_) tile_pairs(s);
     // Accumulator rows of the tile's keys: token (y0, y1, group + dilation * (j0 + r)).
     const int64_t first = x01 * geo_.len[2] + tile.index(geo_, 0);
     const int64_t row_step = geo_.dilation;
@@ -937,6 +1029,10 @@ class Backward {
   // and two tiles' scores at once (lane_line_scores_pair), in units of the tiles pair_starts_
   // begins (a tile and the next one of its group)
   const bool dq_pairs_;
+  // S and dP on bf16 products (use_bf16_scores); the packed lines' widths: head_dim and value_dim,
+  // or half as many bf16 pairs
+  const bool bf16_;
+  const int64_t kw_, vw_;
   std::vector<int64_t> pair_starts_;
   std::vector<A> row_lse_, row_delta_;
   // rpb only: the bias tables, and the d_rpb partials [batch][heads][part][head_size].

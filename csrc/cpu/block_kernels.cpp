@@ -1083,6 +1083,102 @@ NATTN_INLINE void lane_forward_bf16_impl(const LaneTile& t, float* s, float* ot,
   });
   lane_normalize<R>(t, sum, ot, os, o);
 }
+
+// ---- The backward's scores on bf16 pairs (block_kernels.h: lane_line_scores_bf16 and the
+// others below). Every score entry is the chain acc = vdpbf16ps(acc, query pair j, key pair j)
+// over j = 0, 1, ... from zero, in each kernel, so the dq pass's lanes and both walks' blocks
+// give the same bits (the two schedules of the backward). ----
+
+// dot_pairs for 16 lanes (one 64-byte vector).
+NATTN_INLINE void dot_pairs(L16& acc, const I16& a, const I16& b) {
+  L16 r = acc;
+  __asm__("vdpbf16ps %2, %1, %0" : "+v"(r) : "v"(a), "v"(b));
+  acc = r;
+}
+// The same with the 32-bit pair at `pair` broadcast to every lane of the second operand (the
+// instruction's embedded broadcast: no separate broadcast instruction).
+NATTN_INLINE void dot_pairs_broadcast(L16& acc, const I16& a, const float* pair) {
+  L16 r = acc;
+  __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(r) : "v"(a), "m"(*pair));
+  acc = r;
+}
+
+// lane_line_scores on pairs: one product at a time, kLaneChunkBf16<1> offsets per call.
+NATTN_INLINE void lane_line_scores_bf16_impl(const float* qt, int64_t pairs, const float* k,
+                                             const float* gt, int64_t value_pairs,
+                                             const float* v, int64_t ld, int64_t offsets,
+                                             float* s, float* dp) {
+  for_chunks<kLaneChunkBf16<1>>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_bf16<decltype(n)::value, 1>(qt, 0, pairs, k + u0, ld, s + u0 * kLanes, 0);
+  });
+  for_chunks<kLaneChunkBf16<1>>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_bf16<decltype(n)::value, 1>(gt, 0, value_pairs, v + u0, ld, dp + u0 * kLanes, 0);
+  });
+}
+
+// lane_dot_pair16 on pairs: both products of two tiles' 16 lanes for offsets u0 .. u0 + N - 1.
+template <int N>
+NATTN_INLINE void lane_dot_pair16_bf16(const float* qt, const float* gt, int64_t pairs,
+                                       const float* k, const float* v, int64_t ld, int64_t u0,
+                                       const LaneHalf* halves) {
+  L16 acc_s[N] = {}, acc_p[N] = {};
+  for (int64_t j = 0; j < pairs; ++j) {
+    I16 q, g;
+    std::memcpy(&q, qt + j * 2 * kLanes, sizeof q);
+    std::memcpy(&g, gt + j * 2 * kLanes, sizeof g);
+    const float* kj = k + j * ld;
+    const float* vj = v + j * ld;
+#pragma GCC unroll 16
+    for (int n = 0; n < N; ++n) {
+      I16 kv, vv;
+      std::memcpy(&kv, kj + n, sizeof kv);
+      dot_pairs(acc_s[n], q, kv);
+      std::memcpy(&vv, vj + n, sizeof vv);
+      dot_pairs(acc_p[n], g, vv);
+    }
+  }
+  for (int n = 0; n < N; ++n) {
+    const L8 s_half[2] = {__builtin_shufflevector(acc_s[n], acc_s[n], 0, 1, 2, 3, 4, 5, 6, 7),
+                          __builtin_shufflevector(acc_s[n], acc_s[n], 8, 9, 10, 11, 12, 13, 14,
+                                                  15)};
+    const L8 dp_half[2] = {
+        __builtin_shufflevector(acc_p[n], acc_p[n], 0, 1, 2, 3, 4, 5, 6, 7),
+        __builtin_shufflevector(acc_p[n], acc_p[n], 8, 9, 10, 11, 12, 13, 14, 15)};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t u = u0 + n - halves[h].shift;
+      if (u < 0 || u >= halves[h].offsets) continue;
+      store8(halves[h].s + u * kLanes, s_half[h]);
+      store8(halves[h].dp + u * kLanes, dp_half[h]);
+    }
+  }
+}
+
+// Offsets per lane_dot_pair16_bf16 call: 2N accumulators, the two query vectors and the key and
+// value vectors (register operands of the assembly) in AVX-512's 32 registers.
+constexpr int kLanePair16ChunkBf16 = 12;
+
+NATTN_INLINE void lane_line_scores_pair_bf16_impl(const float* qt, const float* gt,
+                                                  int64_t pairs, const float* k, const float* v,
+                                                  int64_t ld, int64_t offsets,
+                                                  const LaneHalf* halves) {
+  for_chunks<kLanePair16ChunkBf16>(offsets, [&](int64_t u0, auto n) NATTN_LAMBDA_INLINE {
+    lane_dot_pair16_bf16<decltype(n)::value>(qt, gt, pairs, k + u0, v + u0, ld, u0, halves);
+  });
+}
+
+// block_dot on pairs: kRows rows of 16 columns, the row's pair broadcast from memory.
+NATTN_INLINE void block_dot_bf16_impl(const float* a, int64_t lda, const float* bt, int64_t ldb,
+                                      int64_t pairs, float* s) {
+  static_assert(kCols == 16, "one 64-byte vector per block row");
+  L16 acc[kRows] = {};
+  for (int64_t j = 0; j < pairs; ++j) {
+    I16 b;
+    std::memcpy(&b, bt + j * ldb, sizeof b);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) dot_pairs_broadcast(acc[r], b, a + r * lda + j);
+  }
+  for (int r = 0; r < kRows; ++r) std::memcpy(s + r * kCols, &acc[r], sizeof acc[r]);
+}
 #else
 #define NATTN_LANE_BF16 0
 #endif
@@ -1206,6 +1302,21 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void lane_bf16(const LaneTi
     lane_forward_bf16_impl<1>(t, s, ot, o, lse);
   }
 }
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void line_scores_bf16(
+    const float* qt, int64_t pairs, const float* k, const float* gt, int64_t value_pairs,
+    const float* v, int64_t ld, int64_t offsets, float* s, float* dp) {
+  lane_line_scores_bf16_impl(qt, pairs, k, gt, value_pairs, v, ld, offsets, s, dp);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void line_scores_pair_bf16(
+    const float* qt, const float* gt, int64_t pairs, const float* k, const float* v, int64_t ld,
+    int64_t offsets, const LaneHalf* halves) {
+  lane_line_scores_pair_bf16_impl(qt, gt, pairs, k, v, ld, offsets, halves);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void dot_bf16(const float* a, int64_t lda,
+                                                                   const float* bt, int64_t ldb,
+                                                                   int64_t pairs, float* s) {
+  block_dot_bf16_impl(a, lda, bt, ldb, pairs, s);
+}
 }  // namespace avx512bf16
 #endif
 #else
@@ -1299,6 +1410,10 @@ using LineScoresPairFn = void (*)(const float*, const float*, int64_t, const flo
                                   const float*, int64_t, int64_t, const LaneHalf*);
 LineScoresPairFn g_line_scores_pair = nullptr;  // lane_line_scores_pair (AVX-512 only)
 LaneFn g_lane_bf16 = nullptr;  // lane_forward_bf16 (AVX512-BF16 only)
+// The backward's bf16 score kernels (AVX512-BF16 only).
+LineScoresFn g_line_scores_bf16 = nullptr;
+LineScoresPairFn g_line_scores_pair_bf16 = nullptr;
+void (*g_dot_bf16)(const float*, int64_t, const float*, int64_t, int64_t, float*) = nullptr;
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
@@ -1312,7 +1427,12 @@ CpuIsa chosen_isa() {
       g_line_scores_pair = avx512::line_scores_pair;
     }
 #if NATTN_LANE_BF16
-    if (chosen == CpuIsa::kAvx512Bf16) g_lane_bf16 = avx512bf16::lane_bf16;
+    if (chosen == CpuIsa::kAvx512Bf16) {
+      g_lane_bf16 = avx512bf16::lane_bf16;
+      g_line_scores_bf16 = avx512bf16::line_scores_bf16;
+      g_line_scores_pair_bf16 = avx512bf16::line_scores_pair_bf16;
+      g_dot_bf16 = avx512bf16::dot_bf16;
+    }
 #endif
     if (chosen == CpuIsa::kAvx2) {
       g_lane = avx2::lane;
@@ -1349,6 +1469,20 @@ void lane_line_scores(const float* qt, int64_t depth, const float* k, const floa
                       int64_t value_depth, const float* v, int64_t ld, int64_t offsets, float* s,
                       float* dp) {
   g_line_scores(qt, depth, k, gt, value_depth, v, ld, offsets, s, dp);
+}
+void lane_line_scores_bf16(const float* qt, int64_t pairs, const float* k, const float* gt,
+                           int64_t value_pairs, const float* v, int64_t ld, int64_t offsets,
+                           float* s, float* dp) {
+  g_line_scores_bf16(qt, pairs, k, gt, value_pairs, v, ld, offsets, s, dp);
+}
+void lane_line_scores_pair_bf16(const float* qt, const float* gt, int64_t pairs, const float* k,
+                                const float* v, int64_t ld, int64_t offsets,
+                                const LaneHalf* halves) {
+  g_line_scores_pair_bf16(qt, gt, pairs, k, v, ld, offsets, halves);
+}
+void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t pairs,
+                    float* s) {
+  g_dot_bf16(a, lda, bt, ldb, pairs, s);
 }
 bool lane_pair_available() {
   chosen_isa();

@@ -202,6 +202,27 @@ bool lane_pair_available();
 void lane_line_scores_pair(const float* qt, const float* gt, int64_t depth, const float* k,
                            const float* v, int64_t ld, int64_t offsets, const LaneHalf* halves);
 
+// The backward's score products on bf16 pairs, at the avx512bf16 level only
+// (lane_bf16_available), for bf16 inputs: the same layouts as above with every operand a 32-bit
+// pair of bf16 depth indices (2j, 2j + 1) of one row (query, key, value or dO) and depths counted
+// in pairs. Each score entry is the chain acc = vdpbf16ps(acc, pair j of its query, pair j of
+// its key) over j = 0, 1, ... from zero in all three, so the dq pass's lanes and the blocks of
+// both walks give the same bits (Backward's two schedules); subnormal bf16 inputs count as 0.
+//   lane_line_scores_bf16: lane_line_scores with qt [pairs][kLanes], k [pairs][ld], gt
+//     [value_pairs][kLanes], v [value_pairs][ld];
+//   lane_line_scores_pair_bf16: lane_line_scores_pair with qt, gt [pairs][2 * kLanes], k, v
+//     [pairs][ld];
+//   block_dot_bf16: block_dot with a's rows and bt's panel rows in pairs (lda, ldb in 32-bit
+//     elements, `pairs` depth pairs).
+void lane_line_scores_bf16(const float* qt, int64_t pairs, const float* k, const float* gt,
+                           int64_t value_pairs, const float* v, int64_t ld, int64_t offsets,
+                           float* s, float* dp);
+void lane_line_scores_pair_bf16(const float* qt, const float* gt, int64_t pairs, const float* k,
+                                const float* v, int64_t ld, int64_t offsets,
+                                const LaneHalf* halves);
+void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t pairs,
+                    float* s);
+
 // block_backward_probs (dq orientation) on one line of lane scores s (S) and dp (dP): lane r of
 // offset u is the key at position base + u + r, in the query's window when lo[r] <= it < hi[r].
 // s becomes P = exp(scale * S - lse[r]) and dp dS = P * (dP - delta[r]), both 0 outside the

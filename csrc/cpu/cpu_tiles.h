@@ -393,6 +393,28 @@ void transpose_tile(const A* src, int64_t width, A* dst, int64_t lanes = kRows) 
   }
 }
 
+// dst[i] = the bf16 pair (src[2i], src[2i + 1]) as one 32-bit element (cpu_common.h: BF16Pair)
+// for i < n, from fp32 values that hold bf16 values (low 16 bits zero): exact.
+inline void bf16_pairs_of(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, src + 2 * i, sizeof lo);
+    std::memcpy(&hi, src + 2 * i + 1, sizeof hi);
+    const uint32_t pair = (lo >> 16) | (hi & 0xffff0000u);
+    std::memcpy(dst + i, &pair, sizeof pair);
+  }
+}
+
+// transpose_tile of a tile's rows (kRows x width fp32 holding bf16 values, width even) as bf16
+// pairs: dst[j * lanes + r] = the pair of elements 2j, 2j + 1 of row r.
+inline void transpose_tile_pairs(const float* src, int64_t width, float* dst,
+                                 int64_t lanes = kRows) {
+  thread_local std::vector<float> pairs;
+  pairs.resize(static_cast<size_t>(kRows * width / 2));
+  bf16_pairs_of(src, kRows * width / 2, pairs.data());
+  transpose_tile(pairs.data(), width / 2, dst, lanes);
+}
+
 // The tile's bf16 query rows of (b, head) at (x0, x1) as the bf16 lane forward's operand
 // (block_kernels.h: lane_forward_bf16): dst[j * kLanes + r] = the pair of elements 2j, 2j + 1 of
 // row r for j < pairs, 0 for rows past the tile's count. pair_stride: the tensor's strides in
