@@ -65,8 +65,12 @@ A dot_fixed_order(const A* a, const A* b, int64_t n) {
 template <typename A>
 struct BackwardScratch {
   std::vector<A> a, b, acc_a, acc_b, s, dp;
-  // bf16 scores (Backward::bf16_): a and b as bf16 pairs, the operands of block_dot_bf16.
-  std::vector<A> a_pairs, b_pairs;
+  // bf16 products (Backward::bf16_): a and b as bf16 pairs, the operands of block_dot_bf16;
+  // query pairs of rows (interleave_pairs: of the dq pass's tile, or of a key-side chunk's
+  // queries) and the P and dS pairs of accumulate_pairs_bf16, with the keep masks of a
+  // contained chunk.
+  std::vector<A> a_pairs, b_pairs, a_inter, b_inter, pp_s, pp_d;
+  std::vector<uint32_t> keep;
   // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
   std::vector<A> at, bt, s_lanes, dp_lanes;
   // Pairs (dq_tile): the next tile's q and dO rows, both tiles transposed side by side, and the
@@ -642,7 +646,18 @@ class Backward {
               s.a.data());
     load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
               Dv_, s.b.data());
-    if (bf16_) tile_pairs(s);
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16_) {
+        tile_pairs(s);
+        if (kg != nullptr) {  // the operands of dk, dv: the tile's rows as query pairs
+          s.a_inter.resize(static_cast<size_t>(kRows / 2 * ld16(D_)));
+          s.b_inter.resize(static_cast<size_t>(kRows / 2 * ld16(Dv_)));
+          interleave_pairs(s.a.data(), D_, kRows, kRows / 2, D_, ld16(D_), s.a_inter.data());
+          interleave_pairs(s.b.data(), Dv_, kRows, kRows / 2, Dv_, ld16(Dv_),
+                           s.b_inter.data());
+        }
+      }
+    }
     const int64_t at = stats_line(b, h, geo_.line(x0, x1, tile.group)) + tile.j0;
     const A* lse = row_lse_.data() + at;
     const A* delta = row_delta_.data() + at;
@@ -785,6 +800,16 @@ class Backward {
               }
               lane_line_probs(sl, dl, span.offsets, span.base, span.lo, span.hi,
                               static_cast<float>(p_.scale), lse, delta);
+              if (bf16_ && into != nullptr) {
+                // P and dS as query pairs for every offset a chunk's keys may ask for (from
+                // kRows - 2 before the first to kRows - 2 past the last; the zero offsets of
+                // kLanePad on either side).
+                const int64_t u_begin = 1 - kRows, u_end = span.offsets + kRows - 1;
+                s.pp_s.resize(static_cast<size_t>((u_end - u_begin + kPairsSlack) * kRows / 2));
+                s.pp_d.resize(s.pp_s.size());
+                lane_pairs_bf16(sl, u_begin, u_end, s.pp_s.data() - u_begin * kRows / 2);
+                lane_pairs_bf16(dl, u_begin, u_end, s.pp_d.data() - u_begin * kRows / 2);
+              }
             }
           }
           for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
@@ -812,7 +837,41 @@ class Backward {
                        s.dp.data(), b_line ? b_line + rel : nullptr,
                        db_line ? db_line + rel : nullptr, contained);
             }
-            if (into != nullptr) {
+            bool paired = false;
+            if constexpr (std::is_same_v<A, float>) {
+              paired = into != nullptr && bf16_;
+            }
+            if constexpr (std::is_same_v<A, float>) {
+             if (paired) {
+              // Query pairs: the lane layout's pairs (lane_pairs_bf16: key c's pair i at
+              // offset c0 + c - base - 2i), or the block's rows as pairs.
+              const int64_t row = key_row0 + geo_.dilation * c0;
+              const A* pp_s = s.pp_s.data();
+              const A* pp_d = s.pp_d.data();
+              int64_t key_step = 1, pair_step = kCols;
+              if (use_lanes) {
+                const int64_t at_c0 = (c0 - span.base - (1 - kRows)) * kRows / 2;
+                pp_s += at_c0;
+                pp_d += at_c0;
+                key_step = kRows / 2;
+                pair_step = 1 - kRows;
+              } else {
+                s.pp_s.resize(kRows / 2 * kCols + kPairsSlack);
+                s.pp_d.resize(kRows / 2 * kCols + kPairsSlack);
+                block_row_pairs_bf16(s.s.data(), s.pp_s.data());
+                block_row_pairs_bf16(s.dp.data(), s.pp_d.data());
+                pp_s = s.pp_s.data();
+                pp_d = s.pp_d.data();
+              }
+              accumulate_pairs_bf16(pp_s, key_step, pair_step, n, kRows / 2, s.b_inter.data(),
+                                    ld16(Dv_), Dv_, into->dv + row * Dv_, geo_.dilation * Dv_,
+                                    nullptr);
+              accumulate_pairs_bf16(pp_d, key_step, pair_step, n, kRows / 2, s.a_inter.data(),
+                                    ld16(D_), D_, into->dk + row * D_, geo_.dilation * D_,
+                                    nullptr);
+             }
+            }
+            if (into != nullptr && !paired) {
               const int64_t row = key_row0 + geo_.dilation * c0;
               block_accumulate_transposed(p_blk, n, s.b.data(), Dv_, Dv_, into->dv + row * Dv_,
                                           geo_.dilation * Dv_, clo, chi, ps_r, ps_c);
@@ -865,6 +924,48 @@ class Backward {
     }
   }
 
+  // Columns of the rows of interleave_pairs: whole 16-column vectors (accumulate_pairs_bf16).
+  static int64_t ld16(int64_t width) { return (width + 15) / 16 * 16; }
+
+  // dkdv_chunk on bf16 products (bf16_): the scores on pairs (chunk_scores), then dv += P^T dO
+  // and dk += dS^T Q over the chunk's query pairs (c0 even: walk_line), P and dS rounded to bf16.
+  // `contained`: each half of a pair only where its query is in the key's span (keep masks).
+  void dkdv_chunk_bf16(BackwardScratch<A>& s, const A* qt, const A* dot, const A* q_rows,
+                       int64_t q_step, const A* do_rows, int64_t do_step, int64_t n,
+                       const int64_t* clo, const int64_t* chi, const A* lse, const A* delta,
+                       bool contained) const {
+    static constexpr A kZeros[kRows] = {};
+    chunk_scores(p_, s.a.data(), s.b.data(), s.a_pairs.data(), s.b_pairs.data(), qt, dot,
+                 geo_.ld, s.s.data(), s.dp.data());
+    block_backward_probs(s.s.data(), s.dp.data(), clo, chi, static_cast<A>(p_.scale), kZeros,
+                         lse, kZeros, delta, s.dp.data());
+    const int64_t pairs = (n + 1) / 2;
+    s.pp_s.resize(kRows * kCols / 2 + kPairsSlack * kCols / 2);
+    s.pp_d.resize(s.pp_s.size());
+    block_col_pairs_bf16(s.s.data(), s.pp_s.data());
+    block_col_pairs_bf16(s.dp.data(), s.pp_d.data());
+    s.a_inter.resize(static_cast<size_t>(kCols / 2 * ld16(D_)));
+    s.b_inter.resize(static_cast<size_t>(kCols / 2 * ld16(Dv_)));
+    interleave_pairs(q_rows, q_step, n, pairs, D_, ld16(D_), s.a_inter.data());
+    interleave_pairs(do_rows, do_step, n, pairs, Dv_, ld16(Dv_), s.b_inter.data());
+    const uint32_t* keep = nullptr;
+    if (contained) {
+      s.keep.resize(static_cast<size_t>(kRows * pairs));
+      for (int r = 0; r < kRows; ++r) {
+        for (int64_t m = 0; m < pairs; ++m) {
+          const bool first = clo[r] <= 2 * m && 2 * m < chi[r];
+          const bool second = clo[r] <= 2 * m + 1 && 2 * m + 1 < chi[r];
+          s.keep[r * pairs + m] = (first ? 0x0000ffffu : 0u) | (second ? 0xffff0000u : 0u);
+        }
+      }
+      keep = s.keep.data();
+    }
+    accumulate_pairs_bf16(s.pp_s.data(), kCols / 2, 1, kRows, pairs, s.b_inter.data(), ld16(Dv_),
+                          Dv_, s.acc_b.data(), Dv_, keep);
+    accumulate_pairs_bf16(s.pp_d.data(), kCols / 2, 1, kRows, pairs, s.a_inter.data(), ld16(D_),
+                          D_, s.acc_a.data(), D_, keep);
+  }
+
   // All chunks of query line (x0, x1, group) in [c_begin, c_end) against the kRows keys in s.a /
   // s.b, rows masked to [lo, hi): dk, dv into s.acc_a / s.acc_b.
   // bias_line: the reversed BiasTable line of this (query line, key tile) pair, or null (no
@@ -883,9 +984,19 @@ class Backward {
     const A* lse = hq.lse + line * geo_.ld;
     const A* delta = hq.delta + line * geo_.ld;
     int64_t clo[kRows], chi[kRows];
+    // bf16 products: chunks start at even positions, so that they pair the queries as the dq
+    // pass's tiles do (accumulate_pairs_bf16); the query before c_begin has P = dS = 0.
+    if (bf16_) c_begin -= c_begin % 2;
     for (int64_t c0 = c_begin; c0 < c_end; c0 += kCols) {
       const int64_t n = std::min<int64_t>(kCols, c_end - c0);
       chunk_spans(lo, hi, c0, n, clo, chi);
+      if constexpr (std::is_same_v<A, float>) {
+        if (bf16_) {
+          dkdv_chunk_bf16(s, qt + c0, dot + c0, qr + c0 * q_step, q_step, dor + c0 * do_step,
+                          do_step, n, clo, chi, lse + c0, delta + c0, contained);
+          continue;
+        }
+      }
       dkdv_chunk(p_, s.a.data(), s.b.data(), bf16_ ? s.a_pairs.data() : nullptr,
                  bf16_ ? s.b_pairs.data() : nullptr, qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,

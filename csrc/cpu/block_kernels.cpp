@@ -1179,6 +1179,139 @@ NATTN_INLINE void block_dot_bf16_impl(const float* a, int64_t lda, const float* 
   }
   for (int r = 0; r < kRows; ++r) std::memcpy(s + r * kCols, &acc[r], sizeof acc[r]);
 }
+
+// ---- The backward's dk and dv on bf16 pairs of queries (block_kernels.h:
+// accumulate_pairs_bf16 and the pair builders). ----
+using Q4 = int32_t __attribute__((vector_size(16)));
+
+// block_kernels.h: lane_pairs_bf16. Lanes 2i of offset u and 2i + 1 of offset u - 1 hold the
+// same key (position base + u + 2i), so one blend and one conversion make the four pairs.
+NATTN_INLINE void lane_pairs_bf16_impl(const float* s, int64_t u_begin, int64_t u_end,
+                                       float* pp) {
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    L8 cur, prev;
+    load8(cur, s + u * kLanes);
+    load8(prev, s + (u - 1) * kLanes);
+    const L8 mixed = __builtin_shufflevector(cur, prev, 0, 9, 2, 11, 4, 13, 6, 15);
+    Q4 out;
+    __asm__("vcvtneps2bf16 %1, %0" : "=v"(out) : "v"(mixed));
+    std::memcpy(pp + u * (kLanes / 2), &out, sizeof out);
+  }
+}
+
+// block_kernels.h: block_row_pairs_bf16.
+NATTN_INLINE void block_row_pairs_bf16_impl(const float* p, float* pp) {
+  static constexpr int16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                              21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                              11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  I16 index;
+  std::memcpy(&index, kInterleave, sizeof index);
+  for (int i = 0; i < kRows / 2; ++i) {
+    F16 first, second;
+    std::memcpy(&first, p + 2 * i * kCols, sizeof first);
+    std::memcpy(&second, p + (2 * i + 1) * kCols, sizeof second);
+    I16 words, out;
+    __asm__("vcvtne2ps2bf16 %2, %1, %0" : "=v"(words) : "v"(second), "v"(first));
+    __asm__("vpermw %2, %1, %0" : "=v"(out) : "v"(index), "v"(words));
+    std::memcpy(pp + i * kCols, &out, sizeof out);
+  }
+}
+
+// block_kernels.h: block_col_pairs_bf16. Sixteen fp32 of a row to sixteen bf16 in order: word
+// 2m (the low half of 32-bit element m) is entry 2m.
+NATTN_INLINE void block_col_pairs_bf16_impl(const float* p, float* pp) {
+  for (int r = 0; r < kRows; ++r) {
+    F16 row;
+    std::memcpy(&row, p + r * kCols, sizeof row);
+    M8 out;
+    __asm__("vcvtneps2bf16 %1, %0" : "=v"(out) : "v"(row));
+    std::memcpy(pp + r * (kCols / 2), &out, sizeof out);
+  }
+}
+
+// Columns [w0, w0 + kN * 16) of accumulate_pairs_bf16 (the last vector may be partial: kTail
+// columns of it exist in o, or all 16 for kTail = 0; b is padded to whole vectors), kG keys at a
+// time. kKeyStep, kPairStep: the layout of pp as constants, so that every pair of a group of keys
+// is a fixed displacement from one pointer; kPairs: the pair count, or 0 when it is `pairs`.
+template <int kN, int kG, int kKeyStep, int kPairStep, int kPairs, bool kKeep>
+NATTN_INLINE void accumulate_pairs_panel(const float* pp, int64_t keys, int64_t pairs_arg,
+                                         const float* b, int64_t ldb, int64_t w0, int64_t tail,
+                                         float* o, int64_t ldo, const uint32_t* keep) {
+  constexpr int64_t kW = 16;
+  const int64_t pairs = kPairs > 0 ? kPairs : pairs_arg;
+  const int64_t last_cols = tail > 0 ? tail : kW;
+  for (int64_t k0 = 0; k0 < keys; k0 += kG) {
+    // Keys past the last are computed on whatever pp holds there (block_kernels.h: the caller's
+    // slack) and not stored.
+    const float* pk = pp + k0 * kKeyStep;
+    L16 acc[kG][kN];
+#pragma GCC unroll 8
+    for (int g = 0; g < kG; ++g) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kN; ++j) {
+        acc[g][j] = L16{};
+        if (k0 + g >= keys) continue;
+        if (j + 1 < kN || last_cols == kW) {
+          std::memcpy(&acc[g][j], o + (k0 + g) * ldo + w0 + j * kW, sizeof acc[g][j]);
+        } else {
+          std::memcpy(&acc[g][j], o + (k0 + g) * ldo + w0 + j * kW,
+                      static_cast<size_t>(last_cols) * sizeof(float));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int64_t m = 0; m < pairs; ++m) {
+      I16 bv[kN];
+#pragma GCC unroll 4
+      for (int j = 0; j < kN; ++j) std::memcpy(&bv[j], b + m * ldb + w0 + j * kW, sizeof bv[j]);
+      const float* pm = pk + m * kPairStep;
+#pragma GCC unroll 8
+      for (int g = 0; g < kG; ++g) {
+        const float* pair = pm + g * kKeyStep;
+#pragma GCC unroll 4
+        for (int j = 0; j < kN; ++j) {
+          if constexpr (kKeep) {
+            const int64_t k = std::min(k0 + g, keys - 1);
+            const I16 masked = bv[j] & static_cast<int32_t>(keep[k * pairs + m]);
+            dot_pairs_broadcast(acc[g][j], masked, pair);
+          } else {
+            dot_pairs_broadcast(acc[g][j], bv[j], pair);
+          }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < kG; ++g) {
+      if (k0 + g >= keys) break;
+#pragma GCC unroll 4
+      for (int j = 0; j < kN; ++j) {
+        if (j + 1 < kN || last_cols == kW) {
+          std::memcpy(o + (k0 + g) * ldo + w0 + j * kW, &acc[g][j], sizeof acc[g][j]);
+        } else {
+          std::memcpy(o + (k0 + g) * ldo + w0 + j * kW, &acc[g][j],
+                      static_cast<size_t>(last_cols) * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+// block_kernels.h: accumulate_pairs_bf16 for one layout of pp: four-vector panels (64 columns),
+// then single vectors.
+template <int kKeyStep, int kPairStep, int kPairs, bool kKeep>
+NATTN_INLINE void accumulate_pairs_layout(const float* pp, int64_t keys, int64_t pairs,
+                                          const float* b, int64_t ldb, int64_t width, float* o,
+                                          int64_t ldo, const uint32_t* keep) {
+  int64_t w0 = 0;
+  for (; w0 + 64 <= width; w0 += 64) {
+    accumulate_pairs_panel<4, 4, kKeyStep, kPairStep, kPairs, kKeep>(pp, keys, pairs, b, ldb, w0,
+                                                                     0, o, ldo, keep);
+  }
+  for (; w0 < width; w0 += 16) {
+    accumulate_pairs_panel<1, 8, kKeyStep, kPairStep, kPairs, kKeep>(
+        pp, keys, pairs, b, ldb, w0, std::min<int64_t>(16, width - w0) % 16, o, ldo, keep);
+  }
+}
 #else
 #define NATTN_LANE_BF16 0
 #endif
@@ -1317,6 +1450,36 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void dot_bf16(const float* 
                                                                    int64_t pairs, float* s) {
   block_dot_bf16_impl(a, lda, bt, ldb, pairs, s);
 }
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void lane_pairs(const float* s,
+                                                                     int64_t u_begin,
+                                                                     int64_t u_end, float* pp) {
+  lane_pairs_bf16_impl(s, u_begin, u_end, pp);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void row_pairs(const float* p, float* pp) {
+  block_row_pairs_bf16_impl(p, pp);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void col_pairs(const float* p, float* pp) {
+  block_col_pairs_bf16_impl(p, pp);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void acc_pairs(
+    const float* pp, int64_t key_step, int64_t pair_step, int64_t keys, int64_t pairs,
+    const float* b, int64_t ldb, int64_t width, float* o, int64_t ldo, const uint32_t* keep) {
+  // The three layouts the backward uses (Backward::dq_tile, dkdv_chunk_bf16).
+  if (key_step == kLanes / 2 && pair_step == 1 - kLanes && pairs == kLanes / 2 && !keep) {
+    accumulate_pairs_layout<kLanes / 2, 1 - kLanes, kLanes / 2, false>(pp, keys, pairs, b, ldb,
+                                                                       width, o, ldo, nullptr);
+  } else if (key_step == 1 && pair_step == kCols && pairs == kRows / 2 && !keep) {
+    accumulate_pairs_layout<1, kCols, kRows / 2, false>(pp, keys, pairs, b, ldb, width, o, ldo,
+                                                        nullptr);
+  } else if (key_step == kCols / 2 && pair_step == 1 && !keep) {
+    accumulate_pairs_layout<kCols / 2, 1, 0, false>(pp, keys, pairs, b, ldb, width, o, ldo,
+                                                    nullptr);
+  } else if (key_step == kCols / 2 && pair_step == 1) {
+    accumulate_pairs_layout<kCols / 2, 1, 0, true>(pp, keys, pairs, b, ldb, width, o, ldo, keep);
+  } else {
+    std::abort();  // not a layout of the backward's
+  }
+}
 }  // namespace avx512bf16
 #endif
 #else
@@ -1414,6 +1577,11 @@ LaneFn g_lane_bf16 = nullptr;  // lane_forward_bf16 (AVX512-BF16 only)
 LineScoresFn g_line_scores_bf16 = nullptr;
 LineScoresPairFn g_line_scores_pair_bf16 = nullptr;
 void (*g_dot_bf16)(const float*, int64_t, const float*, int64_t, int64_t, float*) = nullptr;
+void (*g_lane_pairs_bf16)(const float*, int64_t, int64_t, float*) = nullptr;
+void (*g_row_pairs_bf16)(const float*, float*) = nullptr;
+void (*g_col_pairs_bf16)(const float*, float*) = nullptr;
+void (*g_acc_pairs_bf16)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                         int64_t, float*, int64_t, const uint32_t*) = nullptr;
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
@@ -1432,6 +1600,10 @@ CpuIsa chosen_isa() {
       g_line_scores_bf16 = avx512bf16::line_scores_bf16;
       g_line_scores_pair_bf16 = avx512bf16::line_scores_pair_bf16;
       g_dot_bf16 = avx512bf16::dot_bf16;
+      g_lane_pairs_bf16 = avx512bf16::lane_pairs;
+      g_row_pairs_bf16 = avx512bf16::row_pairs;
+      g_col_pairs_bf16 = avx512bf16::col_pairs;
+      g_acc_pairs_bf16 = avx512bf16::acc_pairs;
     }
 #endif
     if (chosen == CpuIsa::kAvx2) {
@@ -1483,6 +1655,16 @@ void lane_line_scores_pair_bf16(const float* qt, const float* gt, int64_t pairs,
 void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t pairs,
                     float* s) {
   g_dot_bf16(a, lda, bt, ldb, pairs, s);
+}
+void lane_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp) {
+  g_lane_pairs_bf16(s, u_begin, u_end, pp);
+}
+void block_row_pairs_bf16(const float* p, float* pp) { g_row_pairs_bf16(p, pp); }
+void block_col_pairs_bf16(const float* p, float* pp) { g_col_pairs_bf16(p, pp); }
+void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step, int64_t keys,
+                           int64_t pairs, const float* b, int64_t ldb, int64_t width, float* o,
+                           int64_t ldo, const uint32_t* keep) {
+  g_acc_pairs_bf16(pp, key_step, pair_step, keys, pairs, b, ldb, width, o, ldo, keep);
 }
 bool lane_pair_available() {
   chosen_isa();

@@ -223,6 +223,38 @@ void lane_line_scores_pair_bf16(const float* qt, const float* gt, int64_t pairs,
 void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t pairs,
                     float* s);
 
+// The backward's dk += dS^T Q and dv += P^T dO on bf16 products (avx512bf16 level only), as
+// sums over pairs of queries: positions 2m, 2m + 1 of a group (a dq-pass tile's rows 2i, 2i + 1;
+// tiles start at multiples of kRows), so that both walks pair the same queries and every
+// accumulator row sees the same chain of vdpbf16ps, pair by pair in ascending position (the
+// backward's two schedules). P and dS enter rounded to bf16 (nearest even), as in the
+// tensor-core kernels; q and dO are bf16 already.
+//   accumulate_pairs_bf16: o[k * ldo + w] = vdpbf16ps chain over m < pairs of the pair
+//     pp[k * key_step + m * pair_step] (P or dS of queries 2m, 2m + 1 for output row k) and
+//     b[m * ldb + w] (the pair of q or dO rows 2m, 2m + 1 at column w), for k < keys, w < width;
+//     b's rows hold whole 16-column vectors (zero padded past width). keep (or null): a 32-bit
+//     mask per (k, m), keep[k * pairs + m], that selects the halves of b taken (0xffff: the
+//     first query only), so that a non-finite q or dO row reaches only its own keys. Keys are
+//     computed in groups of up to 8: pp must be readable for kPairsSlack more keys past the
+//     last (their sums are dropped). Layouts: (key_step, pair_step, pairs) = (kLanes / 2,
+//     1 - kLanes, kLanes / 2) (lane_pairs_bf16), (1, kCols, kRows / 2) (block_row_pairs_bf16)
+//     and (kCols / 2, 1, any) (block_col_pairs_bf16, the only one with keep).
+//   lane_pairs_bf16: the pairs of one line of the dq pass's lane layout s (lane r at offset u =
+//     the key at position base + u + r): pp[u * 4 + i] = (s[u * kLanes + 2i], s[(u - 1) *
+//     kLanes + 2i + 1]), rows 2i and 2i + 1 at the key of position base + u + 2i, for u_begin <=
+//     u < u_end; s is read at offsets u_begin - 1 .. u_end - 1.
+//   block_row_pairs_bf16: pp[i * kCols + c] = (p[2i][c], p[2i + 1][c]) of a kRows x kCols block
+//     (rows are queries: the dq pass's blocks).
+//   block_col_pairs_bf16: pp[r * kCols / 2 + m] = (p[r][2m], p[r][2m + 1]) (columns are queries:
+//     the key-side walk's blocks).
+constexpr int64_t kPairsSlack = 8;
+void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step, int64_t keys,
+                           int64_t pairs, const float* b, int64_t ldb, int64_t width, float* o,
+                           int64_t ldo, const uint32_t* keep);
+void lane_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp);
+void block_row_pairs_bf16(const float* p, float* pp);
+void block_col_pairs_bf16(const float* p, float* pp);
+
 // block_backward_probs (dq orientation) on one line of lane scores s (S) and dp (dP): lane r of
 // offset u is the key at position base + u + r, in the query's window when lo[r] <= it < hi[r].
 // s becomes P = exp(scale * S - lse[r]) and dp dS = P * (dP - delta[r]), both 0 outside the

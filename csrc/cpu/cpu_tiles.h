@@ -415,6 +415,27 @@ inline void transpose_tile_pairs(const float* src, int64_t width, float* dst,
   transpose_tile(pairs.data(), width / 2, dst, lanes);
 }
 
+// Rows 2m, 2m + 1 of fp32 rows holding bf16 values as one row of bf16 pairs (the operand b of
+// block_kernels.h: accumulate_pairs_bf16): out[m * ldo + w] = the pair (row 2m, row 2m + 1) at
+// column w for m < pairs, w < width, with row j at rows + j * row_step for j < count and zero
+// for j >= count; columns width .. ldo - 1 are zero. Exact.
+inline void interleave_pairs(const float* rows, int64_t row_step, int64_t count, int64_t pairs,
+                             int64_t width, int64_t ldo, float* out) {
+  for (int64_t m = 0; m < pairs; ++m) {
+    uint32_t* dst = reinterpret_cast<uint32_t*>(out + m * ldo);
+    const float* first = rows + 2 * m * row_step;
+    const float* second = first + row_step;
+    const bool has_second = 2 * m + 1 < count;
+    for (int64_t w = 0; w < width; ++w) {
+      uint32_t lo, hi = 0;
+      std::memcpy(&lo, first + w, sizeof lo);
+      if (has_second) std::memcpy(&hi, second + w, sizeof hi);
+      dst[w] = (lo >> 16) | (hi & 0xffff0000u);
+    }
+    std::fill(dst + width, dst + ldo, 0u);
+  }
+}
+
 // The tile's bf16 query rows of (b, head) at (x0, x1) as the bf16 lane forward's operand
 // (block_kernels.h: lane_forward_bf16): dst[j * kLanes + r] = the pair of elements 2j, 2j + 1 of
 // row r for j < pairs, 0 for rows past the tile's count. pair_stride: the tensor's strides in
