@@ -188,6 +188,33 @@ def test_backward_schedules_agree_bitwise(dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape,kernel_size", [((1, 8192, 4, 64), 7),
+                                               ((1, 96, 96, 4, 32), (5, 7))])
+def test_bf16_backward_schedules_agree_bitwise(shape, kernel_size):
+    """bf16 at the avx512bf16 level sums dk and dv over pairs of queries on bf16 products; the
+    fused and split schedules must pair the same queries in the same order. A mismatch changes
+    the fp32 sums in their last bits, which the bf16 gradients hide unless a sum sits at a
+    rounding boundary: hence problems of about 10^5-10^6 gradient elements (a chunk walk that
+    pairs queries from an odd position changed 8-15 of them). One group (a kv head shared by
+    four heads): one thread runs it fused, two split it."""
+    gen = torch.Generator().manual_seed(7)
+    q, g = (torch.randn(*shape, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(*shape[:-2], 1, shape[-1], generator=gen).bfloat16() for _ in range(2))
+    fn = nattn.na1d if len(shape) == 4 else nattn.na2d
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            fn(*leaves, kernel_size=kernel_size, backend="cpu").backward(g)
+            results.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_fp32_large_scores_match_reference():
     """Scores in the thousands: the online softmax must subtract each row's true running max
     (a wrong one overflows exp to inf or underflows whole rows to 0). fp32 kernel error on the

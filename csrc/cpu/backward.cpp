@@ -23,8 +23,9 @@ namespace {
 // only on the problem shape and their partial sums are added in part order: deterministic.
 constexpr int64_t kAdditionalPartQueries = 1024;
 
-// Zero window offsets kept on either side of the dq pass's lane scores (dq_tile).
-constexpr int64_t kLanePad = kRows;
+// Zero window offsets kept on either side of the dq pass's lane scores (dq_tile): the block reads
+// of the accumulations reach kRows - 1 past either end, the bf16 key pairs kRows + 1.
+constexpr int64_t kLanePad = kRows + 2;
 
 // store_dk_dv asks for the output rows this many tokens ahead of the one it stores.
 constexpr int64_t kStorePrefetchRows = 4;
@@ -69,7 +70,7 @@ struct BackwardScratch {
   // query pairs of rows (interleave_pairs: of the dq pass's tile, or of a key-side chunk's
   // queries) and the P and dS pairs of accumulate_pairs_bf16, with the keep masks of a
   // contained chunk.
-  std::vector<A> a_pairs, b_pairs, a_inter, b_inter, pp_s, pp_d;
+  std::vector<A> a_pairs, b_pairs, a_inter, b_inter, pp_s, pp_d, pp_q;
   std::vector<uint32_t> keep;
   // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
   std::vector<A> at, bt, s_lanes, dp_lanes;
@@ -165,7 +166,8 @@ void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* k_pai
 template <typename A>
 struct GroupStorage {
   std::vector<A> k_store, v_store, k_rows_store, v_rows_store, q_store, do_store, q_rows_store,
-      do_rows_store, add_kt, add_vt, add_k_rows, add_v_rows, dk_acc, dv_acc, add_partial;
+      do_rows_store, add_kt, add_vt, add_k_rows, add_v_rows, dk_acc, dv_acc, add_partial,
+      k_inter_store;
   std::vector<BackwardScratch<A>> scratch;
   std::vector<ForwardScratch<A>> fwd_scratch;
   int64_t capacity_bytes() const {
@@ -173,7 +175,7 @@ struct GroupStorage {
     for (const std::vector<A>* v :
          {&k_store, &v_store, &k_rows_store, &v_rows_store, &q_store, &do_store, &q_rows_store,
           &do_rows_store, &add_kt, &add_vt, &add_k_rows, &add_v_rows, &dk_acc, &dv_acc,
-          &add_partial}) {
+          &add_partial, &k_inter_store}) {
       n += v->capacity();
     }
     return static_cast<int64_t>(n * sizeof(A));
@@ -413,6 +415,25 @@ class Backward {
     const A* k_lines = pack_operand(p_.k, b, kvh, D_, nt, st.k_store);
     const A* v_lines = pack_operand(p_.v, b, kvh, Dv_, nt, st.v_store);
     const Rows<A> k_rows = make_rows(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_rows_store);
+    // bf16 products on lanes: the key rows of each line as pairs of positions 2m, 2m + 1, the
+    // operand of dq += dS K (dq_tile); zero rows past the line's end.
+    const A* k_inter = nullptr;
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16_ && dq_lanes_) {
+        const int64_t per_line = k_inter_line();
+        st.k_inter_store.resize(static_cast<size_t>(geo_.lines * per_line));
+        parallel_for(nt, geo_.lines, [&](int64_t line, int) {
+          const int64_t g = line % geo_.dilation, x01 = line / geo_.dilation;
+          const int64_t n = group_length(geo_.len[2], geo_.dilation, g);
+          const A* first = k_rows.line(0, x01 / geo_.len[1], x01 % geo_.len[1], g);
+          A* out = st.k_inter_store.data() + line * per_line;
+          const int64_t valid = (n + 1) / 2;
+          interleave_pairs(first, geo_.dilation * k_rows.s[2], n, valid, D_, ld16(D_), out);
+          std::fill(out + valid * ld16(D_), out + per_line, A(0));
+        });
+        k_inter = st.k_inter_store.data();
+      }
+    }
     if (M_ > 0) {
       const T* ak = static_cast<const T*>(p_.add_k.data);
       const T* av = static_cast<const T*>(p_.add_v.data);
@@ -471,8 +492,8 @@ class Backward {
         prefetch_tile<true>(static_cast<const T*>(p_.dq.data), p_.dq.stride, b, next.h, next.x0,
                             next.x1, *next.tile, geo_, D_);
       }
-      dq_tile(b, it.h, it.x0, it.x1, *it.tile, k_lines, v_lines, k_rows, st, st.scratch[thread],
-              fused ? &kg : nullptr, d_bias, pair_next);
+      dq_tile(b, it.h, it.x0, it.x1, *it.tile, k_lines, v_lines, k_rows, k_inter, st,
+              st.scratch[thread], fused ? &kg : nullptr, d_bias, pair_next);
     };
     if (p_.has_rpb()) {
       // Items in d_rpb parts (setup_rpb): the same items in the same order on one thread (fused).
@@ -639,16 +660,23 @@ class Backward {
   // this thread runs next (dq_pairs_), whose lane scores this call then computes with its own
   // (lane_line_scores_pair) and leaves in s for that call.
   void dq_tile(int64_t b, int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
-               const A* k_lines, const A* v_lines, const Rows<A>& k_rows,
+               const A* k_lines, const A* v_lines, const Rows<A>& k_rows, const A* k_inter,
                const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg,
                A* d_bias, const AxisTile* pair_next) {
-    load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, tile, geo_, D_,
-              s.a.data());
-    load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile, geo_,
-              Dv_, s.b.data());
+    const int64_t key[5] = {h, x0, x1, tile.group, tile.j0};
+    // The previous call of a pair (dq_pairs_) loaded this tile's q and dO rows already.
+    const bool loaded = s.next_valid && std::equal(key, key + 5, s.next_key);
+    if (loaded) {
+      std::swap(s.a, s.a_next);
+      std::swap(s.b, s.b_next);
+    } else {
+      load_tile(static_cast<const T*>(p_.q.data), p_.q.stride, b, h, x0, x1, tile, geo_, D_,
+                s.a.data());
+      load_tile(static_cast<const T*>(p_.d_out.data), p_.d_out.stride, b, h, x0, x1, tile,
+                geo_, Dv_, s.b.data());
+    }
     if constexpr (std::is_same_v<A, float>) {
       if (bf16_) {
-        tile_pairs(s);
         if (kg != nullptr) {  // the operands of dk, dv: the tile's rows as query pairs
           s.a_inter.resize(static_cast<size_t>(kRows / 2 * ld16(D_)));
           s.b_inter.resize(static_cast<size_t>(kRows / 2 * ld16(Dv_)));
@@ -685,8 +713,8 @@ class Backward {
     // pair_base + u + l.
     const LaneSpan& span = plan.span;
     const bool lanes = plan.lanes;
-    const int64_t key[5] = {h, x0, x1, tile.group, tile.j0};
-    const bool cached = lanes && s.next_valid && std::equal(key, key + 5, s.next_key);
+    const bool cached = lanes && loaded;
+    if (bf16_ && !lanes) tile_pairs(s);  // the block products' operands
     s.next_valid = false;
     bool fill = false;
     int64_t pair_base = 0, pair_offsets = 0;
@@ -810,6 +838,20 @@ class Backward {
                 lane_pairs_bf16(sl, u_begin, u_end, s.pp_s.data() - u_begin * kRows / 2);
                 lane_pairs_bf16(dl, u_begin, u_end, s.pp_d.data() - u_begin * kRows / 2);
               }
+              if (bf16_) {
+                // dq += dS K over the pairs of keys 2m, 2m + 1 of the rows' union [u_lo, u_hi):
+                // row r's pair m at offset 2m - base - r (lane_key_pairs_bf16), the keys from
+                // k_inter. Replaces the chunks' block_accumulate below.
+                const int64_t m_lo = u_lo / 2, m_hi = (u_hi + 1) / 2;
+                const int64_t u_a = 2 * m_lo - span.base - (kRows - 1);
+                const int64_t u_b = 2 * (m_hi - 1) - span.base + 1;
+                s.pp_q.resize(static_cast<size_t>((u_b - u_a) * kRows));
+                A* pp0 = s.pp_q.data() - u_a * kRows;
+                lane_key_pairs_bf16(dl, u_a, u_b, pp0);
+                accumulate_pairs_bf16(pp0 + (2 * m_lo - span.base) * kRows, 1 - kRows, 2 * kRows,
+                                      kRows, m_hi - m_lo, k_inter + line * k_inter_line() +
+                                      m_lo * ld16(D_), ld16(D_), D_, dq, D_, nullptr);
+              }
             }
           }
           for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
@@ -826,8 +868,10 @@ class Backward {
               ds_blk = dl + (c0 - span.base) * kRows;
               ps_r = 1 - kRows;
               ps_c = kRows;
-              block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
-                               ps_c);
+              if (!bf16_) {  // bf16: accumulated per line above
+                block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
+                                 ps_c);
+              }
             } else {
               const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
                                                                            tile.j0, c0);
@@ -907,7 +951,10 @@ class Backward {
     };
     walk(kg, d_bias, false);
     s.next_valid = fill;
-    if (!all_finite(dq, tile.count * D_)) walk(nullptr, nullptr, true);
+    if (!all_finite(dq, tile.count * D_)) {
+      if (bf16_ && lanes) tile_pairs(s);
+      walk(nullptr, nullptr, true);
+    }
     T* dq_out = static_cast<T*>(p_.dq.data);
     const A scale = static_cast<A>(p_.scale);
     for (int64_t r = 0; r < tile.count; ++r) {
@@ -926,6 +973,8 @@ class Backward {
 
   // Columns of the rows of interleave_pairs: whole 16-column vectors (accumulate_pairs_bf16).
   static int64_t ld16(int64_t width) { return (width + 15) / 16 * 16; }
+  // Elements per line of the key pairs (run_group: k_inter).
+  int64_t k_inter_line() const { return (geo_.ld + 1) / 2 * ld16(D_); }
 
   // dkdv_chunk on bf16 products (bf16_): the scores on pairs (chunk_scores), then dv += P^T dO
   // and dk += dS^T Q over the chunk's query pairs (c0 even: walk_line), P and dS rounded to bf16.

@@ -1199,6 +1199,19 @@ NATTN_INLINE void lane_pairs_bf16_impl(const float* s, int64_t u_begin, int64_t 
   }
 }
 
+// block_kernels.h: lane_key_pairs_bf16.
+NATTN_INLINE void lane_key_pairs_bf16_impl(const float* s, int64_t u_begin, int64_t u_end,
+                                           float* pp) {
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    L8 first, second;
+    load8(first, s + u * kLanes);
+    load8(second, s + (u + 1) * kLanes);
+    M8 out;
+    bf16_pairs(out, first, second);
+    std::memcpy(pp + u * kLanes, &out, sizeof out);
+  }
+}
+
 // block_kernels.h: block_row_pairs_bf16.
 NATTN_INLINE void block_row_pairs_bf16_impl(const float* p, float* pp) {
   static constexpr int16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
@@ -1304,8 +1317,8 @@ NATTN_INLINE void accumulate_pairs_layout(const float* pp, int64_t keys, int64_t
                                           int64_t ldo, const uint32_t* keep) {
   int64_t w0 = 0;
   for (; w0 + 64 <= width; w0 += 64) {
-    accumulate_pairs_panel<4, 4, kKeyStep, kPairStep, kPairs, kKeep>(pp, keys, pairs, b, ldb, w0,
-                                                                     0, o, ldo, keep);
+    accumulate_pairs_panel<4, 4, kKeyStep, kPairStep, kPairs, kKeep>(
+        pp, keys, pairs, b, ldb, w0, 0, o, ldo, keep);
   }
   for (; w0 < width; w0 += 16) {
     accumulate_pairs_panel<1, 8, kKeyStep, kPairStep, kPairs, kKeep>(
@@ -1455,6 +1468,11 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void lane_pairs(const float
                                                                      int64_t u_end, float* pp) {
   lane_pairs_bf16_impl(s, u_begin, u_end, pp);
 }
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void key_pairs(const float* s,
+                                                                    int64_t u_begin,
+                                                                    int64_t u_end, float* pp) {
+  lane_key_pairs_bf16_impl(s, u_begin, u_end, pp);
+}
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void row_pairs(const float* p, float* pp) {
   block_row_pairs_bf16_impl(p, pp);
 }
@@ -1464,13 +1482,16 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void col_pairs(const float*
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void acc_pairs(
     const float* pp, int64_t key_step, int64_t pair_step, int64_t keys, int64_t pairs,
     const float* b, int64_t ldb, int64_t width, float* o, int64_t ldo, const uint32_t* keep) {
-  // The three layouts the backward uses (Backward::dq_tile, dkdv_chunk_bf16).
+  // The four layouts the backward uses (Backward::dq_tile, dkdv_chunk_bf16).
   if (key_step == kLanes / 2 && pair_step == 1 - kLanes && pairs == kLanes / 2 && !keep) {
-    accumulate_pairs_layout<kLanes / 2, 1 - kLanes, kLanes / 2, false>(pp, keys, pairs, b, ldb,
-                                                                       width, o, ldo, nullptr);
+    accumulate_pairs_layout<kLanes / 2, 1 - kLanes, kLanes / 2, false>(
+        pp, keys, pairs, b, ldb, width, o, ldo, nullptr);
   } else if (key_step == 1 && pair_step == kCols && pairs == kRows / 2 && !keep) {
     accumulate_pairs_layout<1, kCols, kRows / 2, false>(pp, keys, pairs, b, ldb, width, o, ldo,
                                                         nullptr);
+  } else if (key_step == 1 - kLanes && pair_step == 2 * kLanes && !keep) {
+    accumulate_pairs_layout<1 - kLanes, 2 * kLanes, 0, false>(pp, keys, pairs, b, ldb, width, o,
+                                                              ldo, nullptr);
   } else if (key_step == kCols / 2 && pair_step == 1 && !keep) {
     accumulate_pairs_layout<kCols / 2, 1, 0, false>(pp, keys, pairs, b, ldb, width, o, ldo,
                                                     nullptr);
@@ -1579,6 +1600,7 @@ LineScoresPairFn g_line_scores_pair_bf16 = nullptr;
 void (*g_dot_bf16)(const float*, int64_t, const float*, int64_t, int64_t, float*) = nullptr;
 void (*g_lane_pairs_bf16)(const float*, int64_t, int64_t, float*) = nullptr;
 void (*g_row_pairs_bf16)(const float*, float*) = nullptr;
+void (*g_key_pairs_bf16)(const float*, int64_t, int64_t, float*) = nullptr;
 void (*g_col_pairs_bf16)(const float*, float*) = nullptr;
 void (*g_acc_pairs_bf16)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
                          int64_t, float*, int64_t, const uint32_t*) = nullptr;
@@ -1602,6 +1624,7 @@ CpuIsa chosen_isa() {
       g_dot_bf16 = avx512bf16::dot_bf16;
       g_lane_pairs_bf16 = avx512bf16::lane_pairs;
       g_row_pairs_bf16 = avx512bf16::row_pairs;
+      g_key_pairs_bf16 = avx512bf16::key_pairs;
       g_col_pairs_bf16 = avx512bf16::col_pairs;
       g_acc_pairs_bf16 = avx512bf16::acc_pairs;
     }
@@ -1660,6 +1683,9 @@ void lane_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp) 
   g_lane_pairs_bf16(s, u_begin, u_end, pp);
 }
 void block_row_pairs_bf16(const float* p, float* pp) { g_row_pairs_bf16(p, pp); }
+void lane_key_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp) {
+  g_key_pairs_bf16(s, u_begin, u_end, pp);
+}
 void block_col_pairs_bf16(const float* p, float* pp) { g_col_pairs_bf16(p, pp); }
 void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step, int64_t keys,
                            int64_t pairs, const float* b, int64_t ldb, int64_t width, float* o,

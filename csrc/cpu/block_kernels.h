@@ -235,10 +235,12 @@ void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, i
 //     b's rows hold whole 16-column vectors (zero padded past width). keep (or null): a 32-bit
 //     mask per (k, m), keep[k * pairs + m], that selects the halves of b taken (0xffff: the
 //     first query only), so that a non-finite q or dO row reaches only its own keys. Keys are
-//     computed in groups of up to 8: pp must be readable for kPairsSlack more keys past the
+//     Keys are computed in groups of up to 8: pp must be readable for kPairsSlack more keys past the
 //     last (their sums are dropped). Layouts: (key_step, pair_step, pairs) = (kLanes / 2,
-//     1 - kLanes, kLanes / 2) (lane_pairs_bf16), (1, kCols, kRows / 2) (block_row_pairs_bf16)
-//     and (kCols / 2, 1, any) (block_col_pairs_bf16, the only one with keep).
+//     1 - kLanes, kLanes / 2) (lane_pairs_bf16), (1, kCols, kRows / 2) (block_row_pairs_bf16),
+//     (kCols / 2, 1, any) (block_col_pairs_bf16, the only one with keep) and, for dq += dS K
+//     with the output rows the queries and pairs of keys, (1 - kLanes, 2 * kLanes, any)
+//     (lane_key_pairs_bf16).
 //   lane_pairs_bf16: the pairs of one line of the dq pass's lane layout s (lane r at offset u =
 //     the key at position base + u + r): pp[u * 4 + i] = (s[u * kLanes + 2i], s[(u - 1) *
 //     kLanes + 2i + 1]), rows 2i and 2i + 1 at the key of position base + u + 2i, for u_begin <=
@@ -253,6 +255,11 @@ void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step,
                            int64_t ldo, const uint32_t* keep);
 void lane_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp);
 void block_row_pairs_bf16(const float* p, float* pp);
+// lane_key_pairs_bf16: dS of the dq pass's lane layout as pairs of consecutive offsets of each
+// lane: pp[u * kLanes + r] = (s[u * kLanes + r], s[(u + 1) * kLanes + r]) for u_begin <= u <
+// u_end (lane r, keys base + u + r and the next); row r's pair of keys 2m, 2m + 1 is at u = 2m -
+// base - r.
+void lane_key_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp);
 void block_col_pairs_bf16(const float* p, float* pp);
 
 // block_backward_probs (dq orientation) on one line of lane scores s (S) and dp (dP): lane r of
