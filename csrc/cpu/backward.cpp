@@ -72,6 +72,13 @@ struct BackwardScratch {
   // contained chunk.
   std::vector<A> a_pairs, b_pairs, a_inter, b_inter, pp_s, pp_d, pp_q;
   std::vector<uint32_t> keep;
+  // A pair unit's first tile (dq_tile: `defer`) leaves its dk/dv terms to the second: its P and
+  // dS pairs per window line (pend_s, pend_d: pend_slot elements per line, lane_pairs_bf16 from
+  // offset 1 - kRows) and its key span [pend_lo, pend_hi) and lane base; its query pairs stay in
+  // rows 0 .. kRows / 2 - 1 of a_inter, b_inter.
+  std::vector<A> pend_s, pend_d;
+  bool pend_valid = false;
+  int64_t pend_slot = 0, pend_lo = 0, pend_hi = 0, pend_base = 0;
   // The dq pass lanes (dq_tile): a, b transposed, and one line's S and dP (then P, dS) per offset.
   std::vector<A> at, bt, s_lanes, dp_lanes;
   // Pairs (dq_tile): the next tile's q and dO rows, both tiles transposed side by side, and the
@@ -678,11 +685,14 @@ class Backward {
     if constexpr (std::is_same_v<A, float>) {
       if (bf16_) {
         if (kg != nullptr) {  // the operands of dk, dv: the tile's rows as query pairs
-          s.a_inter.resize(static_cast<size_t>(kRows / 2 * ld16(D_)));
-          s.b_inter.resize(static_cast<size_t>(kRows / 2 * ld16(Dv_)));
-          interleave_pairs(s.a.data(), D_, kRows, kRows / 2, D_, ld16(D_), s.a_inter.data());
+          // (after the pending first tile's, when this tile takes its terms: merge)
+          const int64_t at = loaded && s.pend_valid ? kRows / 2 : 0;
+          s.a_inter.resize(static_cast<size_t>(kRows * ld16(D_)));
+          s.b_inter.resize(static_cast<size_t>(kRows * ld16(Dv_)));
+          interleave_pairs(s.a.data(), D_, kRows, kRows / 2, D_, ld16(D_),
+                           s.a_inter.data() + at * ld16(D_));
           interleave_pairs(s.b.data(), Dv_, kRows, kRows / 2, Dv_, ld16(Dv_),
-                           s.b_inter.data());
+                           s.b_inter.data() + at * ld16(Dv_));
         }
       }
     }
@@ -776,6 +786,16 @@ class Backward {
         transpose(s.b.data(), Dv_, s.bt.data(), kRows);
       }
     }
+    // bf16 dk/dv on lanes (per window line, lane_line_dkdv): the first tile of a pair unit
+    // defers its terms to the second (`merge`), which adds both tiles' with one load and store
+    // of each key's rows.
+    const bool defer = bf16_ && kg != nullptr && fill;
+    const bool merge = bf16_ && kg != nullptr && cached && s.pend_valid;
+    if (defer) {
+      s.pend_slot = (span.offsets + 2 * kRows - 2 + kPairsSlack) * kRows / 2;
+      s.pend_s.resize(static_cast<size_t>(w0.count * w1.count * s.pend_slot));
+      s.pend_d.resize(s.pend_s.size());
+    }
     // contained: the recomputation of a tile whose dq came out non-finite, with dS K restricted
     // to each row's keys; dk, dv and d_rpb are not touched again (contain_key_gradients repairs
     // dk, dv; dS itself is exact either way).
@@ -829,14 +849,8 @@ class Backward {
               lane_line_probs(sl, dl, span.offsets, span.base, span.lo, span.hi,
                               static_cast<float>(p_.scale), lse, delta);
               if (bf16_ && into != nullptr) {
-                // P and dS as query pairs for every offset a chunk's keys may ask for (from
-                // kRows - 2 before the first to kRows - 2 past the last; the zero offsets of
-                // kLanePad on either side).
-                const int64_t u_begin = 1 - kRows, u_end = span.offsets + kRows - 1;
-                s.pp_s.resize(static_cast<size_t>((u_end - u_begin + kPairsSlack) * kRows / 2));
-                s.pp_d.resize(s.pp_s.size());
-                lane_pairs_bf16(sl, u_begin, u_end, s.pp_s.data() - u_begin * kRows / 2);
-                lane_pairs_bf16(dl, u_begin, u_end, s.pp_d.data() - u_begin * kRows / 2);
+                lane_line_dkdv(s, sl, dl, span, u_lo, u_hi, i0 * w1.count + i1, defer, merge,
+                               into, key_row0);
               }
               if (bf16_) {
                 // dq += dS K over the pairs of keys 2m, 2m + 1 of the rows' union [u_lo, u_hi):
@@ -881,41 +895,22 @@ class Backward {
                        s.dp.data(), b_line ? b_line + rel : nullptr,
                        db_line ? db_line + rel : nullptr, contained);
             }
-            bool paired = false;
-            if constexpr (std::is_same_v<A, float>) {
-              paired = into != nullptr && bf16_;
-            }
-            if constexpr (std::is_same_v<A, float>) {
-             if (paired) {
-              // Query pairs: the lane layout's pairs (lane_pairs_bf16: key c's pair i at
-              // offset c0 + c - base - 2i), or the block's rows as pairs.
-              const int64_t row = key_row0 + geo_.dilation * c0;
-              const A* pp_s = s.pp_s.data();
-              const A* pp_d = s.pp_d.data();
-              int64_t key_step = 1, pair_step = kCols;
-              if (use_lanes) {
-                const int64_t at_c0 = (c0 - span.base - (1 - kRows)) * kRows / 2;
-                pp_s += at_c0;
-                pp_d += at_c0;
-                key_step = kRows / 2;
-                pair_step = 1 - kRows;
-              } else {
+            if (into != nullptr && bf16_ && !use_lanes) {
+              // bf16 blocks: the rows of P and dS as query pairs (on lanes: lane_line_dkdv).
+              if constexpr (std::is_same_v<A, float>) {
+                const int64_t row = key_row0 + geo_.dilation * c0;
                 s.pp_s.resize(kRows / 2 * kCols + kPairsSlack);
                 s.pp_d.resize(kRows / 2 * kCols + kPairsSlack);
                 block_row_pairs_bf16(s.s.data(), s.pp_s.data());
                 block_row_pairs_bf16(s.dp.data(), s.pp_d.data());
-                pp_s = s.pp_s.data();
-                pp_d = s.pp_d.data();
+                accumulate_pairs_bf16(s.pp_s.data(), 1, kCols, n, kRows / 2, s.b_inter.data(),
+                                      ld16(Dv_), Dv_, into->dv + row * Dv_, geo_.dilation * Dv_,
+                                      nullptr);
+                accumulate_pairs_bf16(s.pp_d.data(), 1, kCols, n, kRows / 2, s.a_inter.data(),
+                                      ld16(D_), D_, into->dk + row * D_, geo_.dilation * D_,
+                                      nullptr);
               }
-              accumulate_pairs_bf16(pp_s, key_step, pair_step, n, kRows / 2, s.b_inter.data(),
-                                    ld16(Dv_), Dv_, into->dv + row * Dv_, geo_.dilation * Dv_,
-                                    nullptr);
-              accumulate_pairs_bf16(pp_d, key_step, pair_step, n, kRows / 2, s.a_inter.data(),
-                                    ld16(D_), D_, into->dk + row * D_, geo_.dilation * D_,
-                                    nullptr);
-             }
-            }
-            if (into != nullptr && !paired) {
+            } else if (into != nullptr && !bf16_) {
               const int64_t row = key_row0 + geo_.dilation * c0;
               block_accumulate_transposed(p_blk, n, s.b.data(), Dv_, Dv_, into->dv + row * Dv_,
                                           geo_.dilation * Dv_, clo, chi, ps_r, ps_c);
@@ -951,6 +946,14 @@ class Backward {
     };
     walk(kg, d_bias, false);
     s.next_valid = fill;
+    if (defer) {
+      s.pend_valid = true;
+      s.pend_lo = u_lo;
+      s.pend_hi = u_hi;
+      s.pend_base = span.base;
+    } else if (merge) {
+      s.pend_valid = false;
+    }
     if (!all_finite(dq, tile.count * D_)) {
       if (bf16_ && lanes) tile_pairs(s);
       walk(nullptr, nullptr, true);
@@ -968,6 +971,71 @@ class Backward {
       }
       for (int64_t w = 0; w < D_; ++w) dq[r * D_ + w] *= scale;
       store_row(dq + r * D_, D_, dst, p_.dq.stride[5]);
+    }
+  }
+
+  // bf16 dk += dS^T Q, dv += P^T dO of one window line of a lane tile (dq_tile): the line's P
+  // (sl) and dS (dl) as query pairs (lane_pairs_bf16, offsets 1 - kRows .. offsets + kRows - 2,
+  // all a key of [u_lo, u_hi) asks for: key K's pair i at offset K - base - 2i), then
+  //  - defer: kept in the line's slot of pend_s, pend_d for the unit's second tile;
+  //  - merge (the second tile, the first's pending): the keys of the first tile only, of both
+  //    (its pairs, then this tile's: accumulate_pairs2_bf16) and of this tile only;
+  //  - else: this tile's keys.
+  // key_row0: the dk/dv row of group position 0 of the line (rows step by the dilation).
+  void lane_line_dkdv(BackwardScratch<A>& s, const A* sl, const A* dl, const LaneSpan& span,
+                      int64_t u_lo, int64_t u_hi, int64_t line_index, bool defer, bool merge,
+                      const KeyGradients* into, int64_t key_row0) const {
+    if constexpr (std::is_same_v<A, float>) {
+      constexpr int64_t kH = kRows / 2;
+      const int64_t u_begin = 1 - kRows, u_end = span.offsets + kRows - 1;
+      A* ps;
+      A* pd;
+      if (defer) {
+        ps = s.pend_s.data() + line_index * s.pend_slot;
+        pd = s.pend_d.data() + line_index * s.pend_slot;
+      } else {
+        s.pp_s.resize(static_cast<size_t>((u_end - u_begin + kPairsSlack) * kH));
+        s.pp_d.resize(s.pp_s.size());
+        ps = s.pp_s.data();
+        pd = s.pp_d.data();
+      }
+      lane_pairs_bf16(sl, u_begin, u_end, ps - u_begin * kH);
+      lane_pairs_bf16(dl, u_begin, u_end, pd - u_begin * kH);
+      if (defer) return;
+      // Key K's pointers into a table of lane base `base` (pair 0 at offset K - base).
+      const auto at = [&](const A* table, int64_t base, int64_t key) {
+        return table + (key - base - u_begin) * kH;
+      };
+      const int64_t step_v = geo_.dilation * Dv_, step_k = geo_.dilation * D_;
+      const auto one = [&](const A* ts, const A* td, int64_t base, int64_t lo, int64_t hi,
+                           int64_t inter_row) {
+        if (hi <= lo) return;
+        const int64_t row = key_row0 + geo_.dilation * lo;
+        accumulate_pairs_bf16(at(ts, base, lo), kH, 1 - kRows, hi - lo, kH,
+                              s.b_inter.data() + inter_row * ld16(Dv_), ld16(Dv_), Dv_,
+                              into->dv + row * Dv_, step_v, nullptr);
+        accumulate_pairs_bf16(at(td, base, lo), kH, 1 - kRows, hi - lo, kH,
+                              s.a_inter.data() + inter_row * ld16(D_), ld16(D_), D_,
+                              into->dk + row * D_, step_k, nullptr);
+      };
+      if (!merge) {
+        one(ps, pd, span.base, u_lo, u_hi, 0);
+        return;
+      }
+      const A* fs = s.pend_s.data() + line_index * s.pend_slot;
+      const A* fd = s.pend_d.data() + line_index * s.pend_slot;
+      const int64_t both_lo = std::max(s.pend_lo, u_lo), both_hi = std::min(s.pend_hi, u_hi);
+      one(fs, fd, s.pend_base, s.pend_lo, std::min(s.pend_hi, u_lo), 0);
+      if (both_hi > both_lo) {
+        const int64_t row = key_row0 + geo_.dilation * both_lo;
+        accumulate_pairs2_bf16(at(fs, s.pend_base, both_lo), at(ps, span.base, both_lo),
+                               both_hi - both_lo, s.b_inter.data(), ld16(Dv_), Dv_,
+                               into->dv + row * Dv_, step_v);
+        accumulate_pairs2_bf16(at(fd, s.pend_base, both_lo), at(pd, span.base, both_lo),
+                               both_hi - both_lo, s.a_inter.data(), ld16(D_), D_,
+                               into->dk + row * D_, step_k);
+      }
+      one(ps, pd, span.base, std::max(u_lo, s.pend_hi), u_hi, kH);
     }
   }
 

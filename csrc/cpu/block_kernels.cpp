@@ -1246,17 +1246,21 @@ NATTN_INLINE void block_col_pairs_bf16_impl(const float* p, float* pp) {
 // columns of it exist in o, or all 16 for kTail = 0; b is padded to whole vectors), kG keys at a
 // time. kKeyStep, kPairStep: the layout of pp as constants, so that every pair of a group of keys
 // is a fixed displacement from one pointer; kPairs: the pair count, or 0 when it is `pairs`.
-template <int kN, int kG, int kKeyStep, int kPairStep, int kPairs, bool kKeep>
+// kPairs2 > 0: kPairs2 more pairs follow from a second table pp2 of the same layout (b's rows
+// kPairs .. kPairs + kPairs2 - 1).
+template <int kN, int kG, int kKeyStep, int kPairStep, int kPairs, bool kKeep, int kPairs2 = 0>
 NATTN_INLINE void accumulate_pairs_panel(const float* pp, int64_t keys, int64_t pairs_arg,
                                          const float* b, int64_t ldb, int64_t w0, int64_t tail,
-                                         float* o, int64_t ldo, const uint32_t* keep) {
+                                         float* o, int64_t ldo, const uint32_t* keep,
+                                         const float* pp2 = nullptr) {
   constexpr int64_t kW = 16;
-  const int64_t pairs = kPairs > 0 ? kPairs : pairs_arg;
+  const int64_t pairs = kPairs > 0 ? kPairs + kPairs2 : pairs_arg;
   const int64_t last_cols = tail > 0 ? tail : kW;
   for (int64_t k0 = 0; k0 < keys; k0 += kG) {
     // Keys past the last are computed on whatever pp holds there (block_kernels.h: the caller's
     // slack) and not stored.
     const float* pk = pp + k0 * kKeyStep;
+    const float* pk2 = pp2 + k0 * kKeyStep;
     L16 acc[kG][kN];
 #pragma GCC unroll 8
     for (int g = 0; g < kG; ++g) {
@@ -1277,18 +1281,23 @@ NATTN_INLINE void accumulate_pairs_panel(const float* pp, int64_t keys, int64_t 
       I16 bv[kN];
 #pragma GCC unroll 4
       for (int j = 0; j < kN; ++j) std::memcpy(&bv[j], b + m * ldb + w0 + j * kW, sizeof bv[j]);
-      const float* pm = pk + m * kPairStep;
+      const float* pm = kPairs2 > 0 && m >= kPairs ? pk2 + (m - kPairs) * kPairStep
+                                                   : pk + m * kPairStep;
 #pragma GCC unroll 8
       for (int g = 0; g < kG; ++g) {
-        const float* pair = pm + g * kKeyStep;
+        // One broadcast per key and pair for the kN vectors (a broadcast memory operand per
+        // instruction is a load each: the kernel was bound by loads).
+        int32_t bits;
+        std::memcpy(&bits, pm + g * kKeyStep, sizeof bits);
+        const I16 pair = I16{} + bits;
 #pragma GCC unroll 4
         for (int j = 0; j < kN; ++j) {
           if constexpr (kKeep) {
             const int64_t k = std::min(k0 + g, keys - 1);
             const I16 masked = bv[j] & static_cast<int32_t>(keep[k * pairs + m]);
-            dot_pairs_broadcast(acc[g][j], masked, pair);
+            dot_pairs(acc[g][j], masked, pair);
           } else {
-            dot_pairs_broadcast(acc[g][j], bv[j], pair);
+            dot_pairs(acc[g][j], bv[j], pair);
           }
         }
       }
@@ -1306,6 +1315,22 @@ NATTN_INLINE void accumulate_pairs_panel(const float* pp, int64_t keys, int64_t 
         }
       }
     }
+  }
+}
+
+// block_kernels.h: accumulate_pairs2_bf16 (the lane layout, two tables of kLanes / 2 pairs).
+NATTN_INLINE void accumulate_pairs2_bf16_impl(const float* pp, const float* pp2, int64_t keys,
+                                              const float* b, int64_t ldb, int64_t width,
+                                              float* o, int64_t ldo) {
+  constexpr int kH = kLanes / 2;
+  int64_t w0 = 0;
+  for (; w0 + 64 <= width; w0 += 64) {
+    accumulate_pairs_panel<4, 4, kH, 1 - kLanes, kH, false, kH>(pp, keys, 0, b, ldb, w0, 0, o,
+                                                                ldo, nullptr, pp2);
+  }
+  for (; w0 < width; w0 += 16) {
+    accumulate_pairs_panel<1, 8, kH, 1 - kLanes, kH, false, kH>(
+        pp, keys, 0, b, ldb, w0, std::min<int64_t>(16, width - w0) % 16, o, ldo, nullptr, pp2);
   }
 }
 
@@ -1501,6 +1526,11 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void acc_pairs(
     std::abort();  // not a layout of the backward's
   }
 }
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void acc_pairs2(
+    const float* pp, const float* pp2, int64_t keys, const float* b, int64_t ldb, int64_t width,
+    float* o, int64_t ldo) {
+  accumulate_pairs2_bf16_impl(pp, pp2, keys, b, ldb, width, o, ldo);
+}
 }  // namespace avx512bf16
 #endif
 #else
@@ -1604,6 +1634,8 @@ void (*g_key_pairs_bf16)(const float*, int64_t, int64_t, float*) = nullptr;
 void (*g_col_pairs_bf16)(const float*, float*) = nullptr;
 void (*g_acc_pairs_bf16)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
                          int64_t, float*, int64_t, const uint32_t*) = nullptr;
+void (*g_acc_pairs2_bf16)(const float*, const float*, int64_t, const float*, int64_t, int64_t,
+                          float*, int64_t) = nullptr;
 
 CpuIsa chosen_isa() {
   static const CpuIsa isa = [] {  // a failed choice throws again on the next call
@@ -1627,6 +1659,7 @@ CpuIsa chosen_isa() {
       g_key_pairs_bf16 = avx512bf16::key_pairs;
       g_col_pairs_bf16 = avx512bf16::col_pairs;
       g_acc_pairs_bf16 = avx512bf16::acc_pairs;
+      g_acc_pairs2_bf16 = avx512bf16::acc_pairs2;
     }
 #endif
     if (chosen == CpuIsa::kAvx2) {
@@ -1691,6 +1724,10 @@ void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step,
                            int64_t pairs, const float* b, int64_t ldb, int64_t width, float* o,
                            int64_t ldo, const uint32_t* keep) {
   g_acc_pairs_bf16(pp, key_step, pair_step, keys, pairs, b, ldb, width, o, ldo, keep);
+}
+void accumulate_pairs2_bf16(const float* pp, const float* pp2, int64_t keys, const float* b,
+                            int64_t ldb, int64_t width, float* o, int64_t ldo) {
+  g_acc_pairs2_bf16(pp, pp2, keys, b, ldb, width, o, ldo);
 }
 bool lane_pair_available() {
   chosen_isa();

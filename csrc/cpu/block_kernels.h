@@ -253,6 +253,12 @@ constexpr int64_t kPairsSlack = 8;
 void accumulate_pairs_bf16(const float* pp, int64_t key_step, int64_t pair_step, int64_t keys,
                            int64_t pairs, const float* b, int64_t ldb, int64_t width, float* o,
                            int64_t ldo, const uint32_t* keep);
+// accumulate_pairs_bf16 over two tiles' lane pairs (lane_pairs_bf16) at once: for key k the
+// kLanes / 2 pairs of pp (key_step kLanes / 2, pair_step 1 - kLanes) and then those of pp2, with
+// b's rows 0 .. kLanes - 1 (the first tile's query pairs, then the second's): the chain of two
+// accumulate_pairs_bf16 calls, one load and store of each output row.
+void accumulate_pairs2_bf16(const float* pp, const float* pp2, int64_t keys, const float* b,
+                            int64_t ldb, int64_t width, float* o, int64_t ldo);
 void lane_pairs_bf16(const float* s, int64_t u_begin, int64_t u_end, float* pp);
 void block_row_pairs_bf16(const float* p, float* pp);
 // lane_key_pairs_bf16: dS of the dq pass's lane layout as pairs of consecutive offsets of each
