@@ -868,6 +868,7 @@ class Backward {
               }
             }
           }
+          if (use_lanes && bf16_) continue;  // bf16 lanes: dq, dk, dv per line above
           for (int64_t c0 = u_lo; c0 < u_hi; c0 += kCols) {
             const int64_t n = std::min<int64_t>(kCols, u_hi - c0);
             chunk_spans(lo, hi, c0, n, clo, chi);
@@ -882,10 +883,8 @@ class Backward {
               ds_blk = dl + (c0 - span.base) * kRows;
               ps_r = 1 - kRows;
               ps_c = kRows;
-              if (!bf16_) {  // bf16: accumulated per line above
-                block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
-                                 ps_c);
-              }
+              block_accumulate(ds_blk, n, kr + c0 * k_step, k_step, D_, dq, D_, clo, chi, ps_r,
+                               ps_c);
             } else {
               const int64_t rel = BiasTable<A>::kPad + rpb_index_in_group(bias_.kernel_last,
                                                                            tile.j0, c0);

@@ -235,7 +235,7 @@ void block_dot_bf16(const float* a, int64_t lda, const float* bt, int64_t ldb, i
 //     b's rows hold whole 16-column vectors (zero padded past width). keep (or null): a 32-bit
 //     mask per (k, m), keep[k * pairs + m], that selects the halves of b taken (0xffff: the
 //     first query only), so that a non-finite q or dO row reaches only its own keys. Keys are
-//     Keys are computed in groups of up to 8: pp must be readable for kPairsSlack more keys past the
+//     computed in groups of up to 8: pp must be readable for kPairsSlack more keys past the
 //     last (their sums are dropped). Layouts: (key_step, pair_step, pairs) = (kLanes / 2,
 //     1 - kLanes, kLanes / 2) (lane_pairs_bf16), (1, kCols, kRows / 2) (block_row_pairs_bf16),
 //     (kCols / 2, 1, any) (block_col_pairs_bf16, the only one with keep) and, for dq += dS K
