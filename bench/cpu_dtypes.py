@@ -4,9 +4,9 @@ forward and forward + backward, measured side by side.
 Every variant (dtype x pass) runs once per round in an order rotated per round (rpb_cost.py:
 interleaved); reported are the medians and the fp32 / dtype speedup of the medians with the
 quartiles of the per-round speedups. The CPU kernels compute fp16 in fp32 (they widen each
-element when packing a tile), and so does bf16, except for the forward's lane kernels at the
-avx512bf16 level (AVX512-BF16), whose products run on bf16 pairs (block_kernels.h:
-lane_forward_bf16); the backward widens bf16 everywhere. The kernel level and the CPU's
+element when packing a tile), and so does bf16, except at the avx512bf16 level (AVX512-BF16),
+where the forward's lane kernels and the backward's products run on bf16 pairs (block_kernels.h:
+lane_forward_bf16, lane_line_scores_bf16, accumulate_pairs_bf16). The kernel level and the CPU's
 instruction-set features (AVX512-BF16, AVX512-FP16, AMX) are printed alongside.
 
     PYTHONPATH=python python bench/cpu_dtypes.py [--problems cpu-2d-64] [--rounds 40]

@@ -377,6 +377,50 @@ def test_bf16_lane_forward_matches_reference(c, odd_strides):
         assert k_err <= 2 * t_err + 1e-3, (k_err, t_err, c)
 
 
+# bf16 backward cases: the lane tiles above, a window too wide for lanes (the block products of
+# both walks) and an odd head_dim (the fp32 products).
+BF16_BACKWARD_CASES = PAIRED_CASES + [
+    Case(1, (300,), 2, 1, 32, 16, (255,), (1,), (1,), (False,), 0, False),
+    Case(2, (21, 18), 2, 2, 16, 16, (13, 5), (1, 2), (1, 1), (False, True), 0, True),
+]
+
+
+@pytest.mark.parametrize("c", BF16_BACKWARD_CASES)
+def test_bf16_backward_matches_reference(c):
+    """bf16 gradients against the fp64 reference: error <= 3x that of the reference computed in
+    bf16, plus 1e-3 (test_low_precision_error_ratio's rule), on one thread (the fused schedule)
+    and on one thread more than the (batch, kv head) groups (the split schedule), which must
+    also agree bitwise. At the avx512bf16 level S, dP, dq, dk and dv run on bf16 products where
+    the head dims are even and there are no additional tokens (block_kernels.h:
+    accumulate_pairs_bf16); the other cases take the fp32 products."""
+    gen = torch.Generator().manual_seed(sum(c.shape) + c.dim + 2)
+    low = [None if t is None else t.to(torch.bfloat16) for t in make_inputs(c, generator=gen)]
+    exact_inputs = [None if t is None else t.double() for t in low]
+    shape = (c.batch, *c.shape, c.heads)
+    g_out = torch.randn(*shape, c.dim_v, generator=gen).to(torch.bfloat16)
+    d_lse = torch.randn(*shape, generator=gen)
+    exact = run(nattn.reference.neighborhood_attention, c, exact_inputs,
+                (g_out.double(), d_lse.double()))
+    torch_low = run(nattn.reference.neighborhood_attention, c, low, (g_out, d_lse))
+    before = torch.get_num_threads()
+    kernels = []
+    try:
+        for threads in (1, c.batch * c.kv_heads + 1):
+            torch.set_num_threads(threads)
+            kernels.append(run(cpu_fn, c, low, (g_out, d_lse)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*kernels):
+        assert torch.equal(a, b), c
+    for n, (e, t, k) in enumerate(zip(exact, torch_low, kernels[0])):
+        if n < 2:
+            continue  # out, lse: the forward tests
+        assert torch.isfinite(k).all()
+        k_err = (k.double() - e).abs().max().item()
+        t_err = (t.double() - e).abs().max().item()
+        assert k_err <= 3 * t_err + 1e-3, (n, k_err, t_err, c)
+
+
 @pytest.mark.parametrize("shape,kernel_size,dilation", [
     ((16, 40), (7, 7), (1, 1)), ((13, 40), (3, 5), (2, 1)), ((10, 33), (4, 3), (1, 1))])
 def test_two_row_lane_tiles_are_exact(shape, kernel_size, dilation):

@@ -18,12 +18,14 @@ constexpr int kRows = 8;
 constexpr int kCols = 16;
 
 // Instruction-set levels the kernels are compiled for (x86-64: baseline, x86-64-v3 = AVX2 + FMA,
-// x86-64-v4 = AVX-512, and x86-64-v4 with AVX512-BF16, whose only difference is the bf16 lane
-// forward, lane_forward_bf16 (GCC builds); other architectures: baseline only).
+// x86-64-v4 = AVX-512, and x86-64-v4 with AVX512-BF16, whose only difference is that bf16 runs on
+// bf16 products: the lane forward, lane_forward_bf16, and the backward's kernels below (GCC
+// builds); other architectures: baseline only).
 enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // Name of the level every kernel below runs at: the best this CPU supports, or the one the
-// environment variable NATTN_CPU_ISA (baseline, avx2, avx512, avx512bf16) names, read once per process.
+// environment variable NATTN_CPU_ISA (baseline, avx2, avx512, avx512bf16) names, read once per
+// process.
 // Throws std::runtime_error when NATTN_CPU_ISA names an unknown level or one the CPU lacks (and
 // so does every CPU forward and backward call, until the process restarts with a valid value).
 const char* cpu_isa();
