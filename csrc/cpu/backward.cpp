@@ -24,8 +24,10 @@ namespace {
 constexpr int64_t kAdditionalPartQueries = 1024;
 
 // Zero window offsets kept on either side of the dq pass's lane scores (dq_tile): the block reads
-// of the accumulations reach kRows - 1 past either end, the bf16 key pairs kRows + 1.
-constexpr int64_t kLanePad = kRows + 2;
+// of the accumulations reach kRows - 1 past either end, the bf16 key pairs kRows + 1 (Backward::
+// lane_pad_).
+constexpr int64_t kLanePad = kRows;
+constexpr int64_t kLanePadBf16 = kRows + 2;
 
 // store_dk_dv asks for the output rows this many tokens ahead of the one it stores.
 constexpr int64_t kStorePrefetchRows = 4;
@@ -96,10 +98,6 @@ struct BackwardScratch {
         dp(kRows * kCols) {}
 };
 
-// One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
-// With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
-// out the same way) receives dS. `contained`: dS K restricted to each row's keys
-// (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
 // The two score products of a chunk, S = a bt and dP = g gt (block_dot); with pairs (bf16
 // scores: a_pairs, g_pairs the rows as bf16 pairs, bt, gt panels of pairs) on bf16 products
 // (block_dot_bf16).
@@ -117,6 +115,10 @@ void chunk_scores(const AttentionParams& p, const A* a, const A* g, const A* a_p
   block_dot(g, p.value_dim, gt, ld, p.value_dim, dp);
 }
 
+// One chunk of the dq pass: the tile's rows (q, dO; per-row lse, delta) against n keys.
+// With bias (BiasTable::chunk, rows step -1), the scores get the relative bias and d_bias (laid
+// out the same way) receives dS. `contained`: dS K restricted to each row's keys
+// (block_accumulate_spans), for a tile recomputed because its dq came out non-finite.
 // q_pairs, do_pairs: null, or q and d_out as bf16 pairs with kt, vt panels of pairs
 // (chunk_scores).
 template <typename A>
@@ -197,9 +199,10 @@ struct GroupStorage {
 //  - fused: one thread owns the group and runs only the dq pass, adding P^T dO and dS^T Q into
 //    the group's dv and dk accumulators as it goes (5 block products, nothing packed per head).
 //    A key's dk/dv receive their queries in the order the key-side walk visits them (heads,
-//    then query lines ascending, then positions), one fused multiply-add at a time, and P, dS
-//    come out bit-identical in either orientation (block_backward_probs), so both schedules
-//    give the same result.
+//    then query lines ascending, then positions), one fused multiply-add at a time (bf16
+//    products: one pair of queries at a time, paired alike in both walks), and P, dS come out
+//    bit-identical in either orientation (block_backward_probs), so both schedules give the
+//    same result.
 template <typename T>
 class Backward {
   using A = typename ComputeType<T>::type;
@@ -222,9 +225,10 @@ class Backward {
         partial_size_(kRows * (D_ + Dv_)),
         dq_lanes_(std::is_same_v<A, float> && !p.has_rpb() && lane_kernels_available()),
         dq_pairs_(dq_lanes_ && D_ == Dv_ && lane_pair_available()),
-        bf16_(use_bf16_scores(p)),
+        bf16_(use_bf16_products(p)),
         kw_(bf16_ ? D_ / 2 : D_),
-        vw_(bf16_ ? Dv_ / 2 : Dv_) {
+        vw_(bf16_ ? Dv_ / 2 : Dv_),
+        lane_pad_(bf16_ ? kLanePadBf16 : kLanePad) {
     if (p_.has_rpb()) setup_rpb();
     if (dq_pairs_) {  // units of two consecutive tiles of one group (run_group)
       for (int64_t t = 0; t < n_tiles_; ++t) {
@@ -271,13 +275,12 @@ class Backward {
   }
 
  private:
-  // Whether S and dP run on bf16 products (block_kernels.h: lane_line_scores_bf16 and
-  // block_dot_bf16): bf16 inputs at the avx512bf16 level, even head_dim and value_dim, no
-  // additional tokens or rpb, and q, k, v, dO strides that keep each pair of depth indices
-  // (2j, 2j + 1) one 32-bit unit (any layout with contiguous, even-sized heads). The forward's
-  // lanes (use_bf16_pairs) compute the same scores. The accumulations stay fp32, on the fp32
-  // rows.
-  static bool use_bf16_scores(const AttentionParams& p) {
+  // Whether the products run on bf16 pairs (block_kernels.h: lane_line_scores_bf16,
+  // block_dot_bf16, accumulate_pairs_bf16; sums in fp32): bf16 inputs at the avx512bf16 level,
+  // even head_dim and value_dim, no additional tokens or rpb, and q, k, v, dO strides that keep
+  // each pair of depth indices (2j, 2j + 1) one 32-bit unit (any layout with contiguous,
+  // even-sized heads). The forward's lanes (use_bf16_pairs) compute the same scores.
+  static bool use_bf16_products(const AttentionParams& p) {
     if (!std::is_same_v<T, BFloat16> || p.head_dim % 2 != 0 || p.value_dim % 2 != 0 ||
         p.num_additional > 0 || p.has_rpb()) {
       return false;
@@ -292,7 +295,7 @@ class Backward {
   }
 
   // pack_lines of head `head` of a q, k, v or dO tensor (width elements per row): fp32, or with
-  // bf16_ the rows read as width / 2 bf16 pairs (use_bf16_scores: the strides allow it).
+  // bf16_ the rows read as width / 2 bf16 pairs (use_bf16_products: the strides allow it).
   const A* pack_operand(const TensorRef<6>& t, int64_t b, int64_t head, int64_t width, int nt,
                         std::vector<A>& storage) const {
     if constexpr (std::is_same_v<T, BFloat16>) {
@@ -748,10 +751,10 @@ class Backward {
       if (lanes && !cached) {
         // kLanePad zero offsets on either side: the accumulations read the lane layout as blocks
         // (below), whose corners reach up to kRows - 1 offsets past either end.
-        s.s_lanes.assign(static_cast<size_t>((span.offsets + 2 * kLanePad) * kRows), A(0));
+        s.s_lanes.assign(static_cast<size_t>((span.offsets + 2 * lane_pad_) * kRows), A(0));
         s.dp_lanes.assign(s.s_lanes.size(), A(0));
-        s_lane0 = s.s_lanes.data() + kLanePad * kRows;
-        dp_lane0 = s.dp_lanes.data() + kLanePad * kRows;
+        s_lane0 = s.s_lanes.data() + lane_pad_ * kRows;
+        dp_lane0 = s.dp_lanes.data() + lane_pad_ * kRows;
       }
       if (fill) {
         s.a_next.resize(s.a.size());
@@ -774,7 +777,7 @@ class Backward {
             pair_base;
         halves[0] = {s_lane0, dp_lane0, span.base - pair_base, span.offsets};
         halves[1] = {nullptr, nullptr, next_span.base - kRows - pair_base, next_span.offsets};
-        s.next_slot = (next_span.offsets + 2 * kLanePad) * kRows;
+        s.next_slot = (next_span.offsets + 2 * lane_pad_) * kRows;
         s.next_s.assign(static_cast<size_t>(w0.count * w1.count * s.next_slot), A(0));
         s.next_dp.assign(s.next_s.size(), A(0));
         const int64_t next_key[5] = {h, x0, x1, pair_next->group, pair_next->j0};
@@ -823,7 +826,7 @@ class Backward {
           A* dl = dp_lane0;
           if constexpr (std::is_same_v<A, float>) {
             if (use_lanes) {
-              const int64_t at_line = (i0 * w1.count + i1) * s.next_slot + kLanePad * kRows;
+              const int64_t at_line = (i0 * w1.count + i1) * s.next_slot + lane_pad_ * kRows;
               if (cached) {
                 sl = s.next_s.data() + at_line;
                 dl = s.next_dp.data() + at_line;
@@ -1256,10 +1259,11 @@ class Backward {
   // and two tiles' scores at once (lane_line_scores_pair), in units of the tiles pair_starts_
   // begins (a tile and the next one of its group)
   const bool dq_pairs_;
-  // S and dP on bf16 products (use_bf16_scores); the packed lines' widths: head_dim and value_dim,
-  // or half as many bf16 pairs
+  // The products on bf16 pairs (use_bf16_products); the packed lines' widths: head_dim and
+  // value_dim, or half as many bf16 pairs
   const bool bf16_;
   const int64_t kw_, vw_;
+  const int64_t lane_pad_;  // zero offsets on either side of the lane scores (kLanePad)
   std::vector<int64_t> pair_starts_;
   std::vector<A> row_lse_, row_delta_;
   // rpb only: the bias tables, and the d_rpb partials [batch][heads][part][head_size].

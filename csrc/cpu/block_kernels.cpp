@@ -878,13 +878,12 @@ static_assert(sizeof(L16) == 2 * kLanes * sizeof(float), "two tiles' lanes per v
 
 // lane_dot_pair on 2 x kLanes lanes for offsets u0 .. u0 + N - 1, each half stored into its
 // tile's lane layout where the offset falls in that tile's range.
+// Offsets u0 .. u0 + N - 1 of two tiles' 16 lanes (acc_s: S, acc_p: dP) into each tile's lane
+// layout where the offset falls in that tile's range. The halves through shuffles, not through
+// memory: taking the accumulators' addresses made GCC keep them on the stack inside the FMA loop.
 template <int N>
-NATTN_INLINE void lane_dot_pair16(const float* qt, const float* gt, int64_t depth, const float* k,
-                                  const float* v, int64_t ld, int64_t u0, const LaneHalf* halves) {
-  L16 acc_s[N] = {}, acc_p[N] = {};
-  lane_dot_pair_acc<N>(qt, gt, depth, k, v, ld, acc_s, acc_p);
-  // The halves through shuffles, not through memory: taking the accumulators' addresses made GCC
-  // keep them on the stack inside the FMA loop.
+NATTN_INLINE void store_lane_halves(const L16 (&acc_s)[N], const L16 (&acc_p)[N], int64_t u0,
+                                    const LaneHalf* halves) {
   for (int n = 0; n < N; ++n) {
     const L8 s_half[2] = {__builtin_shufflevector(acc_s[n], acc_s[n], 0, 1, 2, 3, 4, 5, 6, 7),
                           __builtin_shufflevector(acc_s[n], acc_s[n], 8, 9, 10, 11, 12, 13, 14,
@@ -899,6 +898,14 @@ NATTN_INLINE void lane_dot_pair16(const float* qt, const float* gt, int64_t dept
       store8(halves[h].dp + u * kLanes, dp_half[h]);
     }
   }
+}
+
+template <int N>
+NATTN_INLINE void lane_dot_pair16(const float* qt, const float* gt, int64_t depth, const float* k,
+                                  const float* v, int64_t ld, int64_t u0, const LaneHalf* halves) {
+  L16 acc_s[N] = {}, acc_p[N] = {};
+  lane_dot_pair_acc<N>(qt, gt, depth, k, v, ld, acc_s, acc_p);
+  store_lane_halves<N>(acc_s, acc_p, u0, halves);
 }
 
 // Offsets per lane_dot_pair16 call: 2N accumulators and two query vectors in AVX-512's 32
@@ -1137,20 +1144,7 @@ NATTN_INLINE void lane_dot_pair16_bf16(const float* qt, const float* gt, int64_t
       dot_pairs(acc_p[n], g, vv);
     }
   }
-  for (int n = 0; n < N; ++n) {
-    const L8 s_half[2] = {__builtin_shufflevector(acc_s[n], acc_s[n], 0, 1, 2, 3, 4, 5, 6, 7),
-                          __builtin_shufflevector(acc_s[n], acc_s[n], 8, 9, 10, 11, 12, 13, 14,
-                                                  15)};
-    const L8 dp_half[2] = {
-        __builtin_shufflevector(acc_p[n], acc_p[n], 0, 1, 2, 3, 4, 5, 6, 7),
-        __builtin_shufflevector(acc_p[n], acc_p[n], 8, 9, 10, 11, 12, 13, 14, 15)};
-    for (int h = 0; h < 2; ++h) {
-      const int64_t u = u0 + n - halves[h].shift;
-      if (u < 0 || u >= halves[h].offsets) continue;
-      store8(halves[h].s + u * kLanes, s_half[h]);
-      store8(halves[h].dp + u * kLanes, dp_half[h]);
-    }
-  }
+  store_lane_halves<N>(acc_s, acc_p, u0, halves);
 }
 
 // Offsets per lane_dot_pair16_bf16 call: 2N accumulators, the two query vectors and the key and
