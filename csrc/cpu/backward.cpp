@@ -146,20 +146,20 @@ void dq_chunk(const AttentionParams& p, const A* q, const A* d_out, const A* q_p
 // One chunk of the dk/dv pass: the tile's key rows (k, v) against n queries (panels qt, dot;
 // rows q, dO; per-query lse, delta); bias from the reversed BiasTable lines, or null.
 // `contained`: P^T dO and dS^T Q restricted to each key's queries (block_accumulate_spans).
-// k_pairs, v_pairs: null, or k and v as bf16 pairs with qt, dot panels of pairs (chunk_scores).
+// (bf16 products: Backward::dkdv_chunk_bf16.)
 template <typename A>
-void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* k_pairs,
-                const A* v_pairs, const A* qt, const A* dot, int64_t ld, const A* q_rows,
-                int64_t q_step, const A* do_rows, int64_t do_step, int64_t n, const int64_t* clo,
-                const int64_t* chi, const A* lse, const A* delta, A* dk, A* dv, A* s, A* dp,
-                const A* bias, bool contained) {
+void dkdv_chunk(const AttentionParams& p, const A* k, const A* v, const A* qt, const A* dot,
+                int64_t ld, const A* q_rows, int64_t q_step, const A* do_rows, int64_t do_step,
+                int64_t n, const int64_t* clo, const int64_t* chi, const A* lse, const A* delta,
+                A* dk, A* dv, A* s, A* dp, const A* bias, bool contained) {
   static constexpr A kZeros[kRows] = {};
   A scale = static_cast<A>(p.scale);
-  chunk_scores(p, k, v, k_pairs, v_pairs, qt, dot, ld, s, dp);
+  block_dot(k, p.head_dim, qt, ld, p.head_dim, s);
   if (bias != nullptr) {  // the same values as the dq orientation: P, dS stay bit-identical
     block_add_bias(s, scale, bias, -1);
     scale = A(1);
   }
+  block_dot(v, p.value_dim, dot, ld, p.value_dim, dp);
   block_backward_probs(s, dp, clo, chi, scale, kZeros, lse, kZeros, delta, dp);
   if (contained) {
     block_accumulate_spans(s, clo, chi, do_rows, do_step, p.value_dim, dv, p.value_dim);
@@ -1116,8 +1116,7 @@ class Backward {
           continue;
         }
       }
-      dkdv_chunk(p_, s.a.data(), s.b.data(), bf16_ ? s.a_pairs.data() : nullptr,
-                 bf16_ ? s.b_pairs.data() : nullptr, qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
+      dkdv_chunk(p_, s.a.data(), s.b.data(), qt + c0, dot + c0, geo_.ld, qr + c0 * q_step,
                  q_step, dor + c0 * do_step, do_step, n, clo, chi, lse + c0, delta + c0,
                  s.acc_a.data(), s.acc_b.data(), s.s.data(), s.dp.data(),
                  bias_line_ptr ? bias_.chunk(bias_line_ptr, j0, c0) : nullptr, contained);

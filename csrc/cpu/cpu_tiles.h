@@ -195,6 +195,10 @@ inline void transpose4x4(const float* in, int64_t in_step, float* out, int64_t o
 }
 #endif
 
+// The 32-bit bf16 pair (lo, hi) of two fp32 values that hold bf16 values (low 16 bits zero), from
+// their bits: exact (cpu_common.h: BF16Pair).
+inline uint32_t bf16_pair_bits(uint32_t lo, uint32_t hi) { return (lo >> 16) | (hi & 0xffff0000u); }
+
 // One packed row of n fp32 values holding bf16 values, in place, as position pairs: element x
 // becomes the bf16 pair (row[x - 1], row[x]), with row[-1] = 0 (block_kernels.h:
 // lane_forward_bf16 reads the pair of positions x, x + 1 one element further on). Through a copy,
@@ -207,7 +211,7 @@ inline void position_pairs(float* row, int64_t n) {
   std::memcpy(copy.data() + 1, row, static_cast<size_t>(n) * sizeof(float));
   const uint32_t* in = copy.data();
   for (int64_t x = 0; x < n; ++x) {
-    const uint32_t pair = (in[x] >> 16) | (in[x + 1] & 0xffff0000u);
+    const uint32_t pair = bf16_pair_bits(in[x], in[x + 1]);
     std::memcpy(row + x, &pair, sizeof pair);
   }
 }
@@ -400,7 +404,7 @@ inline void bf16_pairs_of(const float* src, int64_t n, float* dst) {
     uint32_t lo, hi;
     std::memcpy(&lo, src + 2 * i, sizeof lo);
     std::memcpy(&hi, src + 2 * i + 1, sizeof hi);
-    const uint32_t pair = (lo >> 16) | (hi & 0xffff0000u);
+    const uint32_t pair = bf16_pair_bits(lo, hi);
     std::memcpy(dst + i, &pair, sizeof pair);
   }
 }
@@ -422,7 +426,7 @@ inline void transpose_tile_pairs(const float* src, int64_t width, float* dst,
 inline void interleave_pairs(const float* rows, int64_t row_step, int64_t count, int64_t pairs,
                              int64_t width, int64_t ldo, float* out) {
   for (int64_t m = 0; m < pairs; ++m) {
-    uint32_t* dst = reinterpret_cast<uint32_t*>(out + m * ldo);
+    float* dst = out + m * ldo;
     const float* first = rows + 2 * m * row_step;
     const float* second = first + row_step;
     const bool has_second = 2 * m + 1 < count;
@@ -430,9 +434,10 @@ inline void interleave_pairs(const float* rows, int64_t row_step, int64_t count,
       uint32_t lo, hi = 0;
       std::memcpy(&lo, first + w, sizeof lo);
       if (has_second) std::memcpy(&hi, second + w, sizeof hi);
-      dst[w] = (lo >> 16) | (hi & 0xffff0000u);
+      const uint32_t pair = bf16_pair_bits(lo, hi);
+      std::memcpy(dst + w, &pair, sizeof pair);
     }
-    std::fill(dst + width, dst + ldo, 0u);
+    std::fill(dst + width, dst + ldo, 0.0f);
   }
 }
 
