@@ -7,7 +7,9 @@
 // (one thread per (batch, kv head) group, or all threads per group) are described at Backward.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -236,6 +238,9 @@ class Backward {
         stream_dv_(streamable(p.dv.data, p.dv.stride, 6, sizeof(T))) {
     if (p_.has_rpb()) setup_rpb();
     plan_key_ring();
+    all_lanes_ = dq_lanes_ && std::all_of(tiles_.begin(), tiles_.end(), [&](const AxisTile& t) {
+                   return plan_tile(t).lanes;
+                 });
     if (dq_pairs_) {  // units of two consecutive tiles of one group (run_group)
       for (int64_t t = 0; t < n_tiles_; ++t) {
         pair_starts_.push_back(t);
@@ -420,17 +425,40 @@ class Backward {
     });
   }
 
+  // A group's key rows (make_rows): ready in `rows`, or made by `build` on the first get(), once
+  // for all threads.
+  struct KeyRows {
+    Rows<A> rows{};
+    std::function<Rows<A>()> build;
+    std::once_flag once;
+    const Rows<A>& get() {
+      if (build) std::call_once(once, [this] { rows = build(); });
+      return rows;
+    }
+  };
+
   // Gradients of kv head kvh of batch b and of its query heads, on nt threads (split) or on the
   // calling thread (fused, nt = 1).
   void run_group(int64_t b, int64_t kvh, int nt, bool fused, GroupStorage<A>& st) {
-    const T* k = static_cast<const T*>(p_.k.data);
     const T* v = static_cast<const T*>(p_.v.data);
     if (st.scratch.size() < static_cast<size_t>(nt)) {
       st.scratch.assign(static_cast<size_t>(nt), BackwardScratch<A>(p_));
     }
+    // bf16 products with every tile on lanes read the key rows only to recompute a non-finite
+    // tile (dq_tile): built then (KeyRows), and the key pairs below come from k itself.
+    const bool lazy_rows = bf16_ && dq_lanes_ && all_lanes_;
     const A* k_lines = pack_operand(p_.k, b, kvh, D_, nt, st.k_store);
+    KeyRows k_rows;
+    if (lazy_rows) {
+      k_rows.build = [this, b, kvh, &st] {
+        return make_rows(static_cast<const T*>(p_.k.data), p_.k.stride, b, kvh, 1, D_, geo_, 1,
+                         st.k_rows_store);
+      };
+    } else {
+      k_rows.rows = make_rows(static_cast<const T*>(p_.k.data), p_.k.stride, b, kvh, 1, D_, geo_,
+                              nt, st.k_rows_store);
+    }
     const A* v_lines = pack_operand(p_.v, b, kvh, Dv_, nt, st.v_store);
-    const Rows<A> k_rows = make_rows(k, p_.k.stride, b, kvh, 1, D_, geo_, nt, st.k_rows_store);
     // bf16 products on lanes: the key rows of each line as pairs of positions 2m, 2m + 1, the
     // operand of dq += dS K (dq_tile); zero rows past the line's end.
     const A* k_inter = nullptr;
@@ -440,11 +468,22 @@ class Backward {
         st.k_inter_store.resize(static_cast<size_t>(geo_.lines * per_line));
         parallel_for(nt, geo_.lines, [&](int64_t line, int) {
           const int64_t g = line % geo_.dilation, x01 = line / geo_.dilation;
+          const int64_t x0 = x01 / geo_.len[1], x1 = x01 % geo_.len[1];
           const int64_t n = group_length(geo_.len[2], geo_.dilation, g);
-          const A* first = k_rows.line(0, x01 / geo_.len[1], x01 % geo_.len[1], g);
           A* out = st.k_inter_store.data() + line * per_line;
           const int64_t valid = (n + 1) / 2;
-          interleave_pairs(first, geo_.dilation * k_rows.s[2], n, valid, D_, ld16(D_), out);
+          if (lazy_rows) {  // bf16_: contiguous elements (use_bf16_products)
+            const BFloat16* first = reinterpret_cast<const BFloat16*>(p_.k.data) +
+                                    b * p_.k.stride[0] + x0 * p_.k.stride[1] +
+                                    x1 * p_.k.stride[2] + g * p_.k.stride[3] +
+                                    kvh * p_.k.stride[4];
+            interleave_pairs_bf16(first, geo_.dilation * p_.k.stride[3], n, valid, D_, ld16(D_),
+                                  out);
+          } else {
+            const A* first = k_rows.rows.line(0, x0, x1, g);
+            interleave_pairs(first, geo_.dilation * k_rows.rows.s[2], n, valid, D_, ld16(D_),
+                             out);
+          }
           std::fill(out + valid * ld16(D_), out + per_line, A(0));
         });
         k_inter = st.k_inter_store.data();
@@ -723,7 +762,7 @@ class Backward {
   // this thread runs next (dq_pairs_), whose lane scores this call then computes with its own
   // (lane_line_scores_pair) and leaves in s for that call.
   void dq_tile(int64_t b, int64_t h, int64_t x0, int64_t x1, const AxisTile& tile,
-               const A* k_lines, const A* v_lines, const Rows<A>& k_rows, const A* k_inter,
+               const A* k_lines, const A* v_lines, KeyRows& k_rows, const A* k_inter,
                const GroupStorage<A>& st, BackwardScratch<A>& s, const KeyGradients* kg,
                A* d_bias, const AxisTile* pair_next) {
     const int64_t key[5] = {h, x0, x1, tile.group, tile.j0};
@@ -761,7 +800,6 @@ class Backward {
     const int64_t* hi = plan.hi;
     const int64_t u_lo = plan.u_lo, u_hi = plan.u_hi;
     int64_t clo[kRows], chi[kRows];
-    const int64_t k_step = geo_.dilation * k_rows.s[2];
     A* dq = s.acc_a.data();
     // Lanes (fp32 at the AVX2 and AVX-512 levels, no bias): S, dP, P and dS of each key line for
     // every window offset u of the rows, row r at position base + u + r, one vector lane per row
@@ -857,6 +895,9 @@ class Backward {
     // dk, dv; dS itself is exact either way).
     const auto walk = [&](const KeyGradients* into, A* bias_into, bool contained) {
       std::fill(s.acc_a.begin(), s.acc_a.end(), A(0));
+      // The key rows, read by every walk but bf16 lanes' (those take k_inter).
+      const Rows<A>* rows = lanes && !contained && bf16_ ? nullptr : &k_rows.get();
+      const int64_t k_step = rows != nullptr ? geo_.dilation * rows->s[2] : 0;
       for (int64_t i0 = 0; i0 < w0.count; ++i0) {
         const int64_t y0 = w0.first + i0 * w0.step;
         for (int64_t i1 = 0; i1 < w1.count; ++i1) {
@@ -864,7 +905,7 @@ class Backward {
           const int64_t line = geo_.line(y0, y1, tile.group);
           const A* kt = k_lines + line * kw_ * geo_.ld;
           const A* vt = v_lines + line * vw_ * geo_.ld;
-          const A* kr = k_rows.line(0, y0, y1, tile.group);
+          const A* kr = rows != nullptr ? rows->line(0, y0, y1, tile.group) : nullptr;
           // Fused: dk/dv rows of this key line, token (y0, y1, group + dilation * t).
           const int64_t y01 = y0 * geo_.len[1] + y1;
           const int64_t key_row0 =
@@ -1442,6 +1483,7 @@ class Backward {
   const bool bf16_;
   const int64_t kw_, vw_;
   const int64_t lane_pad_;  // zero offsets on either side of the lane scores (kLanePad)
+  bool all_lanes_ = false;  // every query tile's dq pass runs on lanes (plan_tile)
   // dq, dk, dv written through non-temporal stores (stream_row)
   const bool stream_dq_, stream_dk_, stream_dv_;
   std::vector<int64_t> pair_starts_;

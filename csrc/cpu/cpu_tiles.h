@@ -441,6 +441,35 @@ inline void interleave_pairs(const float* rows, int64_t row_step, int64_t count,
   }
 }
 
+// interleave_pairs straight from bf16 rows (contiguous elements, row j at first + j * step): the
+// same bits without widening the rows to fp32 first. SSE2: row 2m's and row 2m + 1's elements
+// interleaved 16 bits at a time are the pairs.
+inline void interleave_pairs_bf16(const BFloat16* first, int64_t step, int64_t count,
+                                  int64_t pairs, int64_t width, int64_t ldo, float* out) {
+  for (int64_t m = 0; m < pairs; ++m) {
+    float* dst = out + m * ldo;
+    const BFloat16* lo = first + 2 * m * step;
+    const BFloat16* hi = 2 * m + 1 < count ? lo + step : nullptr;
+    int64_t w = 0;
+#if defined(__SSE2__)
+    for (; w + 8 <= width; w += 8) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + w));
+      const __m128i b = hi != nullptr
+                            ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + w))
+                            : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + w), _mm_unpacklo_epi16(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + w + 4), _mm_unpackhi_epi16(a, b));
+    }
+#endif
+    for (; w < width; ++w) {
+      const uint32_t pair = static_cast<uint32_t>(lo[w].bits) |
+                            (hi != nullptr ? static_cast<uint32_t>(hi[w].bits) << 16 : 0u);
+      std::memcpy(dst + w, &pair, sizeof pair);
+    }
+    std::fill(dst + width, dst + ldo, 0.0f);
+  }
+}
+
 // The tile's bf16 query rows of (b, head) at (x0, x1) as the bf16 lane forward's operand
 // (block_kernels.h: lane_forward_bf16): dst[j * kLanes + r] = the pair of elements 2j, 2j + 1 of
 // row r for j < pairs, 0 for rows past the tile's count. pair_stride: the tensor's strides in
