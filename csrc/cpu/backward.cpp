@@ -238,9 +238,9 @@ class Backward {
         stream_dv_(streamable(p.dv.data, p.dv.stride, 6, sizeof(T))) {
     if (p_.has_rpb()) setup_rpb();
     plan_key_ring();
-    all_lanes_ = dq_lanes_ && std::all_of(tiles_.begin(), tiles_.end(), [&](const AxisTile& t) {
-                   return plan_tile(t).lanes;
-                 });
+    for (const AxisTile& t : tiles_) plans_.push_back(plan_tile(t));
+    all_lanes_ = dq_lanes_ && std::all_of(plans_.begin(), plans_.end(),
+                                          [](const TilePlan& t) { return t.lanes; });
     if (dq_pairs_) {  // units of two consecutive tiles of one group (run_group)
       for (int64_t t = 0; t < n_tiles_; ++t) {
         pair_starts_.push_back(t);
@@ -739,6 +739,10 @@ class Backward {
     bool lanes = false;
     LaneSpan span;
   };
+  // plan_tile of each of tiles_ (the plan depends on the tile only), made once per call.
+  const TilePlan& plan_of(const AxisTile& tile) const {
+    return plans_[static_cast<size_t>(&tile - tiles_.data())];
+  }
   TilePlan plan_tile(const AxisTile& tile) const {
     TilePlan t;
     for (int r = 0; r < tile.count; ++r) {
@@ -795,7 +799,7 @@ class Backward {
     const A* lse = row_lse_.data() + at;
     const A* delta = row_delta_.data() + at;
     const IndexRange w0 = key_window(p_.axes[0], x0), w1 = key_window(p_.axes[1], x1);
-    const TilePlan plan = plan_tile(tile);
+    const TilePlan& plan = plan_of(tile);
     const int64_t* lo = plan.lo;
     const int64_t* hi = plan.hi;
     const int64_t u_lo = plan.u_lo, u_hi = plan.u_hi;
@@ -834,10 +838,10 @@ class Backward {
           transpose_tile(src, width, dst, lanes);
         }
       };
-      TilePlan next_plan;
+      const TilePlan* next_plan = nullptr;
       if (lanes && !cached && pair_next != nullptr) {
-        next_plan = plan_tile(*pair_next);
-        fill = next_plan.lanes;
+        next_plan = &plan_of(*pair_next);
+        fill = next_plan->lanes;
       }
       if (lanes && !cached) {
         // kLanePad zero offsets on either side: the accumulations read the lane layout as blocks
@@ -861,7 +865,7 @@ class Backward {
         transpose(s.b.data(), Dv_, s.bt_pair.data(), 2 * kRows);
         transpose(s.b_next.data(), Dv_, s.bt_pair.data() + kRows, 2 * kRows);
         // The next tile's lane l sits in pair lane kRows + l.
-        const LaneSpan& next_span = next_plan.span;
+        const LaneSpan& next_span = next_plan->span;
         pair_base = std::min(span.base, next_span.base - kRows);
         pair_offsets =
             std::max(span.base + span.offsets, next_span.base - kRows + next_span.offsets) -
@@ -1484,6 +1488,7 @@ class Backward {
   const int64_t kw_, vw_;
   const int64_t lane_pad_;  // zero offsets on either side of the lane scores (kLanePad)
   bool all_lanes_ = false;  // every query tile's dq pass runs on lanes (plan_tile)
+  std::vector<TilePlan> plans_;  // plan_of
   // dq, dk, dv written through non-temporal stores (stream_row)
   const bool stream_dq_, stream_dk_, stream_dv_;
   std::vector<int64_t> pair_starts_;
