@@ -688,19 +688,27 @@ class Backward {
     const int64_t key_items = n_x01_ * n_tiles_;
     std::vector<char> bad(static_cast<size_t>(key_items), 0);
     parallel_for(nt, key_items, [&](int64_t item, int) {
-      const AxisTile& tile = tiles_[item % n_tiles_];
-      const int64_t first = (item / n_tiles_) * geo_.len[2] + tile.index(geo_, 0);
-      for (int64_t r = 0; r < tile.count && !bad[item]; ++r) {
-        const int64_t row = first + r * geo_.dilation;
-        bad[item] = !all_finite(st.dk_acc.data() + row * D_, D_) ||
-                    !all_finite(st.dv_acc.data() + row * Dv_, Dv_);
-      }
+      const int64_t block = item / n_tiles_ * geo_.len[2];
+      bad[item] = !key_tile_finite(st.dk_acc.data() + block * D_, st.dv_acc.data() + block * Dv_,
+                                   tiles_[item % n_tiles_]);
     });
     std::vector<int64_t> redo;
     for (int64_t item = 0; item < key_items; ++item) {
       if (bad[item]) redo.push_back(item);
     }
     redo_key_tiles(b, kvh, nt, st, redo);
+  }
+
+  // Whether every dk and dv accumulator row of a key tile is finite; dk_block, dv_block: the rows
+  // of its key position (geo_.len[2] tokens in order).
+  bool key_tile_finite(const A* dk_block, const A* dv_block, const AxisTile& tile) const {
+    for (int64_t r = 0; r < tile.count; ++r) {
+      const int64_t x2 = tile.index(geo_, r);
+      if (!all_finite(dk_block + x2 * D_, D_) || !all_finite(dv_block + x2 * Dv_, Dv_)) {
+        return false;
+      }
+    }
+    return true;
   }
 
   // The key tiles `redo` (items key_tile numbers: key position * n_tiles_ + tile) recomputed from
@@ -1461,14 +1469,7 @@ class Backward {
       const A* dv_rows = st.dv_acc.data() + ring_.slot[y01] * n * Dv_;
       if (store_key_block(b, kvh, y01, dk_rows, dv_rows)) continue;
       for (int64_t t = 0; t < n_tiles_; ++t) {
-        const AxisTile& tile = tiles_[t];
-        for (int64_t r = 0; r < tile.count; ++r) {
-          const int64_t x2 = tile.index(geo_, r);
-          if (!all_finite(dk_rows + x2 * D_, D_) || !all_finite(dv_rows + x2 * Dv_, Dv_)) {
-            bad.push_back(y01 * n_tiles_ + t);
-            break;
-          }
-        }
+        if (!key_tile_finite(dk_rows, dv_rows, tiles_[t])) bad.push_back(y01 * n_tiles_ + t);
       }
     }
   }
